@@ -1,0 +1,1 @@
+"""User-facing programs: the `edgevlm` CLI and its subcommands."""

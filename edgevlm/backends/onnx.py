@@ -1,0 +1,60 @@
+"""ONNX Runtime graphs: providers configurable, with fallback to CPU; the providers in use are reported."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendError
+
+log = logging.getLogger("edgevlm")
+
+ProviderSpec = Union[str, tuple[str, dict]]
+
+
+def resolve_providers(requested: Sequence[ProviderSpec] | None) -> list[ProviderSpec]:
+    """Keep the requested providers this onnxruntime build has, in order, and always end with CPU."""
+    available = set(ort.get_available_providers())
+    chosen: list[ProviderSpec] = []
+    for spec in requested or ["CPUExecutionProvider"]:
+        name = spec[0] if isinstance(spec, tuple) else spec
+        if name in available:
+            chosen.append(spec)
+        else:
+            log.warning("execution provider %s is not available in this onnxruntime build; skipping it", name)
+    if not any((s[0] if isinstance(s, tuple) else s) == "CPUExecutionProvider" for s in chosen):
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxGraph:
+    """One ONNX graph in one InferenceSession."""
+
+    def __init__(self, name: str, model: bytes | str, providers: Sequence[ProviderSpec] | None = None,
+                 threads: int = 0):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=resolve_providers(providers))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BackendError(f"onnxruntime cannot load graph {name!r}: {str(e).splitlines()[0][:300]}") from None
+        self.name = name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outs = self.session.run(None, feeds)
+        except Exception as e:
+            raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
+        return dict(zip(self.output_names, outs))

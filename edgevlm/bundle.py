@@ -1,0 +1,99 @@
+"""Open a bundle directory: parse the manifest, confine every path, verify every sha256.
+
+Files are read once into memory and hashed there, so the bytes a parser later sees are the bytes that
+were checked (no window between the check and the use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BundleError, IntegrityError
+from .manifest import Manifest, parse_manifest
+
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 8 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def confined(root: Path, rel: str) -> Path:
+    """`root/rel`, refusing absolute paths, `..`, and symlinks that lead out of `root`."""
+    if not rel or "\\" in rel or "\x00" in rel:
+        raise BundleError(f"bundle path {rel!r} is not a plain relative path")
+    p = Path(rel)
+    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or rel.startswith("/"):
+        raise BundleError(f"bundle path {rel!r} leaves the bundle directory")
+    full = (root / p).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise BundleError(f"bundle path {rel!r} resolves outside the bundle directory (symlink?)")
+    return full
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: Manifest
+    sha256: str  # of manifest.json: names the whole bundle, since it pins every file's hash
+    _blobs: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def read(self, rel: str) -> bytes:
+        """The verified bytes of a bundle file (each file is handed out once, then released)."""
+        try:
+            return self._blobs.pop(rel)
+        except KeyError:
+            raise BundleError(f"{rel!r} is not a verified file of this bundle") from None
+
+    def path(self, rel: str) -> Path:
+        return confined(self.root, rel)
+
+
+def open_bundle(path: str | os.PathLike) -> Bundle:
+    """Parse and verify a bundle; raises BundleError / IntegrityError with a message saying what is wrong."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle {str(path)!r} is not a directory")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"bundle {str(path)!r} has no {MANIFEST}")
+    raw = mpath.read_bytes()
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST} is {len(raw)} bytes; refusing more than {MAX_MANIFEST_BYTES}")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{MANIFEST} is not valid JSON: {e}") from None
+    manifest = parse_manifest(data)
+    bundle = Bundle(root=root, manifest=manifest, sha256=hashlib.sha256(raw).hexdigest())
+
+    refs = manifest.files()
+    names = [r.file for r in refs]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{MANIFEST} names a file twice")
+    for ref in refs:
+        full = confined(root, ref.file)
+        if not full.is_file():
+            raise BundleError(f"bundle file {ref.file!r} named in {MANIFEST} is missing")
+        blob = full.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != ref.sha256:
+            raise IntegrityError(
+                f"bundle file {ref.file!r} does not match its sha256 in {MANIFEST} "
+                f"(expected {ref.sha256[:12]}…, found {digest[:12]}…): the bundle is damaged or was tampered with"
+            )
+        bundle._blobs[ref.file] = blob
+    known = set(names) | {MANIFEST}
+    extra = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and str(p.relative_to(root)) not in known)
+    if extra:
+        raise BundleError(f"bundle holds file(s) not named in {MANIFEST}: {', '.join(extra[:5])}")
+    return bundle

@@ -1,0 +1,33 @@
+"""Typed errors: every failure a user can cause ends in one of these, with a message that says what to do."""
+
+
+class EdgeVLMError(Exception):
+    """Base class of every error edgevlm raises on purpose."""
+
+
+class BundleError(EdgeVLMError):
+    """The bundle directory or its manifest is malformed, incomplete or unsupported."""
+
+
+class IntegrityError(BundleError):
+    """A bundle file's sha256 does not match the manifest (tampered or torn file)."""
+
+
+class ImageError(EdgeVLMError):
+    """The image cannot be opened, is of a format we do not accept, or is too large."""
+
+
+class ContextOverflowError(EdgeVLMError):
+    """The prompt (plus what must be generated) does not fit the model's context."""
+
+
+class TemplateError(EdgeVLMError):
+    """The chat template failed to render or tried something the sandbox forbids."""
+
+
+class BackendError(EdgeVLMError):
+    """An inference backend could not load or run a graph."""
+
+
+class ExportError(EdgeVLMError):
+    """A checkpoint could not be exported (unsupported family, failed parity, ...)."""

@@ -1,0 +1,230 @@
+"""Image input: open safely, then preprocess to pixel_values exactly as the family's HF processor does.
+
+Opening accepts only known formats, reads the pixel count from the header before decoding, honours
+EXIF orientation and converts every mode to RGB (transparency composited on white, as HF does).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+from .manifest import Preprocess
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+MAX_PIXELS = 40_000_000  # decoded RGB at this size is ~120 MB
+MAX_BYTES = 64 << 20
+MAX_SIDE_RATIO = 200  # a 1x100000 strip is not a picture
+
+
+def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Path, bytes, PIL image or HxWx3 uint8 array -> HxWx3 uint8 RGB array."""
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image, max_pixels)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        try:
+            size = path.stat().st_size
+            if size > MAX_BYTES:
+                raise ImageError(f"image file {path.name!r} is {size} bytes; the limit is {MAX_BYTES}")
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    else:
+        raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or an array")
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"image is {len(data)} bytes; the limit is {MAX_BYTES}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            return _to_rgb(im, max_pixels)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"not an image of an accepted format ({', '.join(ACCEPTED_FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError) as e:
+        raise ImageError(f"image is truncated or corrupt: {e}") from None
+
+
+def _check_size(w: int, h: int, max_pixels: int) -> None:
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} (downscale it first)")
+    if max(w, h) > MAX_SIDE_RATIO * min(w, h):
+        raise ImageError(f"image is {w}x{h}: aspect ratio beyond {MAX_SIDE_RATIO}:1 is not accepted")
+
+
+def _to_rgb(im: Image.Image, max_pixels: int) -> np.ndarray:
+    _check_size(*im.size, max_pixels)  # from the header: nothing decoded yet
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)  # animated: the first frame
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.int64)
+        peak = 65535 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        gray = np.clip(arr * 255 // peak, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _from_array(a: np.ndarray, max_pixels: int) -> np.ndarray:
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"array images must be HxW or HxWx{{1,3,4}} uint8, got {a.dtype} {a.shape}")
+    _check_size(a.shape[1], a.shape[0], max_pixels)
+    if a.ndim == 2 or a.shape[2] == 1:
+        return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+    if a.shape[2] == 4:
+        return _to_rgb(Image.fromarray(a, "RGBA"), max_pixels)
+    return np.ascontiguousarray(a)
+
+
+# ---- preprocessing --------------------------------------------------------------------------------
+
+
+def preprocess(rgb: np.ndarray, cfg: Preprocess) -> np.ndarray:
+    """HxWx3 uint8 -> pixel_values [1, 3, H', W'] float32."""
+    img = rgb
+    if cfg.pad_to_square is not None:
+        img = _pad_to_square(img, cfg.pad_to_square)
+    h, w = img.shape[:2]
+    if cfg.size is not None:
+        oh, ow = cfg.size
+    else:
+        oh, ow = _shortest_edge_size(h, w, cfg.shortest_edge)
+    img = resize(img, oh, ow, cfg.resample, cfg.resize_kernel)
+    if cfg.crop is not None:
+        img = _center_crop(img, *cfg.crop)
+    mean = np.asarray(cfg.mean, np.float32) * np.float32(1.0 / cfg.rescale)
+    std = np.asarray(cfg.std, np.float32) * np.float32(1.0 / cfg.rescale)
+    x = (img.astype(np.float32) - mean) / std  # HF's fused rescale+normalize, in float32
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def _shortest_edge_size(h: int, w: int, edge: int) -> tuple[int, int]:
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = edge, int(edge * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def _pad_to_square(img: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    h, w = img.shape[:2]
+    if h == w:
+        return img
+    m = max(h, w)
+    out = np.empty((m, m, 3), np.uint8)
+    out[:] = np.asarray(fill, np.uint8)
+    top, left = (m - h) // 2, (m - w) // 2
+    out[top : top + h, left : left + w] = img
+    return out
+
+
+def _center_crop(img: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if ch > h or cw > w:  # pad with zeros first, as torchvision's center_crop does
+        top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2
+        out = np.zeros((max(h, ch), max(w, cw), 3), np.uint8)
+        out[top : top + h, left : left + w] = img
+        img, (h, w) = out, out.shape[:2]
+    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+    return img[top : top + ch, left : left + cw]
+
+
+# Separable antialiased resampling on uint8, as PIL and torchvision's uint8 kernel compute it:
+# weights in double, normalised, then fixed point (PIL: 22 bits; torchvision: the most bits an int16 holds).
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    return np.where(
+        x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0)
+    )
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    return np.clip(1.0 - np.abs(x), 0.0, None)
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+
+
+_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0), "lanczos": (_lanczos, 3.0)}
+
+
+def _weights(in_size: int, out_size: int, resample: str, kernel: str):
+    # -> (start [out], fixed-point weights [out, k], precision bits)
+    filt, support = _FILTERS[resample]
+    scale = in_size / out_size
+    fscale = max(scale, 1.0)
+    support *= fscale
+    centers = (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum((centers - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
+    k = int((xmax - xmin).max())
+    j = np.arange(k)[None, :]
+    valid = j < (xmax - xmin)[:, None]
+    w = filt((j + xmin[:, None] - centers[:, None] + 0.5) / fscale) * valid
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total != 0, w / np.where(total == 0, 1, total), 0.0)
+    if kernel == "pil":
+        bits = 22
+    else:
+        bits = 0
+        while bits < 22 and int(0.5 + w.max() * (1 << (bits + 1))) < (1 << 15):
+            bits += 1
+    wi = np.where(w < 0, -0.5 + w * (1 << bits), 0.5 + w * (1 << bits)).astype(np.int64)
+    return xmin, wi, bits
+
+
+def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str, kernel: str) -> np.ndarray:
+    in_size = img.shape[axis]
+    if resample == "nearest":
+        if kernel == "pil":
+            idx = ((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int64)
+        else:
+            idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)
+        return np.take(img, np.minimum(idx, in_size - 1), axis=axis)
+    xmin, wi, bits = _weights(in_size, out_size, resample, kernel)
+    src = np.moveaxis(img, axis, 0)
+    acc = np.full((out_size,) + src.shape[1:], 1 << (bits - 1), np.int64)
+    shape = (out_size,) + (1,) * (src.ndim - 1)
+    for j in range(wi.shape[1]):
+        idx = np.minimum(xmin + j, in_size - 1)
+        acc += wi[:, j].reshape(shape) * src[idx].astype(np.int64)
+    out = np.clip(acc >> bits, 0, 255).astype(np.uint8)
+    return np.moveaxis(out, 0, axis)
+
+
+def resize(img: np.ndarray, oh: int, ow: int, resample: str = "bicubic", kernel: str = "torchvision") -> np.ndarray:
+    """HxWx3 uint8 -> ohxowx3 uint8; horizontal pass first, then vertical, as PIL and torchvision do."""
+    h, w = img.shape[:2]
+    if (h, w) == (oh, ow):
+        return img
+    if w != ow:
+        img = _resample_axis(img, ow, 1, resample, kernel)
+    if h != oh:
+        img = _resample_axis(img, oh, 0, resample, kernel)
+    return np.ascontiguousarray(img)

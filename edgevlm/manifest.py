@@ -1,0 +1,226 @@
+"""The bundle manifest: the one contract between export/, quant/ and the runtime.
+
+Parsed into frozen dataclasses by a strict reader: an unknown key, a missing key or a wrong type is a
+`BundleError` naming the offending path (``components.vision.sha256``), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import BundleError
+
+FORMAT_VERSION = 1
+BACKENDS = ("onnx", "gguf", "coreml")
+RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos")
+
+Shape = tuple[Union[int, str], ...]  # ints are fixed dims, strings name dynamic ones
+
+
+@dataclass(frozen=True)
+class FileRef:
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    past: str  # input name pattern, e.g. "past_key_values.%d.%s" (layer, "key"|"value")
+    present: str  # output name pattern, e.g. "present.%d.%s"
+    heads: int  # key/value heads
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Component:
+    backend: str
+    file: str
+    sha256: str
+    precision: str = "fp32"
+    inputs: dict[str, Shape] = field(default_factory=dict)
+    outputs: dict[str, Shape] = field(default_factory=dict)
+    data_files: tuple[FileRef, ...] = ()  # external tensor data the graph file refers to
+    num_layers: int | None = None
+    kv: KVSpec | None = None
+    quant: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    resample: str = "bicubic"
+    shortest_edge: int | None = None  # resize so the short side is this, keeping aspect
+    size: tuple[int, int] | None = None  # or resize to exactly (height, width)
+    crop: tuple[int, int] | None = None  # centre crop (height, width) after resize
+    pad_to_square: tuple[int, int, int] | None = None  # pad colour, before resize (LLaVA-1.5 "pad")
+    rescale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    resize_kernel: str = "torchvision"  # "torchvision" (int16 weights) or "pil" (22-bit weights)
+
+
+@dataclass(frozen=True)
+class Generation:
+    eos_token_ids: tuple[int, ...]
+    context_length: int
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Quant:
+    scheme: str = "fp32"
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    checkpoint: str = ""
+    exporter_version: str = ""
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    family: str
+    components: dict[str, Component]
+    preprocess: Preprocess
+    tokenizer: FileRef
+    chat_template: str
+    image_token: str
+    image_token_id: int
+    image_tokens: int  # placeholders per image in the prompt
+    generation: Generation
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    quant: Quant = field(default_factory=Quant)
+    source: Source = field(default_factory=Source)
+
+    def files(self) -> list[FileRef]:
+        """Every file the bundle holds besides manifest.json."""
+        refs = [self.tokenizer]
+        for comp in self.components.values():
+            refs.append(FileRef(comp.file, comp.sha256))
+            refs.extend(comp.data_files)
+        return refs
+
+    def to_json(self) -> str:
+        return json.dumps(_plain(self), indent=2, sort_keys=False) + "\n"
+
+
+# ---- strict reader ------------------------------------------------------------------------------
+
+
+def parse_manifest(data: Any) -> Manifest:
+    """Build a Manifest from decoded JSON, rejecting anything not in the schema."""
+    if not isinstance(data, dict):
+        raise BundleError("manifest.json must hold a JSON object")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"unsupported bundle format_version {version!r}: this edgevlm reads version {FORMAT_VERSION}; "
+            "re-export the bundle or upgrade edgevlm"
+        )
+    m = _read(Manifest, data, "manifest")
+    _check(m)
+    return m
+
+
+def _check(m: Manifest) -> None:
+    for name in ("vision", "embed", "decoder"):
+        if name not in m.components:
+            raise BundleError(f"manifest: components.{name} is required")
+    for name, comp in m.components.items():
+        if comp.backend not in BACKENDS:
+            raise BundleError(f"manifest: components.{name}.backend must be one of {BACKENDS}, got {comp.backend!r}")
+    for ref in m.files():
+        if len(ref.sha256) != 64 or any(c not in "0123456789abcdef" for c in ref.sha256):
+            raise BundleError(f"manifest: sha256 of {ref.file!r} is not 64 lowercase hex digits")
+    dec = m.components["decoder"]
+    if dec.num_layers is None or dec.kv is None:
+        raise BundleError("manifest: components.decoder needs num_layers and kv")
+    p = m.preprocess
+    if p.resample not in RESAMPLES:
+        raise BundleError(f"manifest: preprocess.resample must be one of {RESAMPLES}")
+    if (p.shortest_edge is None) == (p.size is None):
+        raise BundleError("manifest: preprocess needs exactly one of shortest_edge and size")
+    if p.resize_kernel not in ("torchvision", "pil"):
+        raise BundleError("manifest: preprocess.resize_kernel must be 'torchvision' or 'pil'")
+    if any(s == 0 for s in p.std):
+        raise BundleError("manifest: preprocess.std must not contain 0")
+    if m.image_tokens < 0 or m.generation.context_length <= 0:
+        raise BundleError("manifest: image_tokens and generation.context_length must be positive")
+
+
+def _read(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _read_dataclass(tp, value, where)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _read(arg, value, where)
+            except BundleError as e:
+                errors.append(str(e))
+        raise BundleError(errors[0] if len(errors) == 1 else f"{where}: unexpected value {value!r:.60}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise BundleError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_read(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise BundleError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_read(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
+        return {k: _read(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise BundleError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+
+def _read_dataclass(cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise BundleError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _read(hints[name], value[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BundleError(f"{where}: missing key {name}")
+    return cls(**kwargs)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj

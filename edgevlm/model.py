@@ -1,0 +1,131 @@
+"""`load()` and the VLM object: a verified bundle with its graphs open and warmed up."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from . import pipeline, template
+from .backends.onnx import OnnxGraph, ProviderSpec
+from .bundle import Bundle, open_bundle
+from .errors import BackendError, BundleError, EdgeVLMError
+from .generate import Chat, Response
+from .image import load_image, preprocess
+
+DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "shapes-fastvlm"
+
+
+class VLM:
+    def __init__(self, bundle: Bundle, providers: Sequence[ProviderSpec] | None = None, threads: int = 0,
+                 warmup: bool = True):
+        self.bundle = bundle
+        self.manifest = m = bundle.manifest
+        self.graphs: dict[str, OnnxGraph] = {}
+        for name, comp in m.components.items():
+            if comp.backend != "onnx":
+                raise BackendError(f"component {name!r} needs the {comp.backend} backend, which this build lacks")
+            source = bundle.read(comp.file) if not comp.data_files else str(bundle.path(comp.file))
+            self.graphs[name] = OnnxGraph(name, source, providers, threads)
+        try:
+            self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
+        except Exception as e:
+            raise BundleError(f"tokenizer {m.tokenizer.file!r} does not load: {e}") from None
+        self.vision, self.embedder, self.decoder = self.graphs["vision"], self.graphs["embed"], self.graphs["decoder"]
+        self.kv_spec = m.components["decoder"].kv
+        self.num_layers = m.components["decoder"].num_layers
+        self._pre_key = json.dumps(dataclasses.asdict(m.preprocess), sort_keys=True) + m.components["vision"].sha256
+        self._image_cache: dict[str, np.ndarray] = {}
+        if warmup:
+            self._warmup()
+
+    # ---- public API --------------------------------------------------------------------------------
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """The execution providers each graph actually runs on."""
+        return {name: g.providers for name, g in self.graphs.items()}
+
+    def chat(self, system: str | None = None) -> Chat:
+        return Chat(self, system=system)
+
+    def stream(self, image, prompt: str, **kwargs) -> Iterator[Response]:
+        """One answer about one image (or none), a Response per token."""
+        return self.chat().stream(prompt, image=image, **kwargs)
+
+    def generate(self, image, prompt: str, **kwargs) -> str:
+        return "".join(r.text for r in self.stream(image, prompt, **kwargs))
+
+    def prepare(self, image) -> str:
+        """Pre-encode an image (e.g. while the user types); returns its cache key."""
+        return self._image_embeds(image)[0]
+
+    # ---- stages used by Chat -----------------------------------------------------------------------
+
+    def _image_embeds(self, image) -> tuple[str, np.ndarray, int, dict[str, float]]:
+        t = time.perf_counter()
+        pixels = preprocess(load_image(image), self.manifest.preprocess)
+        key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()
+        stages = {"preprocess": time.perf_counter() - t}
+        if key in self._image_cache:
+            return key, self._image_cache[key], 1, stages
+        t = time.perf_counter()
+        embeds = pipeline.encode(self.vision, pixels)
+        stages["encode"] = time.perf_counter() - t
+        if embeds.shape[0] != self.manifest.image_tokens:
+            raise BackendError(f"vision graph gave {embeds.shape[0]} rows, manifest says {self.manifest.image_tokens}")
+        self._image_cache[key] = embeds
+        return key, embeds, 0, stages
+
+    def _prompt_ids(self, messages: list[dict], n_images: int) -> np.ndarray:
+        m = self.manifest
+        text = template.render(m.chat_template, messages, add_generation_prompt=True, **m.special_tokens)
+        if text.count(m.image_token) != n_images:
+            raise EdgeVLMError(
+                f"the chat template placed {text.count(m.image_token)} image markers for {n_images} image(s)")
+        text = text.replace(m.image_token, m.image_token * m.image_tokens)
+        bos = m.special_tokens.get("bos_token")
+        add_special = not (bos and text.startswith(bos))  # as HF processors' apply_chat_template decides
+        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special).ids, np.int64)
+        if int((ids == m.image_token_id).sum()) != n_images * m.image_tokens:
+            raise BundleError("the tokenizer does not map the image token to image_token_id")
+        return ids
+
+    def _keys_for(self, ids: np.ndarray, images: list[str]) -> list:
+        # image placeholders become (image key, row): two images never share a cached prefix
+        keys, rows = ids.tolist(), np.nonzero(ids == self.manifest.image_token_id)[0]
+        n = self.manifest.image_tokens
+        for j, r in enumerate(rows):
+            keys[r] = (images[j // n], j % n)
+        return keys
+
+    def _embed_one(self, token: int) -> np.ndarray:
+        return pipeline.embed(self.embedder, np.asarray([token], np.int64))
+
+    def _warmup(self) -> None:
+        m = self.manifest
+        shape = m.components["vision"].inputs.get("pixel_values")
+        if shape and all(isinstance(d, int) for d in shape):
+            pipeline.encode(self.vision, np.zeros(shape, np.float32))
+        x = self._embed_one(0)
+        pipeline.forward(self.decoder, self.kv_spec, x, pipeline.empty_kv(self.kv_spec, self.num_layers))
+
+
+def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec] | None = None,
+         threads: int = 0, warmup: bool = True) -> VLM:
+    """Verify a bundle (every file's sha256 before any parser sees it), open its graphs and warm them up.
+
+    With no path, the embedded default demo bundle is loaded.
+    """
+    if path is None:
+        path = DEFAULT_BUNDLE
+        if not (path / "manifest.json").is_file():
+            raise BundleError("this installation has no embedded default bundle; pass a bundle path")
+    return VLM(open_bundle(path), providers=providers, threads=threads, warmup=warmup)

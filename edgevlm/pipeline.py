@@ -1,0 +1,56 @@
+"""The pipeline stages, each a function of arrays (batch size 1 throughout).
+
+    pixels --encode--> image embeds       ids --embed--> text embeds
+    splice(text embeds, image embeds) --prefill--> logits, kv --decode_one--> logits, kv
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends.onnx import OnnxGraph
+from .manifest import KVSpec
+
+KV = list[tuple[np.ndarray, np.ndarray]]  # per layer (key, value), each [1, kv_heads, past, head_dim]
+
+
+def encode(vision: OnnxGraph, pixels: np.ndarray) -> np.ndarray:  # [1, 3, H, W] -> [N, D]
+    feeds = {vision.input_names[0]: pixels}
+    return vision.run(feeds)[vision.output_names[0]][0]
+
+
+def embed(embedder: OnnxGraph, ids: np.ndarray) -> np.ndarray:  # ids: [S] int64 -> [S, D]
+    return embedder.run({embedder.input_names[0]: ids[None].astype(np.int64)})[embedder.output_names[0]][0]
+
+
+def splice(text: np.ndarray, image_rows: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
+    """Put image embeds [K, D] into the rows of text embeds [S, D] where the image placeholders are."""
+    out = text.copy()
+    out[image_rows] = image_embeds.astype(text.dtype, copy=False)
+    return out
+
+
+def empty_kv(spec: KVSpec, num_layers: int, dtype=np.float32) -> KV:
+    z = np.zeros((1, spec.heads, 0, spec.head_dim), dtype)
+    return [(z, z) for _ in range(num_layers)]
+
+
+def trim_kv(kv: KV, length: int) -> KV:
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
+
+
+def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
+    """Run the decoder on embeds [S, D] after the `past` positions held in kv -> (last logits [V], kv)."""
+    past = kv[0][0].shape[2]
+    s = embeds.shape[0]
+    feeds = {
+        "inputs_embeds": embeds[None],
+        "attention_mask": np.ones((1, past + s), np.int64),
+        "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
+    }
+    for i, (k, v) in enumerate(kv):
+        feeds[spec.past % (i, "key")] = k
+        feeds[spec.past % (i, "value")] = v
+    out = decoder.run(feeds)
+    new_kv = [(out[spec.present % (i, "key")], out[spec.present % (i, "value")]) for i in range(len(kv))]
+    return out["logits"][0, -1], new_kv

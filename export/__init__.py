@@ -1,0 +1,1 @@
+"""PyTorch / transformers checkpoint -> edgevlm bundle. Needs the `export` extra (torch)."""
