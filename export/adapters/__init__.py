@@ -1,1 +1,17 @@
 """One adapter per model family: everything family-specific lives here."""
+
+from .base import Adapter
+from .fast_vlm import FastVlmAdapter
+from .llava import LlavaAdapter
+
+ADAPTERS: list[Adapter] = [FastVlmAdapter(), LlavaAdapter()]
+
+
+def adapter_for(model_type: str) -> Adapter:
+    for a in ADAPTERS:
+        if model_type in a.model_types:
+            return a
+    from edgevlm.errors import ExportError
+
+    known = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    raise ExportError(f"no adapter for model_type {model_type!r} (supported: {known})")

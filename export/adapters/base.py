@@ -1,0 +1,68 @@
+"""What an adapter provides, and the family-independent reading of HF processor files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgevlm.manifest import Preprocess
+
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL / HF PILImageResampling codes
+
+
+class Adapter:
+    """One model family: how to cut it into graphs and what its processor does."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [1, 3, H, W] -> image embeds [1, N, D] ready for the language model."""
+        raise NotImplementedError
+
+    def language_parts(self, model) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
+        """(decoder body that takes inputs_embeds, token embedding, lm_head)."""
+        return model.model.language_model, model.model.language_model.get_input_embeddings(), model.lm_head
+
+    def text_config(self, model):
+        return model.config.text_config
+
+    def preprocess(self, processor) -> Preprocess:
+        return preprocess_from_hf(processor.image_processor)
+
+
+def _get(obj, key):
+    v = getattr(obj, key, None)
+    if v is None and isinstance(obj, dict):
+        v = obj.get(key)
+    return v
+
+
+def preprocess_from_hf(ip) -> Preprocess:
+    """Map an HF image processor's settings onto our Preprocess config (the runtime reproduces it exactly)."""
+    size, crop = ip.size, ip.crop_size if getattr(ip, "do_center_crop", False) else None
+    shortest = _get(size, "shortest_edge")
+    exact = None if shortest else (int(_get(size, "height")), int(_get(size, "width")))
+    if not getattr(ip, "do_resize", True):
+        raise ValueError("image processors without resizing are not supported")
+    if _get(size, "longest_edge") or _get(size, "max_height"):
+        raise ValueError(f"unsupported resize rule {dict(size)!r}")
+    resample = ip.resample
+    resample = _RESAMPLE[int(resample.value if hasattr(resample, "value") else resample)]
+    mean = tuple(float(x) for x in ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0)
+    std = tuple(float(x) for x in ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0)
+    pad = None
+    if getattr(ip, "do_pad", False):  # LLaVA-1.5 "pad": square with the mean colour
+        pad = tuple(int(x * 255) for x in ip.image_mean)
+    return Preprocess(
+        resample=resample,
+        shortest_edge=int(shortest) if shortest else None,
+        size=exact,
+        crop=(int(_get(crop, "height")), int(_get(crop, "width"))) if crop is not None else None,
+        pad_to_square=pad,
+        rescale=float(ip.rescale_factor) if ip.do_rescale else 1.0,
+        mean=mean,
+        std=std,
+        resize_kernel="pil" if getattr(ip, "backend", "torchvision") == "pil" else "torchvision",
+    )

@@ -1,0 +1,109 @@
+"""The three graphs of a bundle as plain nn.Modules over the HF model, and their ONNX export.
+
+Wrappers call the HF modules and return plain tensors; nothing is monkeypatched.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+PAST, PRESENT = "past_key_values.%d.%s", "present.%d.%s"
+INLINE_LIMIT = 1_800_000_000  # protobuf caps a graph file at 2 GB; beyond this, weights stay external
+
+
+class VisionGraph(nn.Module):  # pixel_values [1, 3, H, W] -> image_embeds [1, N, D]
+    def __init__(self, adapter, model):
+        super().__init__()
+        self.adapter, self.model = adapter, model
+
+    def forward(self, pixel_values):
+        return self.adapter.image_features(self.model, pixel_values)
+
+
+class EmbedGraph(nn.Module):  # input_ids [1, S] -> inputs_embeds [1, S, D]
+    def __init__(self, embed_tokens):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds [1, S, D], attention_mask [1, P+S], position_ids [1, S], past k/v [1, H, P, d] per layer
+    -> logits of the last position [1, 1, V], present k/v [1, H, P+S, d] per layer."""
+
+    def __init__(self, body, lm_head, text_config):
+        super().__init__()
+        self.body, self.lm_head, self.config = body, lm_head, text_config
+        self.num_layers = text_config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        cache = DynamicCache(config=self.config)
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True, return_dict=True)
+        logits = self.lm_head(out.last_hidden_state[:, -1:])
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+def kv_dims(text_config) -> tuple[int, int]:
+    heads = text_config.num_key_value_heads or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return heads, head_dim
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> list[str]:
+    """Export with torch.onnx (dynamo); returns the files written (the graph first, then external data)."""
+    before = set(os.listdir(path.parent))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=True, input_names=input_names, output_names=output_names,
+                          dynamic_shapes=dynamic_shapes, optimize=True, verbose=False, report=False)
+    written = sorted(set(os.listdir(path.parent)) - before - {path.name})
+    size = sum((path.parent / f).stat().st_size for f in written)
+    if written and size < INLINE_LIMIT:  # one self-contained file: the runtime loads it from verified bytes
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=True)
+        onnx.save(proto, str(path), save_as_external_data=False)
+        for f in written:
+            (path.parent / f).unlink()
+        written = []
+    return [path.name] + written
+
+
+def export_vision(adapter, model, pixel_shape, path: Path) -> list[str]:
+    x = torch.zeros(pixel_shape, dtype=torch.float32)
+    return _export(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], ["image_embeds"], None)
+
+
+def export_embed(embed_tokens, path: Path) -> list[str]:
+    ids = torch.zeros((1, 5), dtype=torch.int64)
+    seq = torch.export.Dim.DYNAMIC
+    return _export(EmbedGraph(embed_tokens).eval(), (ids,), path, ["input_ids"], ["inputs_embeds"],
+                   ({1: seq},))
+
+
+def export_decoder(body, lm_head, text_config, path: Path) -> list[str]:
+    heads, head_dim = kv_dims(text_config)
+    n, d = text_config.num_hidden_layers, text_config.hidden_size
+    s, p = 5, 3  # example lengths; both dims stay dynamic (0 past works at run time)
+    args = [torch.randn(1, s, d), torch.ones(1, p + s, dtype=torch.int64), torch.arange(p, p + s)[None]]
+    args += [torch.randn(1, heads, p, head_dim) for _ in range(2 * n)]
+    names_in = ["inputs_embeds", "attention_mask", "position_ids"]
+    names_in += [PAST % (i, kv) for i in range(n) for kv in ("key", "value")]
+    names_out = ["logits"] + [PRESENT % (i, kv) for i in range(n) for kv in ("key", "value")]
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in range(2 * n)))  # *past is one tuple
+    return _export(DecoderGraph(body, lm_head, text_config).eval(), tuple(args), path, names_in, names_out, shapes)

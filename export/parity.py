@@ -1,0 +1,73 @@
+"""Parity of an exported bundle with the PyTorch model it came from: per-graph max |diff| and greedy tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import edgevlm
+from edgevlm import pipeline
+from edgevlm.image import load_image, preprocess
+
+PROMPT = "What is in the image?"
+
+
+def probe_image(width: int = 203, height: int = 157, seed: int = 0) -> Image.Image:
+    """A fixed, non-square picture with shapes in several colours (exercises resize and crop)."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width - 30)), int(rng.integers(0, height - 30))
+        s = int(rng.integers(12, 40))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        [d.ellipse, d.rectangle][int(rng.integers(0, 2))]((x, y, x + s, y + s), fill=colour)
+    return img
+
+
+def hf_inputs(processor, image: Image.Image, prompt: str):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+
+
+@torch.no_grad()
+def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image=None, prompt: str = PROMPT) -> dict:
+    """Run the bundle and the PyTorch model side by side; return the figures for source.parity."""
+    image = image or probe_image()
+    vlm = edgevlm.load(bundle_dir)
+    inputs = hf_inputs(processor, image, prompt)
+    ids = inputs["input_ids"][0].numpy()
+
+    pixels = preprocess(load_image(image), vlm.manifest.preprocess)
+    pixel_diff = float(np.abs(pixels - inputs["pixel_values"].numpy()).max())
+    our_ids = vlm._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], 1)
+    ids_match = bool(our_ids.shape == ids.shape and (our_ids == ids).all())
+
+    ref_img = adapter.image_features(model, inputs["pixel_values"])[0].numpy()
+    our_img = pipeline.encode(vlm.vision, inputs["pixel_values"].numpy())
+    vision_diff = float(np.abs(ref_img - our_img).max())
+    _, embed_tokens, _ = adapter.language_parts(model)
+    embed_diff = float(np.abs(embed_tokens(inputs["input_ids"])[0].numpy() - pipeline.embed(vlm.embedder, ids)).max())
+
+    ref_logits = model(**inputs).logits[0, -1].numpy()
+    rows = np.nonzero(ids == vlm.manifest.image_token_id)[0]
+    x = pipeline.splice(pipeline.embed(vlm.embedder, ids), rows, our_img)
+    empty = pipeline.empty_kv(vlm.kv_spec, vlm.num_layers)
+    logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, empty)
+    logit_diff = float(np.abs(logits - ref_logits).max())
+
+    ref_tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()
+    our_tokens = [r.token for r in vlm.stream(image, prompt, max_tokens=max_new_tokens)]
+    return {
+        "max_abs_pixel_diff": pixel_diff,
+        "prompt_ids_match": ids_match,
+        "max_abs_vision_diff": vision_diff,
+        "max_abs_embed_diff": embed_diff,
+        "max_abs_logit_diff": logit_diff,
+        "greedy_tokens": len(ref_tokens),
+        "greedy_match": our_tokens == ref_tokens,
+        "greedy_reference": ref_tokens,
+        "greedy_runtime": our_tokens,
+    }
