@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random-weight checkpoints of each family, built here, exported once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+# Several shapes: widths, heads, grouped-query attention, CLIP and SigLIP towers, Qwen2 and Llama.
+SPECS = {
+    "fastvlm-qwen2-gqa": CheckpointSpec("fast_vlm", TextDims(hidden=64, heads=4, kv_heads=2),
+                                        VisionDims(tower="fastvit", image_size=128)),
+    "fastvlm-qwen2-mha-tied": CheckpointSpec(
+        "fast_vlm", TextDims(hidden=96, heads=6, kv_heads=6, intermediate=192, layers=3, tie_embeddings=True),
+        VisionDims(tower="fastvit", image_size=160, embed_dims=(8, 16, 32, 64), layers=(1, 1, 2, 1)), seed=3),
+    "llava-clip-llama": CheckpointSpec("llava", TextDims(arch="llama", hidden=64, heads=4, kv_heads=1),
+                                       VisionDims(tower="clip", image_size=32, patch=8, hidden=48),
+                                       mean=CLIP_MEAN, std=CLIP_STD, seed=1),
+    "llava-siglip-qwen2": CheckpointSpec("llava", TextDims(hidden=80, heads=5, kv_heads=5, layers=2),
+                                         VisionDims(tower="siglip", image_size=48, patch=12, hidden=32,
+                                                    select="full", feature_layer=-2),
+                                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=2),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> a checkpoint directory, built once per session."""
+    from edgevlm.export.checkpoints import build_checkpoint
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = build_checkpoint(SPECS[name], tmp_path_factory.mktemp(name) / "hf")
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundle(checkpoint, tmp_path_factory):
+    """bundle(name) -> a bundle directory exported from checkpoint(name), once per session."""
+    from edgevlm.export.exporter import export
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            out = tmp_path_factory.mktemp(name + "-bundle") / "bundle"
+            export(checkpoint(name), out, progress=False)
+            made[name] = out
+        return made[name]
+
+    return get
+
+
+def scene(kind: int, size=(160, 120)) -> Image.Image:
+    """Distinct, structured pictures (random noise all looks alike to a vision tower)."""
+    img = Image.new("RGB", size, [(230, 230, 230), (20, 20, 60), (250, 240, 200), (40, 120, 40)][kind % 4])
+    d = ImageDraw.Draw(img)
+    colours = [(220, 30, 30), (30, 60, 220), (240, 200, 20), (150, 40, 170)]
+    w, h = size
+    if kind % 2 == 0:
+        d.ellipse((w * 0.1, h * 0.2, w * 0.5, h * 0.8), fill=colours[kind % 4])
+    else:
+        d.rectangle((w * 0.5, h * 0.1, w * 0.9, h * 0.6), fill=colours[kind % 4])
+    d.polygon([(w * 0.6, h * 0.9), (w * 0.8, h * 0.5), (w, h * 0.9)], fill=colours[(kind + 1) % 4])
+    return img
+
+
+@pytest.fixture
+def images():
+    return [scene(k) for k in range(4)]
+
+
+def np_image(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"))

@@ -1,0 +1,59 @@
+"""The `edgevlm` CLI, called in-process: answers stream to stdout; errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgevlm.apps import chat, cli, export_cmd
+
+NAME = "llava-siglip-qwen2"
+
+
+def test_chat_prompt_prints_the_answer(bundle, images, tmp_path, capsys):
+    import edgevlm
+
+    images[0].save(tmp_path / "x.png")
+    expected = edgevlm.load(bundle(NAME)).generate(images[0], "what is it?", max_tokens=8)
+    assert cli.main(["chat", "--bundle", str(bundle(NAME)), "--image", str(tmp_path / "x.png"),
+                     "--prompt", "what is it?", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--image", "/nonexistent/x.png"], "cannot read image"),
+    (["--bundle", "/nonexistent"], "not a directory"),
+])
+def test_chat_errors_are_one_line(bundle, args, match, capsys):
+    argv = ["--bundle", str(bundle(NAME)), "--prompt", "hi"] + args
+    assert chat.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and match in err and "\n" not in err and "Traceback" not in err
+
+
+def test_interactive_chat(bundle, images, tmp_path, monkeypatch, capsys):
+    images[1].save(tmp_path / "y.png")
+    lines = iter([f"/image {tmp_path / 'y.png'}", "what is it?", "/reset", "/image /nope.png", "again?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.main(["--bundle", str(bundle(NAME)), "--max-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip()) > 0
+    assert "error: cannot read image" in captured.err  # a bad image in the loop does not end the session
+
+
+def test_export_command(checkpoint, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert export_cmd.main(["--from", str(checkpoint("llava-clip-llama")), "--to", str(out),
+                            "--parity-tokens", "4"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["source"]["parity"]["greedy_match"]
+    assert export_cmd.main(["--from", str(checkpoint("llava-clip-llama")), "--to", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_help_and_unknown_command(capsys):
+    assert cli.main([]) == 2 and cli.main(["--help"]) == 0
+    assert cli.main(["nope"]) == 2
+    assert "chat" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        chat.main(["--help"])

@@ -1,0 +1,149 @@
+"""The torch-free runtime: samplers, stop rules, chat with KV reuse, context overflow, providers, import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgevlm
+from edgevlm import make_sampler
+from edgevlm.errors import ContextOverflowError, TemplateError
+from edgevlm.template import render
+
+NAME = "fastvlm-qwen2-gqa"
+
+
+@pytest.fixture(scope="module")
+def vlm(bundle):
+    return edgevlm.load(bundle(NAME))
+
+
+def test_import_edgevlm_loads_no_torch():
+    code = ("import sys, edgevlm; heavy = [m for m in ('torch', 'transformers', 'coremltools', 'timm') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_samplers():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=100).astype(np.float32)
+    assert make_sampler()(logits) == int(np.argmax(logits))
+    assert make_sampler(temperature=1.0, top_k=1, seed=1)(logits) == int(np.argmax(logits))
+    assert make_sampler(temperature=1.0, top_p=1e-6, seed=1)(logits) == int(np.argmax(logits))
+    a = [make_sampler(temperature=1.0, seed=7)(logits) for _ in range(5)]
+    draw = make_sampler(temperature=1.0, seed=7)
+    assert a[0] == draw(logits) and len({draw(logits) for _ in range(50)}) > 5  # seeded, yet random
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    s = make_sampler(temperature=2.0, top_k=3, seed=0)
+    assert {s(logits) for _ in range(200)} <= top3
+    with pytest.raises(ValueError):
+        make_sampler(top_p=0.0)
+
+
+def test_repetition_penalty_matches_transformers():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = np.array([2.0, 1.8, -1.0, 0.5, -0.1], np.float32)
+    for hist, penalty in [([0], 1.3), ([0, 1], 1.3), ([3, 4], 8.0), ([], 2.0), ([0, 1, 3], 0.5)]:
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([hist or [2]])[:, :len(hist)],
+                                                         torch.tensor(logits)[None])[0].numpy()
+        assert make_sampler(repetition_penalty=penalty)(logits, hist) == int(np.argmax(ref)), (hist, penalty)
+    assert make_sampler(repetition_penalty=1.3)(logits, [0]) == 1  # the penalty moved the argmax
+
+
+def test_generate_equals_stream_and_reports_timings(vlm, images):
+    rs = list(vlm.stream(images[0], "what color is the circle?", max_tokens=10))
+    assert "".join(r.text for r in rs) == vlm.generate(images[0], "what color is the circle?", max_tokens=10)
+    last = rs[-1]
+    assert last.finish_reason in ("stop", "length") and all(r.finish_reason is None for r in rs[:-1])
+    assert last.generated_tokens == len(rs) and last.ttft_s > 0 and last.prompt_tokens > 16
+    assert {"preprocess", "encode", "embed", "prefill"} <= set(last.stages)
+    assert last.prompt_tps > 0 and (len(rs) == 1 or last.decode_tps > 0)
+
+
+def test_max_tokens_and_stop_strings(vlm, images):
+    rs = list(vlm.stream(images[1], "describe the image.", max_tokens=7))
+    assert len(rs) <= 7
+    if len(rs) == 7:
+        assert rs[-1].finish_reason == "length"
+    full = vlm.generate(images[1], "describe the image.", max_tokens=20)
+    stop = full[3:5]
+    if stop.strip():
+        cut = vlm.generate(images[1], "describe the image.", max_tokens=20, stop=[stop])
+        assert cut == full[: full.find(stop)]
+
+
+def test_eos_ends_with_stop(vlm, images, monkeypatch):
+    # make whatever greedy picks first an EOS: generation must end there with "stop"
+    first = next(iter(vlm.stream(images[0], "hi", max_tokens=1))).token
+    import dataclasses
+
+    gen = vlm.manifest.generation
+    m2 = dataclasses.replace(vlm.manifest, generation=dataclasses.replace(gen, eos_token_ids=(first,)))
+    monkeypatch.setattr(vlm, "manifest", m2)
+    rs = list(vlm.stream(images[0], "hi", max_tokens=5))
+    assert len(rs) == 1 and rs[0].finish_reason == "stop" and rs[0].token == first
+
+
+def test_chat_reuses_kv_and_matches_a_fresh_computation(vlm, images):
+    chat = vlm.chat()
+    a1 = list(chat.stream("what color is the circle?", image=images[0], max_tokens=6))
+    a2 = list(chat.stream("and the square?", max_tokens=6))
+    assert a2[-1].prefilled_tokens < a2[-1].prompt_tokens  # only the new turn ran
+    assert "encode" not in a2[-1].stages  # the image was encoded once
+    # the same conversation computed from scratch gives the same tokens
+    fresh = vlm.chat()
+    fresh.messages = chat.messages[:2]
+    fresh._images = list(chat._images[:1])
+    fresh._embeds = dict(chat._embeds)
+    b2 = list(fresh.stream("and the square?", max_tokens=6))
+    assert b2[-1].prefilled_tokens == b2[-1].prompt_tokens
+    assert [r.token for r in a2] == [r.token for r in b2]
+    assert a1[-1].prefilled_tokens == a1[-1].prompt_tokens
+    chat.reset()
+    assert chat.messages == [] and chat._keys == []
+
+
+def test_same_image_twice_hits_the_image_cache(vlm, images):
+    vlm.prepare(images[2])
+    r = list(vlm.stream(images[2], "hi", max_tokens=2))[-1]
+    assert r.image_cache_hits == 1 and "encode" not in r.stages
+
+
+def test_prompt_longer_than_the_context_is_refused(vlm):
+    ctx = vlm.manifest.generation.context_length
+    with pytest.raises(ContextOverflowError, match="context holds"):
+        vlm.generate(None, "one two three " * ctx, max_tokens=4)
+
+
+def test_generation_stops_at_the_context_edge(vlm):
+    import dataclasses
+
+    m = vlm.manifest
+    probe = vlm._prompt_ids([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], 0)
+    small = dataclasses.replace(m, generation=dataclasses.replace(m.generation, context_length=len(probe) + 3))
+    vlm2 = edgevlm.VLM.__new__(edgevlm.VLM)
+    vlm2.__dict__.update(vlm.__dict__, manifest=small)
+    rs = list(vlm2.stream(None, "hi", max_tokens=50))
+    assert len(rs) <= 4 and rs[-1].finish_reason in ("length", "stop")
+
+
+def test_templates_render_in_a_sandbox():
+    msgs = [{"role": "user", "content": "hi"}]
+    assert render("{{ messages[0]['content'] }}!", msgs) == "hi!"
+    for evil in ["{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                 "{{ messages.__class__.__init__.__globals__ }}",
+                 "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
+                 "{{ raise_exception('no') }}", "{% for %}"]:
+        with pytest.raises(TemplateError):
+            render(evil, msgs)
+
+
+def test_providers_fall_back_to_cpu_and_are_reported(bundle):
+    v = edgevlm.load(bundle(NAME), providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    assert all(p == ["CPUExecutionProvider"] for p in v.providers.values())
