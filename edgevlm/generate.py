@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-import numpy as np
 
 from . import pipeline
 from .errors import ContextOverflowError, EdgeVLMError
@@ -55,7 +54,7 @@ class Chat:
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._images: list[str] = []  # image keys in prompt order
-        self._embeds: dict[str, np.ndarray] = {}
+        self._states: dict[str, dict] = {}  # image key -> what depends only on that image
         self._keys: list = []  # what the KV cache holds: token ids, or (image key, row) at image positions
         self._kv = pipeline.empty_kv(self.vlm.kv_spec, self.vlm.num_layers)
 
@@ -79,10 +78,10 @@ class Chat:
         stages: dict[str, float] = {}
         hits = 0
         if image is not None:
-            key, embeds, hit, img_stages = vlm._image_embeds(image)
+            key, state, hit, img_stages = vlm._image_embeds(image)
             stages.update(img_stages)
             hits += hit
-            self._embeds[key] = embeds
+            self._states[key] = state
         sampler = make_sampler(temperature, top_k, top_p, repetition_penalty, seed)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         max_tokens = m.generation.max_new_tokens if max_tokens is None else int(max_tokens)
@@ -109,11 +108,7 @@ class Chat:
         reuse = min(reuse, len(keys) - 1)  # at least one token must run to give logits
         kv = pipeline.trim_kv(self._kv, reuse)
         suffix = ids[reuse:]
-        x = pipeline.embed(vlm.embedder, suffix)
-        rows = np.nonzero(suffix == m.image_token_id)[0]
-        if rows.size:
-            x = pipeline.splice(x, rows, np.concatenate([self._embeds[k[0]][k[1]][None] for k in
-                                                          (keys[reuse + r] for r in rows)]))
+        x = vlm._prompt_embeds(ids, keys, self._states, reuse)
         stages["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         logits, kv = pipeline.forward(vlm.decoder, vlm.kv_spec, x, kv)

@@ -96,6 +96,7 @@ class Manifest:
     image_tokens: int  # placeholders per image in the prompt
     generation: Generation
     special_tokens: dict[str, str] = field(default_factory=dict)
+    fusion: str = "splice"  # "splice": image embeds replace placeholders; "prefusion": LLaVA-Mini
     quant: Quant = field(default_factory=Quant)
     source: Source = field(default_factory=Source)
 
@@ -139,9 +140,15 @@ def _check(m: Manifest) -> None:
     for ref in m.files():
         if len(ref.sha256) != 64 or any(c not in "0123456789abcdef" for c in ref.sha256):
             raise BundleError(f"manifest: sha256 of {ref.file!r} is not 64 lowercase hex digits")
-    dec = m.components["decoder"]
-    if dec.num_layers is None or dec.kv is None:
-        raise BundleError("manifest: components.decoder needs num_layers and kv")
+    if m.fusion not in ("splice", "prefusion"):
+        raise BundleError("manifest: fusion must be 'splice' or 'prefusion'")
+    kv_parts = ["decoder"] + (["prefusion"] if m.fusion == "prefusion" else [])
+    for name in kv_parts + (["compressor"] if m.fusion == "prefusion" else []):
+        if name not in m.components:
+            raise BundleError(f"manifest: fusion {m.fusion!r} needs components.{name}")
+    for name in kv_parts:
+        if m.components[name].num_layers is None or m.components[name].kv is None:
+            raise BundleError(f"manifest: components.{name} needs num_layers and kv")
     p = m.preprocess
     if p.resample not in RESAMPLES:
         raise BundleError(f"manifest: preprocess.resample must be one of {RESAMPLES}")

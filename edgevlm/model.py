@@ -41,6 +41,10 @@ class VLM:
         self.vision, self.embedder, self.decoder = self.graphs["vision"], self.graphs["embed"], self.graphs["decoder"]
         self.kv_spec = m.components["decoder"].kv
         self.num_layers = m.components["decoder"].num_layers
+        if m.fusion == "prefusion":
+            self.compressor, self.prefusion = self.graphs["compressor"], self.graphs["prefusion"]
+            self.prefusion_kv = m.components["prefusion"].kv
+            self.prefusion_layers = m.components["prefusion"].num_layers
         self._pre_key = json.dumps(dataclasses.asdict(m.preprocess), sort_keys=True) + m.components["vision"].sha256
         self._image_cache: dict[str, np.ndarray] = {}
         if warmup:
@@ -69,7 +73,9 @@ class VLM:
 
     # ---- stages used by Chat -----------------------------------------------------------------------
 
-    def _image_embeds(self, image) -> tuple[str, np.ndarray, int, dict[str, float]]:
+    def _image_embeds(self, image) -> tuple[str, dict, int, dict[str, float]]:
+        """-> (cache key, image state, cache hit, stage seconds). The state is all that depends only on the
+        image: {"rows": embeds for the placeholders [image_tokens, D], "kv": pre-fusion prefix or None}."""
         t = time.perf_counter()
         pixels = preprocess(load_image(image), self.manifest.preprocess)
         key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()
@@ -79,10 +85,34 @@ class VLM:
         t = time.perf_counter()
         embeds = pipeline.encode(self.vision, pixels)
         stages["encode"] = time.perf_counter() - t
-        if embeds.shape[0] != self.manifest.image_tokens:
-            raise BackendError(f"vision graph gave {embeds.shape[0]} rows, manifest says {self.manifest.image_tokens}")
-        self._image_cache[key] = embeds
-        return key, embeds, 0, stages
+        state = {"rows": embeds, "kv": None}
+        if self.manifest.fusion == "prefusion":
+            t = time.perf_counter()
+            state["rows"] = pipeline.compress(self.compressor, embeds)
+            stages["compress"] = time.perf_counter() - t
+            t = time.perf_counter()
+            empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
+            state["kv"] = pipeline.run(self.prefusion, self.prefusion_kv, embeds, empty)[1]
+            stages["prefusion_image"] = time.perf_counter() - t
+        if state["rows"].shape[0] != self.manifest.image_tokens:
+            raise BackendError(f"the image gave {state['rows'].shape[0]} rows, manifest says {self.manifest.image_tokens}")
+        self._image_cache[key] = state
+        return key, state, 0, stages
+
+    def _prompt_embeds(self, ids: np.ndarray, keys: list, states: dict[str, dict], start: int) -> np.ndarray:
+        """Embeds [S - start, D] of the prompt from position start on: text, fused text, image rows."""
+        m = self.manifest
+        image_keys = list(dict.fromkeys(k[0] for k in keys if isinstance(k, tuple) and len(k) == 2))
+        if m.fusion == "prefusion" and image_keys:
+            text = pipeline.embed(self.embedder, ids)
+            x = pipeline.prefuse(self.prefusion, self.prefusion_kv, text, states[image_keys[0]]["kv"])[start:]
+        else:
+            x = pipeline.embed(self.embedder, ids[start:])
+        rows = np.nonzero(ids[start:] == m.image_token_id)[0]
+        if rows.size:
+            picked = [states[keys[start + r][0]]["rows"][keys[start + r][1]] for r in rows]
+            x = pipeline.splice(x, rows, np.stack(picked))
+        return x
 
     def _prompt_ids(self, messages: list[dict], n_images: int) -> np.ndarray:
         m = self.manifest
@@ -99,11 +129,16 @@ class VLM:
         return ids
 
     def _keys_for(self, ids: np.ndarray, images: list[str]) -> list:
-        # image placeholders become (image key, row): two images never share a cached prefix
-        keys, rows = ids.tolist(), np.nonzero(ids == self.manifest.image_token_id)[0]
-        n = self.manifest.image_tokens
+        # image placeholders become (image key, row): two images never share a cached prefix; with pre-fusion
+        # the text depends on the image too, so its positions become ("fused", image key, id)
+        m = self.manifest
+        if m.fusion == "prefusion" and len(images) > 1:
+            raise EdgeVLMError("a pre-fusion (LLaVA-Mini) bundle takes one image per conversation: start a new chat")
+        keys, rows = ids.tolist(), np.nonzero(ids == m.image_token_id)[0]
+        if m.fusion == "prefusion" and images:
+            keys = [("fused", images[0], k) for k in keys]
         for j, r in enumerate(rows):
-            keys[r] = (images[j // n], j % n)
+            keys[r] = (images[j // m.image_tokens], j % m.image_tokens)
         return keys
 
     def _embed_one(self, token: int) -> np.ndarray:

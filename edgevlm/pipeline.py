@@ -39,8 +39,8 @@ def trim_kv(kv: KV, length: int) -> KV:
     return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
 
 
-def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
-    """Run the decoder on embeds [S, D] after the `past` positions held in kv -> (last logits [V], kv)."""
+def run(graph: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV) -> tuple[dict[str, np.ndarray], KV]:
+    """Run a decoder-with-KV graph on embeds [S, D] after the `past` positions held in kv."""
     past = kv[0][0].shape[2]
     s = embeds.shape[0]
     feeds = {
@@ -51,6 +51,21 @@ def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV) -> tup
     for i, (k, v) in enumerate(kv):
         feeds[spec.past % (i, "key")] = k
         feeds[spec.past % (i, "value")] = v
-    out = decoder.run(feeds)
-    new_kv = [(out[spec.present % (i, "key")], out[spec.present % (i, "value")]) for i in range(len(kv))]
-    return out["logits"][0, -1], new_kv
+    out = graph.run(feeds)
+    return out, [(out[spec.present % (i, "key")], out[spec.present % (i, "value")]) for i in range(len(kv))]
+
+
+def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
+    """The language model on embeds [S, D] -> (logits of the last position [V], kv)."""
+    out, kv = run(decoder, spec, embeds, kv)
+    return out["logits"][0, -1], kv
+
+
+def compress(compressor: OnnxGraph, image_embeds: np.ndarray) -> np.ndarray:  # [N, D] -> [1, D]
+    return compressor.run({compressor.input_names[0]: image_embeds[None]})[compressor.output_names[0]][0]
+
+
+def prefuse(prefusion: OnnxGraph, spec: KVSpec, text: np.ndarray, image_kv: KV) -> np.ndarray:
+    """Pre-fusion: text embeds [S, D] attend (causally) after the image's cached prefix -> fused [S, D]."""
+    out, _ = run(prefusion, spec, text, image_kv)
+    return out["fused"][0]

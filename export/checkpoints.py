@@ -214,3 +214,22 @@ def build_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
                           chat_template=template, num_additional_image_tokens=extra)
     proc.save_pretrained(out)
     return out
+
+
+def build_mini_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike, fusion_layers: int = 1) -> Path:
+    """A random-weight LLaVA-Mini (one vision token + pre-fusion) over a FastVLM checkpoint of `spec`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .llava_mini import MiniVLM
+
+    out = build_checkpoint(spec, out_dir)
+    base = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    torch.manual_seed(spec.seed + 7)
+    mini = MiniVLM(base, fusion_layers=fusion_layers, grid=spec.vision.image_size // 32)
+    with torch.no_grad():  # a zero fusion projection would leave the pre-fusion path untested
+        mini.fuse_out.weight.normal_(0, 0.5 / spec.text.hidden ** 0.5)
+    mini.save(out)
+    processor = AutoProcessor.from_pretrained(out)
+    processor.patch_size = spec.vision.image_size  # one placeholder per image
+    processor.save_pretrained(out)
+    return out

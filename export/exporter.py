@@ -21,6 +21,7 @@ from edgevlm.manifest import Component, FileRef, Generation, KVSpec, Manifest, S
 
 from . import graphs, parity
 from .adapters import adapter_for
+from .llava_mini import MiniVLM, check_parity, export_extra
 
 log = logging.getLogger("edgevlm.export")
 
@@ -64,7 +65,9 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
         except (OSError, ValueError) as e:
             raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
         adapter = adapter_for(config.model_type)
-        model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
+        model = mini.base if mini else AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
+        model.eval()
         processor = AutoProcessor.from_pretrained(hf_dir)
         text_config = adapter.text_config(model)
         pre = adapter.preprocess(processor)
@@ -88,7 +91,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             embed_files = graphs.export_embed(embed_tokens, tmp / "embed.onnx")
             bar.update()
             step(STAGES[3])
-            decoder_files = graphs.export_decoder(body, lm_head, text_config, tmp / "decoder.onnx")
+            decoder_files = graphs.export_decoder(body, graphs.LastLogits(lm_head), text_config, tmp / "decoder.onnx")
             bar.update()
 
             step(STAGES[4])
@@ -97,8 +100,14 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             image_token = processor.image_token
             image_token_id = int(tok.convert_tokens_to_ids(image_token))
             counted = int((parity.hf_inputs(processor, probe, "hi")["input_ids"] == image_token_id).sum())
-            if counted != n_img:
-                raise ExportError(f"processor expands the image to {counted} tokens but the vision graph gives {n_img}")
+            n_tokens = 1 if mini else int(n_img)
+            if counted != n_tokens:
+                raise ExportError(f"processor expands the image to {counted} tokens; the model takes {n_tokens}")
+            extra = {}
+            if mini:
+                for name, (files, kw) in export_extra(mini, int(n_img), tmp).items():
+                    kv = kw.pop("kv", None)
+                    extra[name] = _component(tmp, files, kv=KVSpec(**kv) if kv else None, **kw)
             heads, head_dim = graphs.kv_dims(text_config)
             n_layers = text_config.num_hidden_layers
             kv_shape = [1, heads, "past", head_dim]
@@ -116,14 +125,16 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                         inputs={"inputs_embeds": [1, "seq", int(dim)], "attention_mask": [1, "past+seq"],
                                 "position_ids": [1, "seq"], **{graphs.PAST % (0, "key"): kv_shape}},
                         outputs={"logits": [1, 1, int(text_config.vocab_size)]}),
+                    **extra,
                 },
+                fusion="prefusion" if mini else "splice",
                 preprocess=pre,
                 tokenizer=FileRef("tokenizer.json", sha256_file(tmp / "tokenizer.json")),
                 chat_template=processor.chat_template,
                 special_tokens={k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
                 image_token=image_token,
                 image_token_id=image_token_id,
-                image_tokens=int(n_img),
+                image_tokens=n_tokens,
                 generation=Generation(eos_token_ids=_eos_ids(model, text_config),
                                       context_length=int(text_config.max_position_embeddings)),
                 source=Source(checkpoint=hf_dir.name, exporter_version=__version__),
@@ -132,7 +143,10 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             bar.update()
 
             step(STAGES[5])
-            figures = parity.check(model, processor, adapter, tmp, max_new_tokens=parity_tokens)
+            if mini:
+                figures = check_parity(mini, processor, tmp, max_new_tokens=parity_tokens)
+            else:
+                figures = parity.check(model, processor, adapter, tmp, max_new_tokens=parity_tokens)
             log.info("parity: %s", {k: v for k, v in figures.items() if not isinstance(v, list)})
             if not figures["prompt_ids_match"]:
                 raise ExportError("the runtime's prompt tokens differ from the processor's: template or tokenizer mismatch")

@@ -35,13 +35,22 @@ class EmbedGraph(nn.Module):  # input_ids [1, S] -> inputs_embeds [1, S, D]
         return self.embed_tokens(input_ids)
 
 
+class LastLogits(nn.Module):  # hidden [1, S, D] -> logits of the last position [1, 1, V]
+    def __init__(self, lm_head):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden, inputs_embeds):
+        return self.lm_head(hidden[:, -1:])
+
+
 class DecoderGraph(nn.Module):
     """inputs_embeds [1, S, D], attention_mask [1, P+S], position_ids [1, S], past k/v [1, H, P, d] per layer
-    -> logits of the last position [1, 1, V], present k/v [1, H, P+S, d] per layer."""
+    -> head(hidden, inputs_embeds), present k/v [1, H, P+S, d] per layer."""
 
-    def __init__(self, body, lm_head, text_config):
+    def __init__(self, body, head, text_config):
         super().__init__()
-        self.body, self.lm_head, self.config = body, lm_head, text_config
+        self.body, self.head, self.config = body, head, text_config
         self.num_layers = text_config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
@@ -50,11 +59,10 @@ class DecoderGraph(nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=cache, use_cache=True, return_dict=True)
-        logits = self.lm_head(out.last_hidden_state[:, -1:])
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
-        return (logits, *present)
+        return (self.head(out.last_hidden_state, inputs_embeds), *present)
 
 
 def kv_dims(text_config) -> tuple[int, int]:
@@ -95,7 +103,8 @@ def export_embed(embed_tokens, path: Path) -> list[str]:
                    ({1: seq},))
 
 
-def export_decoder(body, lm_head, text_config, path: Path) -> list[str]:
+def export_decoder(body, head, text_config, path: Path, output: str = "logits") -> list[str]:
+    """A decoder with KV cache; `head` maps (hidden, inputs_embeds) to the graph's first output."""
     heads, head_dim = kv_dims(text_config)
     n, d = text_config.num_hidden_layers, text_config.hidden_size
     s, p = 5, 3  # example lengths; both dims stay dynamic (0 past works at run time)
@@ -103,7 +112,7 @@ def export_decoder(body, lm_head, text_config, path: Path) -> list[str]:
     args += [torch.randn(1, heads, p, head_dim) for _ in range(2 * n)]
     names_in = ["inputs_embeds", "attention_mask", "position_ids"]
     names_in += [PAST % (i, kv) for i in range(n) for kv in ("key", "value")]
-    names_out = ["logits"] + [PRESENT % (i, kv) for i in range(n) for kv in ("key", "value")]
+    names_out = [output] + [PRESENT % (i, kv) for i in range(n) for kv in ("key", "value")]
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in range(2 * n)))  # *past is one tuple
-    return _export(DecoderGraph(body, lm_head, text_config).eval(), tuple(args), path, names_in, names_out, shapes)
+    return _export(DecoderGraph(body, head, text_config).eval(), tuple(args), path, names_in, names_out, shapes)

@@ -100,7 +100,7 @@ def test_chat_reuses_kv_and_matches_a_fresh_computation(vlm, images):
     fresh = vlm.chat()
     fresh.messages = chat.messages[:2]
     fresh._images = list(chat._images[:1])
-    fresh._embeds = dict(chat._embeds)
+    fresh._states = dict(chat._states)
     b2 = list(fresh.stream("and the square?", max_tokens=6))
     assert b2[-1].prefilled_tokens == b2[-1].prompt_tokens
     assert [r.token for r in a2] == [r.token for r in b2]

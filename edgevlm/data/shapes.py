@@ -339,3 +339,17 @@ def normalize_answer(s: str) -> str:
     while s.endswith("."):
         s = s[:-1].rstrip()
     return " ".join(s.split())
+
+
+def scene_questions(scene: Scene, rng: np.random.Generator, k: int, split: str = "train") -> list[tuple[str, str, str]]:
+    """Up to k more (qtype, question, answer) about one scene: training reuses one encoded image k times."""
+    out = []
+    for qtype in rng.permutation(QTYPES):
+        forms = [f for f in _forms(scene, str(qtype), split, rng) if f]
+        if forms:
+            form = forms[int(rng.integers(len(forms)))]
+            q = form[int(rng.integers(len(form)))]
+            out.append((str(qtype), question_text(q), answer(scene, q)))
+        if len(out) == k:
+            break
+    return out

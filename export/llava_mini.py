@@ -1,0 +1,216 @@
+"""LLaVA-Mini on top of a FastVLM: one vision token for the LLM, and modality pre-fusion.
+
+After "LLaVA-Mini: Efficient Image and Video Large Multimodal Models with One Vision Token":
+- query-based compression: a learnable query with 2-D sin-cos position embeddings on the keys attends over
+  the image embeds [N, D] and yields ONE token [1, D];
+- pre-fusion: a few decoder layers of the LLM's width run causally over [image embeds; prompt embeds];
+  their text outputs (through a zero-initialised projection, added to the embeddings) replace the prompt
+  embeddings. The LLM then sees the prompt with the image placeholder holding the one compressed token.
+
+Generated tokens enter the LLM as plain embeddings (in training too), so the decode loop is unchanged.
+Saved as safetensors + mini_config.json beside the base FastVLM checkpoint files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MINI_CONFIG = "mini_config.json"
+MINI_WEIGHTS = "mini.safetensors"
+
+
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:  # -> [h*w, dim]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    parts = [f(c.reshape(-1, 1) * freq) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    out = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
+
+
+class Compressor(nn.Module):
+    """image embeds [B, N, D] -> [B, 1, D] by cross-attention from one learnable query."""
+
+    def __init__(self, dim: int, grid: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * dim ** -0.5)
+        self.register_buffer("pos", sincos_2d(grid, grid, dim), persistent=False)
+        self.norm = nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        b, n, d = image_embeds.shape
+        x = self.norm(image_embeds)
+        hd = d // self.heads
+        q = self.q(self.query).reshape(1, 1, self.heads, hd).transpose(1, 2)  # [1, H, 1, hd]
+        k = self.k(x + self.pos).reshape(b, n, self.heads, hd).transpose(1, 2)  # [B, H, N, hd]
+        v = self.v(x).reshape(b, n, self.heads, hd).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # [B, H, 1, N]
+        return self.o((att @ v).transpose(1, 2).reshape(b, 1, d))
+
+
+class MiniVLM(nn.Module):
+    """A trained FastVLM plus compressor and pre-fusion layers."""
+
+    def __init__(self, base, fusion_layers: int = 2, grid: int = 4):
+        super().__init__()
+        from transformers import Qwen2Model
+
+        self.base = base
+        text = base.config.text_config
+        self.fusion_layers, self.grid = fusion_layers, grid
+        self.compressor = Compressor(text.hidden_size, grid)
+        cfg = copy.deepcopy(text)
+        cfg.num_hidden_layers, cfg.vocab_size = fusion_layers, 1
+        self.prefusion = Qwen2Model(cfg)
+        self.fuse_out = nn.Linear(text.hidden_size, text.hidden_size)
+        nn.init.zeros_(self.fuse_out.weight)  # starts as the identity on the text embeddings
+        nn.init.zeros_(self.fuse_out.bias)
+        with torch.no_grad():  # start the fusion layers from the LLM's first layers
+            for mine, theirs in zip(self.prefusion.layers, base.model.language_model.layers):
+                mine.load_state_dict(theirs.state_dict())
+
+    def image_embeds(self, pixel_values):  # [B, 3, H, W] -> [B, N, D]
+        return self.base.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def fuse(self, image_embeds, text_embeds, text_mask):  # [B, N, D], [B, S, D], [B, S] -> [B, S, D]
+        n = image_embeds.shape[1]
+        x = torch.cat([image_embeds, text_embeds], dim=1)
+        mask = torch.cat([torch.ones(text_mask.shape[0], n, dtype=text_mask.dtype), text_mask], dim=1)
+        h = self.prefusion(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n:]
+        return text_embeds + self.fuse_out(h)
+
+    def llm_embeds(self, image_embeds, ids, mask, prompt_mask, image_id):
+        """The LLM's input: fused prompt, plain answer tokens, the one compressed token at the placeholder."""
+        emb = self.base.model.get_input_embeddings()(ids)
+        fused = self.fuse(image_embeds, emb, mask)
+        x = torch.where(prompt_mask[..., None], fused, emb)
+        token = self.compressor(image_embeds)  # [B, 1, D]
+        return x.masked_scatter((ids == image_id)[..., None], token.reshape(-1, token.shape[-1]).to(x.dtype))
+
+    def logits(self, inputs_embeds, mask):
+        h = self.base.model.language_model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        return self.base.lm_head(h)
+
+    def save(self, out: Path) -> None:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.base.save_pretrained(out)
+        extra = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("base.")}
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in extra.items()}, str(out / MINI_WEIGHTS))
+        (out / MINI_CONFIG).write_text(json.dumps({"fusion_layers": self.fusion_layers, "grid": self.grid}))
+
+    @classmethod
+    def load(cls, path: Path) -> "MiniVLM":
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
+
+        path = Path(path)
+        cfg = json.loads((path / MINI_CONFIG).read_text())
+        base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        mini = cls(base, cfg["fusion_layers"], cfg["grid"])
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / MINI_WEIGHTS)).items()}
+        missing, unexpected = mini.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("base.") for k in missing):
+            raise ValueError(f"{MINI_WEIGHTS} does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return mini.eval()
+
+    @staticmethod
+    def is_mini(path: Path) -> bool:
+        return (Path(path) / MINI_CONFIG).is_file()
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+
+class FuseHead(nn.Module):  # (hidden [1, S, D], inputs_embeds [1, S, D]) -> fused [1, S, D]
+    def __init__(self, fuse_out):
+        super().__init__()
+        self.fuse_out = fuse_out
+
+    def forward(self, hidden, inputs_embeds):
+        return inputs_embeds + self.fuse_out(hidden)
+
+
+class CompressorGraph(nn.Module):  # image_embeds [1, N, D] -> token [1, 1, D]
+    def __init__(self, compressor):
+        super().__init__()
+        self.compressor = compressor
+
+    def forward(self, image_embeds):
+        return self.compressor(image_embeds)
+
+
+def export_extra(mini: MiniVLM, n_image: int, tmp: Path) -> dict:
+    """Export the compressor and pre-fusion graphs -> manifest components (name -> kwargs)."""
+    from . import graphs
+
+    d = mini.base.config.text_config.hidden_size
+    comp = graphs._export(CompressorGraph(mini.compressor).eval(), (torch.zeros(1, n_image, d),),
+                          tmp / "compressor.onnx", ["image_embeds"], ["token"], None)
+    pf = graphs.export_decoder(mini.prefusion, FuseHead(mini.fuse_out), mini.prefusion.config,
+                               tmp / "prefusion.onnx", output="fused")
+    heads, head_dim = graphs.kv_dims(mini.prefusion.config)
+    return {
+        "compressor": (comp, {"inputs": {"image_embeds": [1, n_image, d]}, "outputs": {"token": [1, 1, d]}}),
+        "prefusion": (pf, {"num_layers": mini.fusion_layers,
+                           "kv": {"past": graphs.PAST, "present": graphs.PRESENT, "heads": heads, "head_dim": head_dim},
+                           "inputs": {"inputs_embeds": [1, "seq", d]}, "outputs": {"fused": [1, "seq", d]}}),
+    }
+
+
+@torch.no_grad()
+def reference_tokens(mini: MiniVLM, inputs, image_id: int, eos: set[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of the PyTorch LLaVA-Mini (full recompute each step) and its first logits."""
+    feats = mini.image_embeds(inputs["pixel_values"])
+    ids = inputs["input_ids"]
+    p = ids.shape[1]
+    out, first = [], None
+    for _ in range(n):
+        mask = torch.ones_like(ids)
+        prompt = torch.arange(ids.shape[1])[None] < p
+        logits = mini.logits(mini.llm_embeds(feats, ids, mask, prompt, image_id), mask)[0, -1]
+        first = logits if first is None else first
+        tok = int(logits.argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out, first
+
+
+def check_parity(mini: MiniVLM, processor, bundle_dir, max_new_tokens: int = 16) -> dict:
+    """The exported LLaVA-Mini bundle vs the PyTorch module: first logits and greedy tokens."""
+    import numpy as np
+
+    import edgevlm
+    from edgevlm import pipeline
+
+    from .parity import PROMPT, hf_inputs, probe_image
+
+    image = probe_image()
+    vlm = edgevlm.load(bundle_dir)
+    m = vlm.manifest
+    inputs = hf_inputs(processor, image, PROMPT)
+    ids = inputs["input_ids"][0].numpy()
+    ref_tokens, ref_first = reference_tokens(mini, inputs, m.image_token_id, set(m.generation.eos_token_ids),
+                                             max_new_tokens)
+    key, state, _, _ = vlm._image_embeds(image)
+    x = vlm._prompt_embeds(ids, vlm._keys_for(ids, [key]), {key: state}, 0)
+    logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
+    ours = [r.token for r in vlm.stream(image, PROMPT, max_tokens=max_new_tokens)]
+    our_ids = vlm._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], 1)
+    return {
+        "prompt_ids_match": bool(our_ids.shape == ids.shape and (our_ids == ids).all()),
+        "max_abs_logit_diff": float(np.abs(logits - ref_first.numpy()).max()),
+        "greedy_tokens": len(ref_tokens),
+        "greedy_match": ours == ref_tokens,
+    }
