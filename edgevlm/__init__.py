@@ -5,7 +5,7 @@
     vlm.generate("cat.jpg", "What is this?")
 """
 
-from .errors import (BackendError, BundleError, ContextOverflowError, EdgeVLMError, ExportError, ImageError,
+from .errors import (ArgumentError, BackendError, BundleError, ContextOverflowError, EdgeVLMError, ExportError, ImageError,
                      IntegrityError, TemplateError)
 from .generate import Chat, Response
 from .model import VLM, load
@@ -14,6 +14,6 @@ from .sampling import make_sampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "VLM", "Chat", "Response", "make_sampler", "EdgeVLMError", "BundleError", "IntegrityError",
+    "load", "VLM", "ArgumentError", "Chat", "Response", "make_sampler", "EdgeVLMError", "BundleError", "IntegrityError",
     "ImageError", "ContextOverflowError", "TemplateError", "BackendError", "ExportError", "__version__",
 ]

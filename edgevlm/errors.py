@@ -31,3 +31,7 @@ class BackendError(EdgeVLMError):
 
 class ExportError(EdgeVLMError):
     """A checkpoint could not be exported (unsupported family, failed parity, ...)."""
+
+
+class ArgumentError(EdgeVLMError, ValueError):
+    """A generation or API argument is out of range (e.g. top_p = 0)."""

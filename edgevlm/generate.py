@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 
 from . import pipeline
-from .errors import ContextOverflowError, EdgeVLMError
+from .errors import ArgumentError, ContextOverflowError
 from .sampling import make_sampler
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class Chat:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         max_tokens = m.generation.max_new_tokens if max_tokens is None else int(max_tokens)
         if max_tokens < 1:
-            raise EdgeVLMError("max_tokens must be at least 1")
+            raise ArgumentError("max_tokens must be at least 1")
 
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
         messages = self.messages + [{"role": "user", "content": content}]

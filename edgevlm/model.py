@@ -75,7 +75,8 @@ class VLM:
 
     def _image_embeds(self, image) -> tuple[str, dict, int, dict[str, float]]:
         """-> (cache key, image state, cache hit, stage seconds). The state is all that depends only on the
-        image: {"rows": embeds for the placeholders [image_tokens, D], "kv": pre-fusion prefix or None}."""
+        image: {"rows": embeds for the placeholders [image_tokens, D], "embeds": the vision graph's output,
+        "kv": the pre-fusion KV of the image prefix, filled by the first prompt that uses it}."""
         t = time.perf_counter()
         pixels = preprocess(load_image(image), self.manifest.preprocess)
         key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()
@@ -85,15 +86,11 @@ class VLM:
         t = time.perf_counter()
         embeds = pipeline.encode(self.vision, pixels)
         stages["encode"] = time.perf_counter() - t
-        state = {"rows": embeds, "kv": None}
+        state = {"rows": embeds, "embeds": embeds, "kv": None}
         if self.manifest.fusion == "prefusion":
             t = time.perf_counter()
             state["rows"] = pipeline.compress(self.compressor, embeds)
             stages["compress"] = time.perf_counter() - t
-            t = time.perf_counter()
-            empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
-            state["kv"] = pipeline.run(self.prefusion, self.prefusion_kv, embeds, empty)[1]
-            stages["prefusion_image"] = time.perf_counter() - t
         if state["rows"].shape[0] != self.manifest.image_tokens:
             raise BackendError(f"the image gave {state['rows'].shape[0]} rows, manifest says {self.manifest.image_tokens}")
         self._image_cache[key] = state
@@ -104,8 +101,15 @@ class VLM:
         m = self.manifest
         image_keys = list(dict.fromkeys(k[0] for k in keys if isinstance(k, tuple) and len(k) == 2))
         if m.fusion == "prefusion" and image_keys:
-            text = pipeline.embed(self.embedder, ids)
-            x = pipeline.prefuse(self.prefusion, self.prefusion_kv, text, states[image_keys[0]]["kv"])[start:]
+            text, state = pipeline.embed(self.embedder, ids), states[image_keys[0]]
+            if state["kv"] is None:  # cold image: one pre-fusion run over [image; text] also yields its prefix KV
+                empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
+                n = state["embeds"].shape[0]
+                out, kv = pipeline.run(self.prefusion, self.prefusion_kv, np.concatenate([state["embeds"], text]), empty)
+                state["kv"] = pipeline.trim_kv(kv, n)
+                x = out["fused"][0][n + start:]
+            else:
+                x = pipeline.prefuse(self.prefusion, self.prefusion_kv, text, state["kv"])[start:]
         else:
             x = pipeline.embed(self.embedder, ids[start:])
         rows = np.nonzero(ids[start:] == m.image_token_id)[0]

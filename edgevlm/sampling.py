@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import ArgumentError
+
 Sampler = Callable[[np.ndarray, Sequence[int]], int]  # (logits [vocab], tokens so far) -> next token
 
 
@@ -22,7 +24,7 @@ def make_sampler(
     by the penalty when positive and multiplied by it when negative.
     """
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
-        raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+        raise ArgumentError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
     rng = np.random.default_rng(seed)
 
     def penalise(logits: np.ndarray, history: Sequence[int]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Train the embedded demo: a FastVLM-architecture model on the procedural shapes world, on CPU, in a budget.
 
-    python -m edgevlm.export.train_demo --out runs/demo --minutes 40
+    python -m edgevlm.export.train_demo --out runs/demo --minutes 41 --export runs/demo-bundle
 
 transformers `fast_vlm` (a small timm FastViT tower, the MLP projector, a small Qwen2), trained from
 scratch. Each step encodes a few scenes once and asks several questions about each (the tower's cost is
@@ -101,6 +101,21 @@ def build_processor(tok, patch: int = 32):
                           chat_template=TEMPLATE)
 
 
+GRID = IMAGE_SIZE // 32
+VAL_EVERY = 500
+ATTRS = ["present"] + list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.SIZES)
+
+
+def cell_targets(scene) -> np.ndarray:
+    """[GRID*GRID, len(ATTRS)] multi-hot: what sits in each cell of the tower's output grid (row-major)."""
+    t = np.zeros((GRID * GRID, len(ATTRS)), np.float32)
+    for o in scene.objects:
+        cell = min(int(o.cy * GRID), GRID - 1) * GRID + min(int(o.cx * GRID), GRID - 1)
+        for a in ("present", o.color, o.shape, o.size):
+            t[cell, ATTRS.index(a)] = 1.0
+    return t
+
+
 class Batcher:
     """Scenes and questions -> tensors. `scenes` images per step, `per_scene` questions about each."""
 
@@ -119,16 +134,17 @@ class Batcher:
         return prompt, target
 
     def next(self):
-        pixels, rows = [], []
+        pixels, rows, targets = [], [], []
         for _ in range(self.scenes):
             ex = shapes.make_example(self.seed, self.index, split="train", size=IMAGE_SIZE)
+            targets.append(cell_targets(ex.scene))
             rng = np.random.default_rng([self.seed, self.index, 7])
             self.index += 1
             qa = [(ex.qtype, ex.question, ex.answer)]
             qa += shapes.scene_questions(ex.scene, rng, self.per_scene - 1)
             pixels.append(np.asarray(ex.image, np.float32).transpose(2, 0, 1) / 255.0)
             rows.append([self.text(q, a) for _, q, a in qa])
-        return collate(np.stack(pixels), rows, self.tok.pad_token_id)
+        return collate(np.stack(pixels), rows, self.tok.pad_token_id), torch.from_numpy(np.stack(targets))
 
 
 def collate(pixels, rows, pad_id):
@@ -151,24 +167,32 @@ def collate(pixels, rows, pad_id):
 
 def forward_loss(model, image_id, pixels, which, ids, labels, mask, prompt):
     """Encode each image once, splice its embeds into every question about it, LM loss on answers."""
-    feats = model.model.get_image_features(pixel_values=pixels).pooler_output  # [B_img, N, D]
+    grid = model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # [B_img, N, C]
+    feats = model.model.multi_modal_projector(grid)  # as FastVLM's get_image_features: [B_img, N, D]
     embeds = model.model.get_input_embeddings()(ids)
     img_rows = feats[which].reshape(-1, feats.shape[-1]).to(embeds.dtype)
     embeds = embeds.masked_scatter((ids == image_id)[..., None], img_rows)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    return _answer_loss(model.lm_head(hidden[:, :-1]), labels)
+    return (*_answer_loss(model.lm_head(hidden[:, :-1]), labels), grid)
 
 
 def forward_loss_mini(mini, image_id, pixels, which, ids, labels, mask, prompt):
     """LLaVA-Mini: fused prompt + one compressed token; same loss."""
-    feats = mini.image_embeds(pixels)[which]  # [B_q, N, D]
+    vt = mini.base.model
+    grid = vt.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # [B_img, N, C]
+    feats = vt.multi_modal_projector(grid)[which]  # [B_q, N, D]
     x = mini.llm_embeds(feats, ids, mask, prompt, image_id)
-    return _answer_loss(mini.logits(x, mask)[:, :-1], labels)
+    return (*_answer_loss(mini.logits(x, mask)[:, :-1], labels), grid)
 
 
 def _answer_loss(logits, labels):
+    """Cross-entropy on answer tokens, averaged per answer first: a 12-token description must not outweigh
+    twelve one-word answers."""
     tgt = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100)
+    tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100,
+                               reduction="none").reshape(tgt.shape)
+    n = (tgt != -100).sum(dim=1).clamp(min=1)
+    loss = (tok_loss.sum(dim=1) / n).mean()
     with torch.no_grad():  # teacher-forced exact match: every answer token right
         ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1).float().mean()
     return loss, float(ok)
@@ -181,8 +205,33 @@ def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
 
 
 @torch.no_grad()
-def validate(model, batcher, image_id, n: int = 256, loss_fn=forward_loss) -> float:
+def recalibrate_bn(model, batcher, batches: int = 40) -> None:
+    """Recompute BatchNorm population statistics with the final weights.
+
+    The running averages lag weights that move fast; in eval mode they gave chance-level answers where the
+    same weights with batch statistics answered well. A cumulative average over fresh training images fixes
+    the exported (eval-mode) model.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
     model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+        bn.train()
+    tower = model.base.model if hasattr(model, "base") else model.model
+    for _ in range(batches):
+        pixels = batcher.next()[0][0]
+        tower.vision_tower(pixels)
+    for bn in bns:
+        bn.momentum = 0.1
+        bn.eval()
+
+
+@torch.no_grad()
+def validate(model, batcher, image_id, n: int = 256, loss_fn=forward_loss) -> float:
+    recalibrate_bn(model, batcher)
     pixels, rows = [], []
     for ex in shapes.examples(shapes.VALIDATION_SEED, n, split="eval", size=IMAGE_SIZE):
         pixels.append(np.asarray(ex.image, np.float32).transpose(2, 0, 1) / 255.0)
@@ -195,8 +244,9 @@ def validate(model, batcher, image_id, n: int = 256, loss_fn=forward_loss) -> fl
     return float(np.mean(accs))
 
 
-def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: int = 4, lr: float = 1.5e-3,
-          threads: int = 2, variant: str = "standard", init: Path | None = None, log=print) -> dict:
+def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: int = 6, lr: float = 7e-4,
+          threads: int = 2, variant: str = "standard", init: Path | None = None, aux_weight: float = 1.0,
+          log=print) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     if variant == "standard":
@@ -217,24 +267,31 @@ def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: 
                         grid=IMAGE_SIZE // 32).train()
         image_id, n_img, loss_fn = model.base.config.image_token_id, 1, forward_loss_mini
     batcher = Batcher(tok, processor, n_img, scenes, per_scene, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    # Auxiliary dense supervision, dropped after training: a linear probe on the tower's output grid must
+    # name what sits in each cell. It gives the tower a direct signal from step one, where the answer loss
+    # alone left it near chance for the whole budget.
+    aux = torch.nn.Linear(VISION["embed_dims"][-1] * 2, len(ATTRS))
+    opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()), lr=lr, betas=(0.9, 0.98),
+                            weight_decay=0.05)
     budget = minutes * 60.0
     start = time.perf_counter()
     step, history = 0, []
     while (elapsed := time.perf_counter() - start) < budget:
         for g in opt.param_groups:
             g["lr"] = lr_at(elapsed / budget, lr)
-        batch = batcher.next()
-        loss, acc = loss_fn(model, image_id, *batch)
+        batch, targets = batcher.next()
+        loss, acc, grid = loss_fn(model, image_id, *batch)
+        if aux_weight:
+            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux(grid), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         if step % 50 == 0:
-            entry = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(float(loss), 4),
+            entry = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(loss.item(), 4),
                      "train_exact": round(acc, 3)}
-            if step % 500 == 0:
+            if step % VAL_EVERY == 0:
                 entry["val_exact"] = round(validate(model, batcher, image_id, loss_fn=loss_fn), 4)
             history.append(entry)
             log(json.dumps(entry))
@@ -257,15 +314,21 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget (default 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenes", type=int, default=8, help="images per step")
-    p.add_argument("--per-scene", type=int, default=4, help="questions per image per step")
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--per-scene", type=int, default=6, help="questions per image per step")
+    p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
     p.add_argument("--init", type=Path, default=None, help="trained standard checkpoint to start the mini from")
+    p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
+                   help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
     summary = train(args.out, args.minutes, args.seed, args.scenes, args.per_scene, args.lr, variant=args.variant,
                     init=args.init, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if args.export:
+        from .exporter import export
+
+        export(args.out, args.export, overwrite=True)
     return 0
 
 

@@ -51,7 +51,7 @@ def test_tokens_match_the_pytorch_module(mini_bundle, images):
         rs = list(vlm.stream(image, PROMPT, max_tokens=24))
         assert [r.token for r in rs] == ref
         assert rs[-1].prompt_tokens == inputs["input_ids"].shape[1]  # one placeholder, not 16
-        assert "compress" in rs[-1].stages and "prefusion_image" in rs[-1].stages
+        assert "compress" in rs[-1].stages
         outs.append(tuple(ref))
     assert len(set(outs)) >= 2  # the one token and the fused text carry the image
 

@@ -1,0 +1,96 @@
+"""Cold TTFT and LLM prefill length: the standard demo bundle vs its LLaVA-Mini (pre-fusion) variant.
+
+    python benchmarks/prefusion_ttft.py [--n 60] [--out benchmarks/results/prefusion_ttft]
+
+Both bundles answer the same held-out questions, interleaved in one run (the machine is shared and noisy:
+read the ratio). "Cold" = an image neither bundle has seen: preprocess + encode (+ compress + pre-fusion
+prefix) + prefill + first token. Writes JSON, a markdown table and a PNG of the per-stage medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import edgevlm
+from edgevlm.data import shapes
+
+ASSETS = Path(edgevlm.__file__).parent / "assets"
+BUNDLES = {"standard": ASSETS / "shapes-fastvlm", "pre-fusion": ASSETS / "shapes-fastvlm-mini"}
+STAGES = ["preprocess", "encode", "compress", "embed", "prefill"]  # embed includes pre-fusion
+
+
+def measure(n: int, seed: int) -> dict:
+    vlms = {name: edgevlm.load(path) for name, path in BUNDLES.items()}
+    runs = {name: [] for name in vlms}
+    for ex in shapes.examples(seed, n, split="eval"):
+        for name, vlm in vlms.items():
+            first = next(iter(vlm.stream(ex.image, ex.question, max_tokens=1)))
+            runs[name].append({"ttft_s": first.ttft_s, "prompt_tokens": first.prompt_tokens, **first.stages})
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {
+            "ttft_s_median": statistics.median(r["ttft_s"] for r in rs),
+            "llm_prefill_tokens_median": statistics.median(r["prompt_tokens"] for r in rs),
+            "stages_s_median": {s: statistics.median(r.get(s, 0.0) for r in rs) for s in STAGES},
+        }
+    out["ratio_ttft_prefusion_over_standard"] = out["pre-fusion"]["ttft_s_median"] / out["standard"]["ttft_s_median"]
+    out["ratio_prefill_tokens"] = (out["pre-fusion"]["llm_prefill_tokens_median"]
+                                   / out["standard"]["llm_prefill_tokens_median"])
+    return out
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = ["| bundle | cold TTFT (median ms) | LLM prefill tokens | " + " | ".join(STAGES) + " |",
+             "|---" * (3 + len(STAGES)) + "|"]
+    for name in BUNDLES:
+        r = result[name]
+        stages = " | ".join(f"{1000 * r['stages_s_median'][s]:.2f}" for s in STAGES)
+        lines.append(f"| {name} | {1000 * r['ttft_s_median']:.2f} | {r['llm_prefill_tokens_median']:.0f} | {stages} |")
+    lines.append("")
+    lines.append(f"TTFT ratio pre-fusion / standard: **{result['ratio_ttft_prefusion_over_standard']:.2f}**; "
+                 f"LLM prefill length ratio: **{result['ratio_prefill_tokens']:.2f}** "
+                 f"(n = {result['n']}, seed {result['seed']}, {result['machine']}).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(BUNDLES)
+    bottom = [0.0] * len(names)
+    for s in STAGES:
+        vals = [1000 * result[nm]["stages_s_median"][s] for nm in names]
+        ax.barh(names, vals, left=bottom, label=s)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("median ms (cold: new image)")
+    ax.set_title("TTFT by stage: standard vs LLaVA-Mini pre-fusion")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    import os
+    import platform
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=60)
+    p.add_argument("--seed", type=int, default=shapes.TEST_SEED)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefusion_ttft")
+    args = p.parse_args()
+    result = measure(args.n, args.seed)
+    result.update(n=args.n, seed=args.seed, machine=f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU")
+    write(result, args.out)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
