@@ -22,8 +22,8 @@ BUNDLES = {"standard": ASSETS / "shapes-fastvlm", "pre-fusion": ASSETS / "shapes
 STAGES = ["preprocess", "encode", "compress", "embed", "prefill"]  # embed includes pre-fusion
 
 
-def measure(n: int, seed: int) -> dict:
-    vlms = {name: edgevlm.load(path) for name, path in BUNDLES.items()}
+def measure(n: int, seed: int, bundles: dict) -> dict:
+    vlms = {name: edgevlm.load(path) for name, path in bundles.items()}
     runs = {name: [] for name in vlms}
     for ex in shapes.examples(seed, n, split="eval"):
         for name, vlm in vlms.items():
@@ -85,8 +85,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=60)
     p.add_argument("--seed", type=int, default=shapes.TEST_SEED)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefusion_ttft")
+    p.add_argument("--standard", type=Path, default=BUNDLES["standard"])
+    p.add_argument("--prefusion", type=Path, default=BUNDLES["pre-fusion"])
     args = p.parse_args()
-    result = measure(args.n, args.seed)
+    result = measure(args.n, args.seed, {"standard": args.standard, "pre-fusion": args.prefusion})
     result.update(n=args.n, seed=args.seed, machine=f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU")
     write(result, args.out)
     print(args.out.with_suffix(".md").read_text())
