@@ -30,6 +30,5 @@ def main(argv=None) -> int:
 
     m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
                max_logit_diff=args.max_logit_diff)
-    figures = {k: v for k, v in m.source.parity.items()}
-    print(f"wrote {args.dst} ({m.family}); parity: {json.dumps(figures)}")
+    print(f"wrote {args.dst} ({m.family}); parity: {json.dumps(m.source.parity)}")
     return 0

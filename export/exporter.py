@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -152,9 +153,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                 raise ExportError("the runtime's prompt tokens differ from the processor's: template or tokenizer mismatch")
             if figures["max_abs_logit_diff"] > max_logit_diff:
                 raise ExportError(f"parity failed: max |logit diff| {figures['max_abs_logit_diff']:.3g} > {max_logit_diff}")
-            manifest = Manifest(**{**manifest.__dict__, "source": Source(
-                checkpoint=hf_dir.name, exporter_version=__version__,
-                parity={k: v for k, v in figures.items() if k not in ("greedy_reference", "greedy_runtime")})})
+            parity_figures = {k: v for k, v in figures.items() if k not in ("greedy_reference", "greedy_runtime")}
+            manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity_figures))
             _write_atomic(tmp / MANIFEST, manifest.to_json())
             bar.update()
             if out.exists():

@@ -299,7 +299,10 @@ def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: 
     final_val = validate(model, batcher, image_id, n=512, loss_fn=loss_fn)
     out.mkdir(parents=True, exist_ok=True)
     model.half()  # fp16 on disk: half the bytes; the exporter computes in fp32
-    model.save(out) if variant == "mini" else model.save_pretrained(out)
+    if variant == "mini":
+        model.save(out)
+    else:
+        model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {"variant": variant, "steps": step, "minutes": round((time.perf_counter() - start) / 60, 2), "examples": step * scenes * per_scene,
                "images": step * scenes, "val_teacher_forced_exact": final_val, "history": history,
