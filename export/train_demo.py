@@ -249,7 +249,14 @@ def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: 
           log=print) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    if variant == "standard":
+    if variant == "standard" and init is not None:  # continue a run (fresh optimizer, same recipe)
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(init)
+        processor = build_processor(tok)
+        model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32).train()
+        image_id, n_img, loss_fn = model.config.image_token_id, (IMAGE_SIZE // 32) ** 2, forward_loss
+    elif variant == "standard":
         tok = build_tokenizer()
         processor = build_processor(tok)
         model = build_model(tok).train()
@@ -321,7 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
-    p.add_argument("--init", type=Path, default=None, help="trained standard checkpoint to start the mini from")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this standard checkpoint (continue training; required for --variant mini)")
     p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
                    help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
