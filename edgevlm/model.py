@@ -32,7 +32,12 @@ class VLM:
         for name, comp in m.components.items():
             if comp.backend != "onnx":
                 raise BackendError(f"component {name!r} needs the {comp.backend} backend, which this build lacks")
-            source = bundle.read(comp.file) if not comp.data_files else str(bundle.path(comp.file))
+            if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path
+                for f in [comp.file] + [r.file for r in comp.data_files]:
+                    bundle.read(f)  # verified already; drop the in-memory copy
+                source = str(bundle.path(comp.file))
+            else:
+                source = bundle.read(comp.file)
             self.graphs[name] = OnnxGraph(name, source, providers, threads)
         try:
             self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))

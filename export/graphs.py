@@ -71,7 +71,7 @@ def kv_dims(text_config) -> tuple[int, int]:
     return heads, head_dim
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> list[str]:
+def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> list[str]:
     """Export with torch.onnx (dynamo); returns the files written (the graph first, then external data)."""
     before = set(os.listdir(path.parent))
     with warnings.catch_warnings(), torch.no_grad():
@@ -93,13 +93,13 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
 
 def export_vision(adapter, model, pixel_shape, path: Path) -> list[str]:
     x = torch.zeros(pixel_shape, dtype=torch.float32)
-    return _export(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], ["image_embeds"], None)
+    return export_graph(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], ["image_embeds"], None)
 
 
 def export_embed(embed_tokens, path: Path) -> list[str]:
     ids = torch.zeros((1, 5), dtype=torch.int64)
     seq = torch.export.Dim.DYNAMIC
-    return _export(EmbedGraph(embed_tokens).eval(), (ids,), path, ["input_ids"], ["inputs_embeds"],
+    return export_graph(EmbedGraph(embed_tokens).eval(), (ids,), path, ["input_ids"], ["inputs_embeds"],
                    ({1: seq},))
 
 
@@ -115,4 +115,4 @@ def export_decoder(body, head, text_config, path: Path, output: str = "logits") 
     names_out = [output] + [PRESENT % (i, kv) for i in range(n) for kv in ("key", "value")]
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in range(2 * n)))  # *past is one tuple
-    return _export(DecoderGraph(body, head, text_config).eval(), tuple(args), path, names_in, names_out, shapes)
+    return export_graph(DecoderGraph(body, head, text_config).eval(), tuple(args), path, names_in, names_out, shapes)

@@ -154,7 +154,7 @@ def export_extra(mini: MiniVLM, n_image: int, tmp: Path) -> dict:
     from . import graphs
 
     d = mini.base.config.text_config.hidden_size
-    comp = graphs._export(CompressorGraph(mini.compressor).eval(), (torch.zeros(1, n_image, d),),
+    comp = graphs.export_graph(CompressorGraph(mini.compressor).eval(), (torch.zeros(1, n_image, d),),
                           tmp / "compressor.onnx", ["image_embeds"], ["token"], None)
     pf = graphs.export_decoder(mini.prefusion, FuseHead(mini.fuse_out), mini.prefusion.config,
                                tmp / "prefusion.onnx", output="fused")
