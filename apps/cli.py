@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "chat": ("edgevlm.apps.chat", "chat about an image (one answer with --prompt, else interactive)"),
     "export": ("edgevlm.apps.export_cmd", "export a transformers checkpoint to a bundle"),
+    "quant": ("edgevlm.apps.quant_cmd", "quantize a bundle: int8, int8-static, int4, fp16, mixed under a budget"),
     "eval": ("edgevlm.apps.eval_cmd", "accuracy of a bundle on a held-out procedural set"),
 }
 

@@ -1,0 +1,171 @@
+"""`quantize_bundle(src, dst, scheme)`: a verified bundle -> a new verified, smaller bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+import edgevlm
+from edgevlm.bundle import open_bundle
+from edgevlm.data import shapes
+from edgevlm.manifest import FileRef, Manifest, Quant
+
+from . import bundle_io, calib
+from .graphs import BITS, LEVELS, Options, QuantError, allowed, op_counts, quantize, weight_nodes
+
+SCHEMES = ("fp32", "fp16", "int8", "int8-static", "int4", "mixed")
+QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
+             "QuantizeLinear", "DequantizeLinear")
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def resolve(graphs: dict[str, onnx.ModelProto], scheme: str, overrides: dict[str, str]) -> tuple[dict, dict]:
+    """Per component: node -> level, and the component's label. A component's level applies to each of its
+    weight nodes; Conv has no 4-bit kernel, so int4 on a graph with Conv makes that graph fp16."""
+    plan, labels = {}, {}
+    for name, model in graphs.items():
+        level = overrides.get(name, scheme)
+        if level not in LEVELS:
+            raise QuantError(f"component {name!r}: unknown level {level!r} (one of {', '.join(LEVELS)})")
+        nodes = weight_nodes(model)
+        if level == "int4" and any("int4" not in allowed(n) for n in nodes):
+            level = "fp16"
+        if level == "fp32" or not nodes:
+            plan[name], labels[name] = {}, "fp32"
+            continue
+        plan[name] = {n.name: level if level in allowed(n) else "int8" for n in nodes}
+        labels[name] = level
+    return plan, labels
+
+
+def component_quant(model: onnx.ModelProto, source_nodes: list[str], levels: dict[str, str], label: str,
+                    opts: Options, nbytes: int) -> dict:
+    """The manifest's `quant` section of one component."""
+    counts = {lv: sum(1 for v in levels.values() if v == lv) for lv in LEVELS if lv != "fp32"}
+    excluded = [n for n in source_nodes if n not in levels]
+    bits = sorted({BITS[v] for v in levels.values()} | ({32} if excluded else set()))
+    section = {"scheme": label, "bits": bits, "nodes": {k: v for k, v in counts.items() if v},
+               "excluded": excluded, "bytes": nbytes,
+               "ops": {k: v for k, v in op_counts(model).items() if k in QUANT_OPS}}
+    if counts["int4"]:
+        section.update(block_size=opts.block_size, symmetric=opts.symmetric, accuracy_level=opts.accuracy_level)
+    if label == "mixed":
+        section["levels"] = dict(levels)
+    return section
+
+
+def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str] | None = None,
+                    opts: Options = Options(), budget: float = 0.99, calib_seed: int = calib.CALIB_SEED,
+                    calib_n: int = 32, dataset: str | None = None, eval_seed: int = shapes.VALIDATION_SEED,
+                    eval_n: int = 200, overwrite: bool = False, progress: Progress | None = None,
+                    report: str | Path | None = None, threads: int = 1) -> Manifest:
+    """Quantize bundle `src` into a new bundle `dst` (the source is never written to).
+
+    scheme: one of SCHEMES; `overrides` sets a component's level (e.g. {"vision": "fp16"}). With
+    dataset="shapes", the new bundle's accuracy is measured next to the fp32 one (and, for "mixed",
+    drives the search: the smallest bundle with accuracy >= budget x fp32). `dst` appears only when
+    complete and verified.
+    """
+    if scheme not in SCHEMES:
+        raise QuantError(f"unknown scheme {scheme!r} (one of {', '.join(SCHEMES)})")
+    overrides = dict(overrides or {})
+    progress = progress or (lambda *a: None)
+    source = open_bundle(src)
+    m = source.manifest
+    unknown = sorted(set(overrides) - set(m.components))
+    if unknown:
+        raise QuantError(f"no component {unknown[0]!r} in this bundle (it has {', '.join(m.components)})")
+    graphs = {name: bundle_io.load_graph(source, comp) for name, comp in m.components.items()}
+    tokenizer = bundle_io.read_verified(source, m.tokenizer.file, m.tokenizer.sha256)
+    vlm = edgevlm.load(src, threads=threads)
+    prompts = calib.examples(calib_seed, calib_n)
+    feeds = calib.record_feeds(vlm, prompts)
+    search_info = None
+    with tempfile.TemporaryDirectory(prefix="edgevlm-calib-") as cache:
+        def quantize_component(name: str, levels: dict[str, str]) -> onnx.ModelProto:
+            return quantize(graphs[name], levels, opts, calibration=lambda: iter(feeds[name]),
+                            cache=Path(cache) / f"{name}.json")
+
+        if scheme == "mixed":
+            from .search import search
+
+            fixed, _ = resolve({c: graphs[c] for c in overrides}, "fp32", overrides)
+            result = search(vlm, graphs, quantize_component, opts, prompts, budget=budget, dataset=dataset,
+                            eval_seed=eval_seed, eval_n=eval_n, fixed=fixed, progress=progress,
+                            extra_bytes=len(tokenizer))
+            plan, labels, search_info = result.plan, result.labels, result.summary
+            labels.update(resolve({c: graphs[c] for c in overrides}, "fp32", overrides)[1])
+            if report:
+                from .report import write_report
+
+                write_report(result, Path(report))
+        else:
+            plan, labels = resolve(graphs, scheme, overrides)
+        progress("quantize", 0, 1)
+        out_graphs = {name: quantize_component(name, plan[name]) if plan[name] else graphs[name] for name in graphs}
+        progress("quantize", 1, 1)
+
+    with bundle_io.atomic_dir(Path(dst), overwrite) as tmp:
+        comps, total = {}, len(tokenizer)
+        for name, comp in m.components.items():
+            path = tmp / comp.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sha = bundle_io.write_graph(out_graphs[name], path)
+            size = path.stat().st_size
+            total += size
+            section = component_quant(out_graphs[name], [n.name for n in weight_nodes(graphs[name])], plan[name],
+                                      labels[name], opts, size)
+            comps[name] = dataclasses.replace(comp, sha256=sha, data_files=(), precision=labels[name], quant=section)
+        (tmp / m.tokenizer.file).write_bytes(tokenizer)
+        src_bytes = sum(bundle_io.bundle_path_size(source.root, r.file) for r in m.files())
+        details = {"components": labels, "bytes": total, "source_bytes": src_bytes,
+                   "bytes_ratio": round(total / src_bytes, 4), "options": dataclasses.asdict(opts),
+                   "calibration": {"dataset": "shapes", "seed": calib_seed, "n": calib_n}}
+        if search_info:
+            details["search"] = search_info
+        top = "mixed" if scheme == "mixed" else (scheme if not overrides else "custom")
+        new = dataclasses.replace(m, components=comps, quant=Quant(scheme=top, details=details))
+        bundle_io.write_text(bundle_io.manifest_path(tmp), new.to_json())
+        progress("verify", 0, 1)
+        figures = verify(vlm, tmp, prompts[:8], threads)
+        if dataset:
+            figures["accuracy"] = accuracy(vlm, tmp, dataset, eval_seed, eval_n, threads, progress)
+        new = dataclasses.replace(new, quant=Quant(scheme=top, details={**details, **figures}))
+        bundle_io.write_text(bundle_io.manifest_path(tmp), new.to_json())
+        open_bundle(tmp)  # the final manifest's hashes hold
+        progress("verify", 1, 1)
+    return new
+
+
+def verify(ref, root: Path, prompts: list[tuple], threads: int) -> dict:
+    """Load the written bundle through edgevlm.load, answer, and compare first-token logits with fp32."""
+    q = edgevlm.load(root, threads=threads)
+    diffs, kls = [], []
+    for image, question, *_ in prompts:
+        a, b = calib.first_logits(ref, image, question), calib.first_logits(q, image, question)
+        diffs.append(float(np.abs(a - b).max()))
+        kls.append(calib.kl(a[None], b[None]))
+    q.generate(prompts[0][0], prompts[0][1], max_tokens=4)
+    return {"fidelity": {"prompts": len(prompts), "max_abs_logit_diff": round(max(diffs), 6),
+                         "mean_kl": round(float(np.mean(kls)), 6)}}
+
+
+def accuracy(ref, root: Path, dataset: str, seed: int, n: int, threads: int, progress: Progress) -> dict:
+    """Exact-match accuracy of the new bundle next to the fp32 source's, on the same questions."""
+    from edgevlm.evaluate import evaluate
+
+    q = edgevlm.load(root, threads=threads)
+    progress("eval", 0, 2)
+    a0 = evaluate(ref, dataset, seed, n)
+    progress("eval", 1, 2)
+    a1 = evaluate(q, dataset, seed, n)
+    progress("eval", 2, 2)
+    return {"dataset": dataset, "seed": seed, "n": n, "fp32": a0["accuracy"], "quantized": a1["accuracy"],
+            "ratio": round(a1["accuracy"] / a0["accuracy"], 4) if a0["accuracy"] else None,
+            "per_type": {"fp32": a0["per_type"], "quantized": a1["per_type"]}}

@@ -1,0 +1,102 @@
+"""Calibration data and measuring a bundle with some of its graphs swapped, all in memory.
+
+Calibration prompts are procedural shapes scenes and questions (offline, seeded): any VLM bundle can take
+them. Feeds are recorded from the fp32 runtime itself, so every graph (vision, decoder with KV, LLaVA-Mini's
+compressor and pre-fusion) is calibrated on exactly what it sees at run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Iterator
+
+import numpy as np
+
+from edgevlm import pipeline
+from edgevlm.backends.onnx import OnnxGraph
+from edgevlm.data import shapes
+from edgevlm.model import VLM
+
+ALIASES = {"vision": "vision", "embed": "embedder", "decoder": "decoder", "compressor": "compressor",
+           "prefusion": "prefusion"}
+CALIB_SEED = 7_000_001  # held out from training (seeds below 1,000,000) and from the eval seeds
+
+
+def examples(seed: int, n: int, start: int = 0) -> list[tuple]:
+    """n (image, question, answer) triples of the shapes eval split."""
+    return [(ex.image, ex.question, ex.answer) for ex in shapes.examples(seed, n, split="eval", start=start)]
+
+
+def record_feeds(vlm: VLM, prompts: list[tuple], decode_tokens: int = 2) -> dict[str, list[dict]]:
+    """Run the fp32 runtime on the prompts; every graph's feeds, per component name."""
+    feeds: dict[str, list[dict]] = {name: [] for name in vlm.graphs}
+    originals = {name: g.run for name, g in vlm.graphs.items()}
+
+    def recorder(name):
+        def run(f):
+            feeds[name].append({k: np.array(v, copy=True) for k, v in f.items()})
+            return originals[name](f)
+        return run
+
+    try:
+        for name, g in vlm.graphs.items():
+            g.run = recorder(name)  # an instance attribute on our own object, removed below
+        for image, question, *_ in prompts:
+            vlm._image_cache.clear()
+            vlm.generate(image, question, max_tokens=1 + decode_tokens)
+    finally:
+        for g in vlm.graphs.values():
+            g.__dict__.pop("run", None)
+    return feeds
+
+
+def swap(vlm: VLM, graphs: dict[str, bytes]) -> VLM:
+    """A VLM sharing the tokenizer and manifest of `vlm`, with the named graphs replaced (cold image cache)."""
+    out = copy.copy(vlm)
+    out.graphs = dict(vlm.graphs)
+    for name, model in graphs.items():
+        g = OnnxGraph(name, model, threads=1)
+        out.graphs[name] = g
+        setattr(out, ALIASES[name], g)
+    out._image_cache = {}
+    return out
+
+
+def first_logits(vlm: VLM, image, question: str) -> np.ndarray:
+    """Logits [V] of the first answer token (prefill's last position)."""
+    key, state, _, _ = vlm._image_embeds(image)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    ids = vlm._prompt_ids(messages, 1)
+    x = vlm._prompt_embeds(ids, vlm._keys_for(ids, [key]), {key: state}, 0)
+    logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
+    return logits
+
+
+def kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """KL(softmax(ref) || softmax(got)) in nats, per row averaged."""
+    def logp(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    a, b = logp(ref.astype(np.float64)), logp(got.astype(np.float64))
+    return float((np.exp(a) * (a - b)).sum(-1).mean())
+
+
+def answers(vlm: VLM, prompts: list[tuple], max_tokens: int = 24) -> list[str]:
+    return [vlm.generate(image, question, max_tokens=max_tokens) for image, question, *_ in prompts]
+
+
+def cold_ttft(vlm: VLM, prompts: list[tuple], repeats: int = 1) -> float:
+    """Median seconds to the first token for images the runtime has not seen (image cache cold)."""
+    times = []
+    for _ in range(repeats):
+        for image, question, *_ in prompts:
+            vlm._image_cache.clear()
+            t = time.perf_counter()
+            next(iter(vlm.stream(image, question, max_tokens=1)))
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def feed_iter(feeds: list[dict]) -> Iterator[dict]:
+    return iter(feeds)

@@ -1,0 +1,185 @@
+"""One ONNX graph -> a quantized ONNX graph, each node at its own level, through onnxruntime's quantizers.
+
+Levels (a weight node is a MatMul/Conv/Gather whose weight is a constant initializer):
+
+    fp32         left as is
+    fp16         the whole graph's weights and arithmetic in fp16, inputs/outputs kept fp32
+                 (onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True))
+    int8         dynamic: int8 weights, activations quantized at run time
+                 (quantize_dynamic: MatMulInteger / ConvInteger after DynamicQuantizeLinear)
+    int8-static  QDQ: int8 per-channel weights and calibrated uint8 activations
+                 (quantize_static, QuantFormat.QDQ: the form QNN / NNAPI need)
+    int4         block-wise 4-bit weights: MatMul -> MatMulNBits, Gather -> GatherBlockQuantized
+                 (matmul_nbits_quantizer.MatMulNBitsQuantizer; Conv has no 4-bit kernel)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from edgevlm.errors import EdgeVLMError
+
+LEVELS = ("fp32", "fp16", "int8", "int8-static", "int4")
+WEIGHT_OPS = ("MatMul", "Conv", "Gather")
+BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int8-static": 8, "int4": 4}
+
+
+class QuantError(EdgeVLMError):
+    """A bundle could not be quantized as asked (unsupported level for a node, failed check, ...)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    block_size: int = 32  # int4: weights per scale (a power of two >= 16)
+    symmetric: bool = False  # int4: no zero points
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations in the kernel (fast on VNNI)
+
+
+@dataclass(frozen=True)
+class WeightNode:
+    name: str
+    op: str
+    weight: str  # initializer name
+    params: int
+
+
+def weight_nodes(model: onnx.ModelProto) -> list[WeightNode]:
+    """The graph's MatMul/Conv/Gather nodes whose weight is a float initializer, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in WEIGHT_OPS:
+            continue
+        w = n.input[0] if n.op_type == "Gather" else n.input[1]
+        t = inits.get(w)
+        if t is not None and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2:
+            out.append(WeightNode(n.name, n.op_type, w, int(np.prod(t.dims))))
+    return out
+
+
+def allowed(node: WeightNode) -> tuple[str, ...]:
+    """The levels a node can take here."""
+    if node.op == "Conv":
+        return ("fp32", "fp16", "int8", "int8-static")
+    if node.op == "Gather":  # embeddings: weight-only; a static QDQ Gather gains nothing over 4-bit
+        return ("fp32", "fp16", "int8", "int4")
+    return LEVELS
+
+
+def estimate_bytes(node: WeightNode, level: str, opts: Options) -> float:
+    """Bytes a node's weight takes at a level (scales included), to rank choices before measuring."""
+    n = node.params
+    if level == "int4":
+        per_block = 4 + (0 if opts.symmetric else 0.5)  # fp32 scale (+ 4-bit zero point) per block
+        return n / 2 + n / opts.block_size * per_block
+    return n * BITS[level] / 8
+
+
+@contextlib.contextmanager
+def quiet():
+    """onnxruntime's quantizers log at INFO/WARNING on the root logger; keep the user's console clean."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import calls basicConfig)
+
+            root.setLevel(logging.ERROR)
+            yield
+    finally:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+
+
+def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
+             calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+             cache: Path | None = None) -> onnx.ModelProto:
+    """Quantize each weight node named in `levels` (node name -> level); others stay fp32.
+
+    `calibration()` yields feeds for int8-static; `cache` keeps its activation ranges between calls.
+    """
+    nodes = {n.name: n for n in weight_nodes(model)}
+    for name, level in levels.items():
+        if name not in nodes:
+            raise QuantError(f"no weight node {name!r} in this graph")
+        if level not in allowed(nodes[name]):
+            raise QuantError(f"{nodes[name].op} node {name!r} cannot be {level} (allowed: {allowed(nodes[name])})")
+    by = {lv: [n for n, v in levels.items() if v == lv] for lv in LEVELS}
+    if by["fp16"] and len(by["fp16"]) != len(nodes):
+        raise QuantError("fp16 applies to a whole graph (every weight node), not to some of its nodes")
+    source, model = model, onnx.ModelProto()
+    model.CopyFrom(source)  # onnxruntime's quantizers edit the proto they are given
+    with quiet(), tempfile.TemporaryDirectory(prefix="edgevlm-quant-") as tmp:
+        tmp = Path(tmp)
+        if by["fp16"]:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            return convert_float_to_float16(model, keep_io_types=True)
+        if by["int4"]:
+            model = _int4(model, set(by["int4"]), nodes, opts)
+        if by["int8-static"]:
+            if calibration is None:
+                raise QuantError("int8-static needs calibration data")
+            model = _static(model, by["int8-static"], calibration, cache or tmp / "ranges.json", tmp)
+        if by["int8"]:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            src, dst = tmp / "in8.onnx", tmp / "out8.onnx"
+            onnx.save(model, src)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_quantize=by["int8"],
+                             op_types_to_quantize=sorted({nodes[n].op for n in by["int8"]}))
+            model = onnx.load(dst)
+    return model
+
+
+def _int4(model, names: set[str], nodes: dict[str, WeightNode], opts: Options) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    ops = tuple(sorted({nodes[n].op for n in names}))
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=opts.block_size, is_symmetric=opts.symmetric,
+                             accuracy_level=opts.accuracy_level, op_types_to_quantize=ops,
+                             nodes_to_exclude=[n.name for n in model.graph.node if n.name not in names])
+    q.process()
+    out = q.model.model
+    left = {n.name for n in out.graph.node} & names
+    if left:
+        raise QuantError(f"onnxruntime left {len(left)} node(s) unquantized at int4: {sorted(left)[:3]}")
+    return out
+
+
+def _static(model, names: list[str], calibration, cache: Path, tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calibration())
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp / "in_s.onnx", tmp / "out_s.onnx"
+    onnx.save(model, src)
+    quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=names,
+                    calibration_cache_path=cache)
+    return onnx.load(dst)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts

@@ -1,0 +1,189 @@
+"""Mixed precision under an accuracy budget: per-layer sensitivity, a greedy order, a bisection on accuracy.
+
+1. Sensitivity. Each weight node (MatMul / Conv / Gather) is quantized alone at each of its lower levels
+   (int4 / int8 for MatMul and Gather, int8 static QDQ for Conv) and the KL divergence of the first answer
+   token's distribution from fp32 is measured on calibration prompts. For the vision encoder this is our
+   cheap stand-in for LRP-QViT's layer relevance: instead of propagating relevance backwards from the
+   output (which needs gradients the torch-free runtime does not have), a layer's relevance is read at the
+   same place LRP reads it, the model's output, as the change quantizing that layer alone causes there.
+   Vision and language layers are thus ranked on one scale.
+2. Order. From "everything at its lowest level", the next move is always the one-step promotion
+   (int4 -> int8 -> fp32) with the largest sensitivity removed per byte added (a greedy knapsack), giving
+   configurations c_0 (smallest) ... c_M (fp32), bytes increasing.
+3. Bisection. Accuracy is measured (the real eval set, or agreement with fp32's greedy answers when the
+   bundle has no eval set) at c_0 and then by bisection for the smallest k with accuracy >= budget x fp32.
+   Every measured configuration is a point (bytes, cold TTFT, accuracy); the non-dominated ones are the
+   Pareto set, and the smallest point meeting the budget is the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from . import calib
+from .graphs import Options, QuantError, estimate_bytes, weight_nodes
+
+LADDERS = {"MatMul": ("int4", "int8", "fp32"), "Gather": ("int4", "int8", "fp32"), "Conv": ("int8-static", "fp32")}
+
+
+@dataclass
+class Point:
+    label: str
+    k: int  # promotions applied (0 = smallest)
+    bytes: int
+    ttft_s: float
+    accuracy: float
+    levels: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> level -> node count
+    pareto: bool = False
+
+
+@dataclass
+class SearchResult:
+    plan: dict[str, dict[str, str]]  # chosen: component -> node -> level
+    labels: dict[str, str]
+    points: list[Point]
+    chosen: Point
+    baseline: Point
+    target: float
+    metric: str
+    sensitivity: list[dict]
+    summary: dict
+
+
+def _counts(plan):
+    return {c: {lv: sum(1 for v in p.values() if v == lv) for lv in sorted(set(p.values()))} for c, p in plan.items()}
+
+
+def search(vlm, graphs: dict[str, onnx.ModelProto], quantize_component: Callable[[str, dict], onnx.ModelProto],
+           opts: Options, prompts: list[tuple], *, budget: float, dataset: str | None, eval_seed: int, eval_n: int,
+           fixed: dict[str, dict[str, str]], progress, extra_bytes: int = 0, sens_n: int = 16) -> SearchResult:
+    """Smallest configuration whose measured accuracy is >= budget x fp32 (see the module docstring).
+
+    `fixed` holds the plans of components the user pinned (not searched)."""
+    if not 0 < budget <= 1:
+        raise QuantError(f"--budget must be in (0, 1], got {budget}")
+    units = [(c, n) for c in graphs if c not in fixed for n in weight_nodes(graphs[c])]
+    if not units:
+        raise QuantError("nothing to search: every component is pinned or has no weight nodes")
+    sens_prompts = prompts[:sens_n]
+    ref = np.stack([calib.first_logits(vlm, im, q) for im, q, *_ in sens_prompts])
+
+    # 1. sensitivity of each (node, level)
+    probes = [(c, n, lv) for c, n in units for lv in LADDERS[n.op][:-1]]
+    sens: dict[tuple[str, str, str], float] = {}
+    for i, (c, n, lv) in enumerate(probes):
+        progress("sensitivity", i, len(probes))
+        v = calib.swap(vlm, {c: quantize_component(c, {n.name: lv}).SerializeToString()})
+        got = np.stack([calib.first_logits(v, im, q) for im, q, *_ in sens_prompts])
+        sens[(c, n.name, lv)] = calib.kl(ref, got)
+    progress("sensitivity", len(probes), len(probes))
+
+    # 2. greedy order of one-step promotions
+    step = {(c, n.name): 0 for c, n in units}
+    node = {(c, n.name): n for c, n in units}
+
+    def err(key, i):
+        lv = LADDERS[node[key].op][i]
+        return 0.0 if lv == "fp32" else sens[(key[0], key[1], lv)]
+
+    def gain(key):
+        i, ladder = step[key], LADDERS[node[key].op]
+        added = estimate_bytes(node[key], ladder[i + 1], opts) - estimate_bytes(node[key], ladder[i], opts)
+        return (err(key, i) - err(key, i + 1)) / max(added, 1.0)
+
+    configs = [dict(step)]
+    while any(step[k] < len(LADDERS[node[k].op]) - 1 for k in step):
+        best = max((k for k in step if step[k] < len(LADDERS[node[k].op]) - 1), key=gain)
+        step[best] += 1
+        configs.append(dict(step))
+
+    def plan_of(cfg):
+        plan = {c: dict(p) for c, p in fixed.items()}
+        for (c, name), i in cfg.items():
+            lv = LADDERS[node[(c, name)].op][i]
+            plan.setdefault(c, {})
+            if lv != "fp32":
+                plan[c][name] = lv
+        return {c: plan.get(c, {}) for c in graphs}
+
+    # 3. measure: the fp32 baseline, c_0, then bisection
+    eval_prompts = calib.examples(eval_seed, eval_n)
+    metric = "accuracy" if dataset else "agreement"
+    fp32_answers = None if dataset else calib.answers(vlm, eval_prompts)
+
+    def score(v) -> float:
+        if dataset:
+            from edgevlm.evaluate import evaluate
+
+            return evaluate(v, dataset, eval_seed, eval_n)["accuracy"]
+        got = calib.answers(v, eval_prompts)
+        return float(np.mean([a == b for a, b in zip(got, fp32_answers)]))
+
+    points: dict[int, Point] = {}
+
+    def measure(k: int, label: str) -> Point:
+        if k in points:
+            return points[k]
+        plan = plan_of(configs[k])
+        models = {c: quantize_component(c, p) if p else graphs[c] for c, p in plan.items()}
+        blobs = {c: m.SerializeToString() for c, m in models.items()}
+        v = calib.swap(vlm, blobs)
+        p = Point(label, k, sum(map(len, blobs.values())) + extra_bytes, calib.cold_ttft(v, prompts[:8]), score(v),
+                  _counts(plan))
+        points[k] = p
+        return p
+
+    total = 2 + int(np.ceil(np.log2(max(2, len(configs)))))
+    progress("search", 0, total)
+    base = measure(len(configs) - 1, "fp32")
+    target = budget * base.accuracy
+    progress("search", 1, total)
+    lo, hi = 0, len(configs) - 1  # invariant: hi meets the target
+    if measure(0, "c0").accuracy >= target:
+        hi = 0
+    done = 2
+    while hi - lo > 1:
+        progress("search", done, total)
+        mid = (lo + hi) // 2
+        if measure(mid, f"c{mid}").accuracy >= target:
+            hi = mid
+        else:
+            lo = mid
+        done += 1
+    for f in (1 / 8, 1 / 4, 1 / 2):  # a few more points along the order, so the Pareto set shows the trade-off
+        progress("search", done, total + 3)
+        k = int(round(f * (len(configs) - 1)))
+        measure(k, f"c{k}")
+        done += 1
+    progress("search", total + 3, total + 3)
+
+    pts = sorted(points.values(), key=lambda p: p.bytes)
+    for p in pts:
+        p.pareto = not any(q is not p and q.bytes <= p.bytes and q.accuracy >= p.accuracy and q.ttft_s <= p.ttft_s
+                           and (q.bytes, q.accuracy, q.ttft_s) != (p.bytes, p.accuracy, p.ttft_s) for q in pts)
+    ok = [p for p in pts if p.accuracy >= target]
+    chosen = min(ok, key=lambda p: p.bytes)
+    plan = plan_of(configs[chosen.k])
+    labels = {}
+    for c, p in plan.items():
+        lvs = set(p.values())
+        n_nodes = len(weight_nodes(graphs[c]))
+        labels[c] = "fp32" if not lvs else (lvs.pop() if len(lvs) == 1 and len(p) == n_nodes else "mixed")
+    table = [{"component": c, "node": name, "op": node[(c, name)].op, "level": lv, "kl": round(s, 6),
+              "bytes_fp32": node[(c, name)].params * 4} for (c, name, lv), s in sens.items()]
+    summary = {"budget": budget, "metric": metric, "target": round(target, 4), "fp32": base.accuracy,
+               "eval": {"dataset": dataset or "agreement with fp32", "seed": eval_seed, "n": eval_n},
+               "sensitivity_prompts": len(sens_prompts), "promotions": len(configs) - 1, "measured": len(points),
+               "chosen": {"k": chosen.k, "bytes": chosen.bytes, "accuracy": chosen.accuracy,
+                          "ttft_s": round(chosen.ttft_s, 5)}}
+    return SearchResult(plan, labels, pts, chosen, base, target, metric, table, summary)
+
+
+def as_json(result: SearchResult) -> dict:
+    return {"summary": result.summary, "points": [dataclasses.asdict(p) for p in result.points],
+            "sensitivity": sorted(result.sensitivity, key=lambda r: -r["kl"])}
