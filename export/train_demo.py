@@ -32,8 +32,10 @@ TEMPLATE = (
 )
 IMAGE_SIZE = 128  # FastViT downsamples 32x: 4 x 4 = 16 image tokens
 VISION = {"embed_dims": (32, 64, 128, 256), "layers": (2, 2, 4, 2)}
-TEXT = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 768, "max_position_embeddings": 512}
+# initializer_range 0.05 (not Qwen2's 0.02): with the default, attention logits start so small that the model
+# spent ~300 steps at chance before it began to look up objects in the image; 0.05 had it at 45% by then.
+TEXT = {"hidden_size": 192, "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2,
+        "intermediate_size": 512, "max_position_embeddings": 512, "initializer_range": 0.05}
 
 
 def build_tokenizer():
@@ -102,100 +104,139 @@ def build_processor(tok, patch: int = 32):
 
 
 GRID = IMAGE_SIZE // 32
-VAL_EVERY = 500
-ATTRS = ["present"] + list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.SIZES)
+CELL_HEADS = {"color": 1 + len(shapes.COLORS), "shape": 1 + len(shapes.SHAPES), "size": 1 + len(shapes.SIZES),
+              "row": GRID, "col": GRID}  # 0 = empty cell for the first three
 
 
 def cell_targets(scene) -> np.ndarray:
-    """[GRID*GRID, len(ATTRS)] multi-hot: what sits in each cell of the tower's output grid (row-major)."""
-    t = np.zeros((GRID * GRID, len(ATTRS)), np.float32)
+    """[GRID*GRID, 5] class ids per cell of the tower's output grid (row-major): colour, shape and size of
+    the object there (0 = none), and the cell's row and column."""
+    t = np.zeros((GRID * GRID, len(CELL_HEADS)), np.int64)
+    t[:, 3], t[:, 4] = np.arange(GRID * GRID) // GRID, np.arange(GRID * GRID) % GRID
     for o in scene.objects:
         cell = min(int(o.cy * GRID), GRID - 1) * GRID + min(int(o.cx * GRID), GRID - 1)
-        for a in ("present", o.color, o.shape, o.size):
-            t[cell, ATTRS.index(a)] = 1.0
+        t[cell, :3] = (1 + list(shapes.COLORS).index(o.color), 1 + shapes.SHAPES.index(o.shape),
+                       1 + list(shapes.SIZES).index(o.size))
     return t
 
 
-class Batcher:
-    """Scenes and questions -> tensors. `scenes` images per step, `per_scene` questions about each."""
+def pixels_of(image) -> np.ndarray:  # what the processor makes of a 128 px image: [3, H, W] in 0..1
+    return np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0
 
-    def __init__(self, tok, processor, n_image_tokens: int, scenes: int, per_scene: int, seed: int):
-        self.tok, self.scenes, self.per_scene, self.seed = tok, scenes, per_scene, seed
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
-        head, tail = processor.apply_chat_template(msgs, add_generation_prompt=True).split("Q")
-        head = head.replace("<image>", "<image>" * n_image_tokens)
-        self.head, self.tail = tok.encode(head), tok.encode(tail)
-        self.eos = tok.eos_token_id
-        self.index = 0
 
-    def text(self, question: str, answer: str | None):
-        prompt = self.head + self.tok.encode(question) + self.tail
-        target = [] if answer is None else self.tok.encode(answer) + [self.eos]
-        return prompt, target
+class Conversations:
+    """Training text: one conversation per scene, the image in the first turn and several questions about
+    it, each answered, so the image tokens are paid for once per scene rather than once per question."""
 
-    def next(self):
-        pixels, rows, targets = [], [], []
-        for _ in range(self.scenes):
+    def __init__(self, tok, processor, n_image_tokens: int):
+        self.tok, self.eos = tok, tok.eos_token_id
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+        head, between, after = text.split("Q", 2)[0], *text.split("Q", 2)[1:]
+        tail, turn = between.split("A")
+        self.head = tok.encode(head.replace("<image>", "<image>" * n_image_tokens))
+        self.tail = tok.encode(tail)          # end of a question up to the answer
+        self.turn = tok.encode(turn.split(self.tok.eos_token, 1)[1])  # after an answer's eos, up to the next question
+        self.after = tok.encode(after)        # == tail: the template is regular
+        if self.after != self.tail:
+            raise ValueError("chat template is not regular across turns")
+
+    def encode(self, qa: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
+        """-> (token ids, weight per position): weight 1/len(answer tokens) on each answer token incl. eos, so
+        every answer counts the same however long it is; 0 on the prompt."""
+        ids, w = [], []
+        for k, (q, a) in enumerate(qa):
+            p = (self.head if k == 0 else self.turn) + self.tok.encode(q) + self.tail
+            t = self.tok.encode(a) + [self.eos]
+            ids += p + t
+            w += [0.0] * len(p) + [1.0 / len(t)] * len(t)
+        return ids, w
+
+
+def collate(pixels: np.ndarray, seqs: list[tuple[list[int], list[float]]], pad_id: int):
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    weight = torch.zeros((len(seqs), width))
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (s, w) in enumerate(seqs):
+        ids[r, : len(s)], weight[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), torch.tensor(w), 1
+    return torch.from_numpy(pixels), ids, weight, mask
+
+
+class Stream:
+    """Training scenes of the (seed, "train") stream: images, cell targets and conversations."""
+
+    def __init__(self, conv: Conversations, seed: int):
+        self.conv, self.seed, self.index = conv, seed, 0
+
+    def scenes(self, n: int):
+        out = []
+        for _ in range(n):
             ex = shapes.make_example(self.seed, self.index, split="train", size=IMAGE_SIZE)
-            targets.append(cell_targets(ex.scene))
-            rng = np.random.default_rng([self.seed, self.index, 7])
+            out.append((ex, np.random.default_rng([self.seed, self.index, 7])))
             self.index += 1
-            qa = [(ex.qtype, ex.question, ex.answer)]
-            qa += shapes.scene_questions(ex.scene, rng, self.per_scene - 1)
-            pixels.append(np.asarray(ex.image, np.float32).transpose(2, 0, 1) / 255.0)
-            rows.append([self.text(q, a) for _, q, a in qa])
-        return collate(np.stack(pixels), rows, self.tok.pad_token_id), torch.from_numpy(np.stack(targets))
+        return out
+
+    def vision_batch(self, n: int):
+        exs = self.scenes(n)
+        return (torch.from_numpy(np.stack([pixels_of(ex.image) for ex, _ in exs])),
+                torch.from_numpy(np.stack([cell_targets(ex.scene) for ex, _ in exs])))
+
+    def text_batch(self, n: int, per_scene: int):
+        exs = self.scenes(n)
+        seqs = []
+        for ex, rng in exs:
+            qa = [(ex.question, ex.answer)] + [(q, a) for _, q, a in shapes.scene_questions(ex.scene, rng, per_scene - 1)]
+            seqs.append(self.conv.encode(qa))
+        return collate(np.stack([pixels_of(ex.image) for ex, _ in exs]), seqs, self.conv.tok.pad_token_id)
 
 
-def collate(pixels, rows, pad_id):
-    """rows[i] = questions about image i as (prompt ids, target ids) -> padded tensors (right padding)."""
-    flat = [(i, p, t) for i, qs in enumerate(rows) for p, t in qs]
-    width = max(len(p) + len(t) for _, p, t in flat)
-    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(flat), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(flat), width), dtype=torch.long)
-    prompt = torch.zeros((len(flat), width), dtype=torch.bool)
-    for r, (_, p, t) in enumerate(flat):
-        seq = p + t
-        ids[r, : len(seq)] = torch.tensor(seq)
-        labels[r, len(p): len(seq)] = torch.tensor(t)
-        mask[r, : len(seq)] = 1
-        prompt[r, : len(p)] = True
-    which = torch.tensor([i for i, _, _ in flat])
-    return torch.from_numpy(pixels), which, ids, labels, mask, prompt
+def cell_loss(head, grid, targets):
+    """Cross-entropy of each cell head; also the fraction of cells with every head right."""
+    logits = head(grid).split(list(CELL_HEADS.values()), dim=-1)
+    loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[..., k].reshape(-1)) for k, lg in enumerate(logits))
+    ok = torch.stack([lg.argmax(-1) == targets[..., k] for k, lg in enumerate(logits)]).all(0)
+    return loss, float(ok.float().mean())
 
 
-def forward_loss(model, image_id, pixels, which, ids, labels, mask, prompt):
-    """Encode each image once, splice its embeds into every question about it, LM loss on answers."""
-    grid = model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # [B_img, N, C]
-    feats = model.model.multi_modal_projector(grid)  # as FastVLM's get_image_features: [B_img, N, D]
-    embeds = model.model.get_input_embeddings()(ids)
-    img_rows = feats[which].reshape(-1, feats.shape[-1]).to(embeds.dtype)
-    embeds = embeds.masked_scatter((ids == image_id)[..., None], img_rows)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    return (*_answer_loss(model.lm_head(hidden[:, :-1]), labels), grid)
+def tower_grid(tower, pixels):  # [B, 3, H, W] -> [B, N, C]
+    return tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
 
 
-def forward_loss_mini(mini, image_id, pixels, which, ids, labels, mask, prompt):
-    """LLaVA-Mini: fused prompt + one compressed token; same loss."""
-    vt = mini.base.model
-    grid = vt.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # [B_img, N, C]
-    feats = vt.multi_modal_projector(grid)[which]  # [B_q, N, D]
-    x = mini.llm_embeds(feats, ids, mask, prompt, image_id)
-    return (*_answer_loss(mini.logits(x, mask)[:, :-1], labels), grid)
+def answer_loss(logits_fn, ids, weight):
+    """Weighted cross-entropy on answer tokens (logits only where there is a target) and teacher-forced
+    exact match per sequence (every answer token right)."""
+    tgt, w = ids[:, 1:], weight[:, 1:]
+    sel = w > 0
+    logits = logits_fn(sel).float()
+    tok_loss = F.cross_entropy(logits, tgt[sel], reduction="none")
+    loss = (tok_loss * w[sel]).sum() / w.sum()
+    with torch.no_grad():
+        wrong = torch.zeros_like(tgt, dtype=torch.bool)
+        wrong[sel] = logits.argmax(-1) != tgt[sel]
+    return loss, ~wrong.any(dim=1)
 
 
-def _answer_loss(logits, labels):
-    """Cross-entropy on answer tokens, averaged per answer first: a 12-token description must not outweigh
-    twelve one-word answers."""
-    tgt = labels[:, 1:]
-    tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100,
-                               reduction="none").reshape(tgt.shape)
-    n = (tgt != -100).sum(dim=1).clamp(min=1)
-    loss = (tok_loss.sum(dim=1) / n).mean()
-    with torch.no_grad():  # teacher-forced exact match: every answer token right
-        ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1).float().mean()
-    return loss, float(ok)
+def standard_logits(model, tower, image_id):
+    """FastVLM forward: splice projected tower tokens at the placeholders; logits at selected positions."""
+    def run(pixels, ids, mask):
+        feats = model.model.multi_modal_projector(tower_grid(tower, pixels))  # [B, N, D]
+        embeds = model.model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == image_id)[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
+        return lambda sel: model.lm_head(hidden[sel])
+    return run
+
+
+def mini_logits(mini, tower, image_id):
+    """LLaVA-Mini forward: pre-fusion over [image tokens; text], one compressed token at the placeholder."""
+    def run(pixels, ids, mask, weight):
+        feats = mini.base.model.multi_modal_projector(tower_grid(tower, pixels))
+        x = mini.llm_embeds(feats, ids, mask, weight == 0, image_id)  # answer tokens enter plain, as when decoding
+        hidden = mini.base.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
+        return lambda sel: mini.base.lm_head(hidden[sel])
+    return run
 
 
 def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
@@ -204,116 +245,139 @@ def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
 
 
-@torch.no_grad()
-def recalibrate_bn(model, batcher, batches: int = 40) -> None:
-    """Recompute BatchNorm population statistics with the final weights.
+def timed_loop(budget_s: float, params, lr: float, step_fn, log, every: int = 50, tag: str = ""):
+    """AdamW with the learning rate following the wall clock (warmup, cosine), until the budget is spent."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    start, step, history = time.perf_counter(), 0, []
+    while (elapsed := time.perf_counter() - start) < budget_s:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(elapsed / budget_s, lr)
+        loss, acc = step_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % every == 0:
+            entry = {"stage": tag, "step": step, "minutes": round(elapsed / 60, 2), "loss": round(loss.item(), 4),
+                     "train_exact": round(acc, 3)}
+            history.append(entry)
+            log(json.dumps(entry))
+    return step, history
 
-    The running averages lag weights that move fast; in eval mode they gave chance-level answers where the
-    same weights with batch statistics answered well. A cumulative average over fresh training images fixes
-    the exported (eval-mode) model.
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    model.eval()
+
+@torch.no_grad()
+def recalibrate_bn(tower, stream, batches: int = 40) -> None:
+    """Recompute BatchNorm population statistics with the final weights (a cumulative average over fresh
+    training images): the running averages lag weights that move fast."""
+    bns = [m for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
+        bn.momentum = None
         bn.train()
-    tower = model.base.model if hasattr(model, "base") else model.model
     for _ in range(batches):
-        pixels = batcher.next()[0][0]
-        tower.vision_tower(pixels)
+        tower(stream.vision_batch(16)[0])
     for bn in bns:
         bn.momentum = 0.1
         bn.eval()
 
 
 @torch.no_grad()
-def validate(model, batcher, image_id, n: int = 256, loss_fn=forward_loss) -> float:
-    recalibrate_bn(model, batcher)
-    pixels, rows = [], []
-    for ex in shapes.examples(shapes.VALIDATION_SEED, n, split="eval", size=IMAGE_SIZE):
-        pixels.append(np.asarray(ex.image, np.float32).transpose(2, 0, 1) / 255.0)
-        rows.append([batcher.text(ex.question, ex.answer)])
-    accs = []
+def validate(logits_fn, conv: Conversations, n: int = 512, mini: bool = False) -> dict:
+    """Teacher-forced exact match on single-question prompts of the validation split, per question type."""
+    exs = list(shapes.examples(shapes.VALIDATION_SEED, n, split="eval", size=IMAGE_SIZE))
+    per: dict[str, list[float]] = {}
     for s in range(0, n, 64):
-        batch = collate(np.stack(pixels[s:s + 64]), rows[s:s + 64], batcher.tok.pad_token_id)
-        accs.append(loss_fn(model, image_id, *batch)[1])
-    model.train()
-    return float(np.mean(accs))
+        chunk = exs[s: s + 64]
+        pixels, ids, weight, mask = collate(np.stack([pixels_of(e.image) for e in chunk]),
+                                            [conv.encode([(e.question, e.answer)]) for e in chunk], conv.tok.pad_token_id)
+        fn = logits_fn(pixels, ids, mask, weight) if mini else logits_fn(pixels, ids, mask)
+        _, ok = answer_loss(fn, ids, weight)
+        for e, k in zip(chunk, ok.tolist()):
+            per.setdefault(e.qtype, []).append(float(k))
+    return {"exact": round(float(np.mean([x for v in per.values() for x in v])), 4),
+            "per_type": {k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())}}
 
 
-def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: int = 6, lr: float = 7e-4,
-          threads: int = 2, variant: str = "standard", init: Path | None = None, aux_weight: float = 1.0,
-          log=print) -> dict:
+def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", init: Path | None = None,
+          vision_minutes: float = 3.5, scenes: int = 16, per_scene: int = 6, lr: float = 2e-3, vision_lr: float = 2e-3,
+          threads: int = 2, log=print) -> dict:
+    """Stage 1 (standard only): the tower alone learns what sits in each cell of its output grid (a linear
+    probe per attribute, dropped afterwards). Stage 2: the tower is frozen; projector and language model
+    (plus, for LLaVA-Mini, compressor and pre-fusion) learn to answer. `minutes` covers both stages."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    if variant == "standard" and init is not None:  # continue a run (fresh optimizer, same recipe)
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(init)
-        processor = build_processor(tok)
-        model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32).train()
-        image_id, n_img, loss_fn = model.config.image_token_id, (IMAGE_SIZE // 32) ** 2, forward_loss
-    elif variant == "standard":
+    t0 = time.perf_counter()
+    summary: dict = {"variant": variant, "seed": seed, "history": []}
+    if variant == "standard":
         tok = build_tokenizer()
         processor = build_processor(tok)
-        model = build_model(tok).train()
-        image_id, n_img, loss_fn = model.config.image_token_id, (IMAGE_SIZE // 32) ** 2, forward_loss
+        model = build_model(tok)
+        tower, n_img = model.model.vision_tower, GRID * GRID
     else:  # LLaVA-Mini from a trained standard checkpoint, as the paper starts from pretrained parts
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
         from .llava_mini import MiniVLM
 
         if init is None:
             raise SystemExit("--variant mini needs --init STANDARD_CHECKPOINT")
         tok = AutoTokenizer.from_pretrained(init)
         processor = build_processor(tok, patch=IMAGE_SIZE)
-        model = MiniVLM(AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32),
-                        grid=IMAGE_SIZE // 32).train()
-        image_id, n_img, loss_fn = model.base.config.image_token_id, 1, forward_loss_mini
-    batcher = Batcher(tok, processor, n_img, scenes, per_scene, seed)
-    # Auxiliary dense supervision, dropped after training: a linear probe on the tower's output grid must
-    # name what sits in each cell. It gives the tower a direct signal from step one, where the answer loss
-    # alone left it near chance for the whole budget.
-    aux = torch.nn.Linear(VISION["embed_dims"][-1] * 2, len(ATTRS))
-    opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()), lr=lr, betas=(0.9, 0.98),
-                            weight_decay=0.05)
-    budget = minutes * 60.0
-    start = time.perf_counter()
-    step, history = 0, []
-    while (elapsed := time.perf_counter() - start) < budget:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(elapsed / budget, lr)
-        batch, targets = batcher.next()
-        loss, acc, grid = loss_fn(model, image_id, *batch)
-        if aux_weight:
-            loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux(grid), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % 50 == 0:
-            entry = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(loss.item(), 4),
-                     "train_exact": round(acc, 3)}
-            if step % VAL_EVERY == 0:
-                entry["val_exact"] = round(validate(model, batcher, image_id, loss_fn=loss_fn), 4)
-            history.append(entry)
-            log(json.dumps(entry))
+        model = MiniVLM(AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32), grid=GRID)
+        tower, n_img = model.base.model.vision_tower, 1
+    conv = Conversations(tok, processor, n_img)
+    stream = Stream(conv, seed)
+    base = model if variant == "standard" else model.base
+    image_id = base.config.image_token_id
+
+    if variant == "standard":
+        tower.train()
+        head = torch.nn.Linear(base.config.vision_config.hidden_size, sum(CELL_HEADS.values()))
+
+        def vision_step():
+            pixels, targets = stream.vision_batch(32)
+            return cell_loss(head, tower_grid(tower, pixels), targets)
+
+        steps, hist = timed_loop(vision_minutes * 60, list(tower.parameters()) + list(head.parameters()), vision_lr,
+                                 vision_step, log, every=25, tag="vision")
+        recalibrate_bn(tower, stream)
+        tower.eval()
+        with torch.no_grad():
+            pixels, targets = Stream(conv, shapes.VALIDATION_SEED).vision_batch(256)
+            summary["vision"] = {"steps": steps, "val_cell_exact": round(cell_loss(head, tower_grid(tower, pixels), targets)[1], 4)}
+        summary["history"] += hist
+        log(json.dumps(summary["vision"]))
+    tower.eval()
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits_of = standard_logits(model, tower, image_id) if variant == "standard" else mini_logits(model, tower, image_id)
+    is_mini = variant != "standard"
+
+    def text_step():
+        pixels, ids, weight, mask = stream.text_batch(scenes, per_scene)
+        fn = logits_of(pixels, ids, mask, weight) if is_mini else logits_of(pixels, ids, mask)
+        loss, ok = answer_loss(fn, ids, weight)
+        return loss, float(ok.float().mean())
+
+    model.train()
+    tower.eval()
+    left = minutes * 60 - (time.perf_counter() - t0) - 30  # keep time for validation and saving
+    steps, hist = timed_loop(left, params, lr, text_step, log, tag="language")
+    summary["history"] += hist
     model.eval()
-    final_val = validate(model, batcher, image_id, n=512, loss_fn=loss_fn)
+    summary["language"] = {"steps": steps, "scenes": steps * scenes, "questions": steps * scenes * per_scene}
+    summary["val_teacher_forced"] = validate(logits_of, conv, mini=is_mini)
+    summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
+    log(json.dumps(summary["val_teacher_forced"]))
     out.mkdir(parents=True, exist_ok=True)
     model.half()  # fp16 on disk: half the bytes; the exporter computes in fp32
-    if variant == "mini":
+    if is_mini:
         model.save(out)
     else:
         model.save_pretrained(out)
     processor.save_pretrained(out)
-    summary = {"variant": variant, "steps": step, "minutes": round((time.perf_counter() - start) / 60, 2), "examples": step * scenes * per_scene,
-               "images": step * scenes, "val_teacher_forced_exact": final_val, "history": history,
-               "params": sum(p.numel() for p in model.parameters())}
+    summary["params"] = sum(p.numel() for p in model.parameters())
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -321,20 +385,21 @@ def train(out: Path, minutes: float, seed: int = 0, scenes: int = 8, per_scene: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgevlm.export.train_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    p.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget (default 40)")
+    p.add_argument("--minutes", type=float, default=44.0, help="training wall-clock budget, both stages (default 44)")
+    p.add_argument("--vision-minutes", type=float, default=3.5, help="of which the tower-only stage (default 3.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenes", type=int, default=8, help="images per step")
-    p.add_argument("--per-scene", type=int, default=6, help="questions per image per step")
-    p.add_argument("--lr", type=float, default=7e-4)
+    p.add_argument("--scenes", type=int, default=16, help="scenes (conversations) per language step")
+    p.add_argument("--per-scene", type=int, default=6, help="questions per conversation")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the language stage")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
-    p.add_argument("--init", type=Path, default=None,
-                   help="start from this standard checkpoint (continue training; required for --variant mini)")
+    p.add_argument("--init", type=Path, default=None, help="the trained standard checkpoint (for --variant mini)")
     p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
                    help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
-    summary = train(args.out, args.minutes, args.seed, args.scenes, args.per_scene, args.lr, variant=args.variant,
-                    init=args.init, log=lambda s: print(s, file=sys.stderr, flush=True))
+    summary = train(args.out, args.minutes, args.seed, args.variant, args.init, args.vision_minutes, args.scenes,
+                    args.per_scene, args.lr, threads=args.threads, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if args.export:
         from .exporter import export

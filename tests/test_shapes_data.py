@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from edgevlm.data.shapes import (COLORS, MIN_DESCRIBE_GAP, MIN_REL_OFFSET, MIN_SIDE_OFFSET, QTYPES, RARE_COMBOS,
+from edgevlm.data.shapes import (COLORS, GRID, JITTER, MIN_DESCRIBE_GAP, MIN_REL_OFFSET, MIN_SIDE_OFFSET, QTYPES, RARE_COMBOS,
                                  SHAPES, SIZES, Obj, Question, Ref, Scene, answer, examples, make_example,
                                  normalize_answer, question_text, render, sample_scene)
 
@@ -118,7 +118,7 @@ def test_stream_is_pinned():
     # Pins scenes (exact float geometry), questions and answers; pixels also depend on Pillow's rasteriser.
     text = "|".join(f"{e.qtype}:{e.question}:{e.answer}:{e.scene!r}" for s in ("eval", "train")
                     for e in examples(0, 40, s))
-    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "4936f748e8762537"
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "9a4691be80dd5cae"
 
 
 def test_examples_is_make_example_in_order():
@@ -267,6 +267,11 @@ def test_scenes_are_valid(dataset):
         for a, b in itertools.combinations(objs, 2):
             assert np.hypot(a.cx - b.cx, a.cy - b.cy) > a.r + b.r  # bounding circles never touch
         assert all(180 <= c <= 255 for c in e.scene.background)
+        cells = [(int(o.cy * GRID), int(o.cx * GRID)) for o in objs]
+        assert len(set(cells)) == len(cells)  # one object per cell of the vision-token grid
+        for o, (row, col) in zip(objs, cells):
+            assert abs(o.cx - (col + 0.5) / GRID) <= JITTER + 1e-12 and abs(o.cy - (row + 0.5) / GRID) <= JITTER + 1e-12
+            assert o.r < 0.5 / GRID  # and the object stays inside its cell
     assert set(n_objects) == set(range(1, 7))
     assert SIZES["large"] / SIZES["small"] >= 1.8
 

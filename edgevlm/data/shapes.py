@@ -28,7 +28,13 @@ COLORS = {
     "red": (210, 25, 35), "green": (30, 160, 50), "blue": (30, 80, 225),
     "yellow": (240, 220, 20), "purple": (135, 40, 185), "orange": (250, 125, 0),
 }
-SIZES = {"small": 0.07, "large": 0.14}  # bounding-circle radius as a fraction of the image side
+# Objects sit in the cells of a GRID x GRID layout, one per cell, centred up to JITTER off the cell centre.
+# The layout matches the demo's 4 x 4 vision-token grid (128 px, stride 32), so each image token sees at most
+# one object; positions still vary, and any two objects are a whole cell apart on an axis or on the same row
+# or column, so "left of" and "above" never hinge on a pixel.
+GRID = 4
+JITTER = 0.015
+SIZES = {"small": 0.055, "large": 0.1}  # bounding-circle radius as a fraction of the image side
 QTYPES = ("color", "shape", "count", "exists", "position", "bigger", "describe")
 SPLITS = {"train": 1, "eval": 2}  # the code mixed into the seed: splits never share a generator stream
 RARE_COMBOS = frozenset({("purple", "star"), ("orange", "triangle"), ("green", "circle")})
@@ -39,10 +45,8 @@ VALIDATION_SEED = 1_000_001
 TEST_SEED = 2_000_003
 
 MAX_OBJECTS = 6
-GAP = 0.03            # empty space kept between any two objects' bounding circles
-BORDER = 0.02         # and between an object and the image edge
 MIN_REL_OFFSET = 0.2  # "left of"/"above" is asked only when the centres differ this much on that axis
-MIN_SIDE_OFFSET = 0.15  # "left side of the image" only when this far from the vertical midline
+MIN_SIDE_OFFSET = 0.1  # "left side of the image" only when this far from the vertical midline
 MIN_DESCRIBE_GAP = 0.1  # "left to right" order must be obvious for an exact-match description
 MAX_TRIES = 200
 
@@ -151,43 +155,21 @@ def _combo_weights(split: str) -> np.ndarray:
     return np.array([RARE_WEIGHT if split == "train" and c in RARE_COMBOS else 1.0 for c in _COMBOS])
 
 
-def _place(rng: np.random.Generator, radii: list[float]) -> list[tuple[float, float]] | None:
-    # Centres for the given radii with no two bounding circles closer than GAP, or None if stuck.
-    placed: list[tuple[float, float, float]] = []
-    for r in radii:
-        lo, hi = r + BORDER, 1.0 - r - BORDER
-        cand = lo + (hi - lo) * rng.random((32, 2))  # a batch of candidates: one numpy call, not 32
-        ok = np.ones(len(cand), bool)
-        for px, py, pr in placed:
-            # squared distances: + and * round identically on every platform, libm's hypot need not
-            ok &= (cand[:, 0] - px) ** 2 + (cand[:, 1] - py) ** 2 >= (r + pr + GAP) ** 2
-        if not ok.any():
-            return None
-        x, y = cand[int(np.argmax(ok))]
-        placed.append((float(x), float(y), r))
-    return [(x, y) for x, y, _ in placed]
-
-
 def sample_scene(rng: np.random.Generator, split: str = "eval") -> Scene:
-    """A random scene of 1..6 non-overlapping objects, (colour, shape) drawn with the split's weights."""
+    """A random scene of 1..6 objects in distinct cells of the GRID x GRID layout, (colour, shape) drawn
+    with the split's weights, each centre jittered a little inside its cell."""
     weights = _combo_weights(split)
-    while True:
-        n = int(rng.integers(1, MAX_OBJECTS + 1))
-        picks = _weighted_index(rng, weights, n)
-        sizes = ["large" if b else "small" for b in rng.random(n) < 0.5]
-        # Large objects first: they are the hard ones to fit, and order carries no meaning.
-        order = sorted(range(n), key=lambda i: sizes[i] != "large")
-        for _ in range(20):
-            centres = _place(rng, [SIZES[sizes[i]] for i in order])
-            if centres is not None:
-                break
-        else:
-            continue  # this crowd does not fit: draw a new one
-        objs = tuple(Obj(_COMBOS[picks[i]][1], _COMBOS[picks[i]][0], sizes[i], x, y)
-                     for i, (x, y) in zip(order, centres))
-        base = int(rng.integers(205, 236))
-        bg = tuple(int(base + j) for j in rng.integers(-6, 7, 3))
-        return Scene(objs, bg)
+    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    picks = _weighted_index(rng, weights, n)
+    sizes = ["large" if b else "small" for b in rng.random(n) < 0.5]
+    cells = rng.permutation(GRID * GRID)[:n]
+    jitter = rng.uniform(-JITTER, JITTER, (n, 2))
+    objs = tuple(Obj(_COMBOS[picks[i]][1], _COMBOS[picks[i]][0], sizes[i],
+                     (int(cells[i]) % GRID + 0.5) / GRID + float(jitter[i, 0]),
+                     (int(cells[i]) // GRID + 0.5) / GRID + float(jitter[i, 1])) for i in range(n))
+    base = int(rng.integers(205, 236))
+    bg = tuple(int(base + j) for j in rng.integers(-6, 7, 3))
+    return Scene(objs, bg)
 
 
 # ---------------------------------------------------------------- questions and answers
