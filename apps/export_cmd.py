@@ -14,7 +14,16 @@ def parser() -> argparse.ArgumentParser:
         "A parity check against PyTorch runs after the export and its figures go into the manifest."))
     p.add_argument("--from", dest="src", required=True, metavar="HF_DIR", help="checkpoint directory")
     p.add_argument("--to", dest="dst", required=True, metavar="BUNDLE", help="bundle directory to write")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="graph format (default: onnx)")
+    p.add_argument("--format", choices=["onnx", "gguf", "coreml"], default="onnx", help=(
+        "onnx: every graph in ONNX; gguf: vision in ONNX, the language model as GGUF run by llama.cpp; "
+        "coreml: CoreML mlpackages next to the ONNX bundle (default: onnx)"))
+    p.add_argument("--gguf-quant", choices=["F32", "Q8_0", "Q4_0", "Q4_K_M"], default="F32",
+                   help="--format gguf: llama.cpp quantization of the language model (default: F32)")
+    p.add_argument("--bundle", dest="base", metavar="B", help=(
+        "--format gguf/coreml: reuse the vision graph of this ONNX bundle of the same checkpoint "
+        "instead of exporting it again"))
+    p.add_argument("--coreml-quant", choices=["none", "int8", "int4", "palette4", "palette6"], default="none",
+                   help="--format coreml: weight compression (linear int8/int4 or k-means palettes)")
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--parity-tokens", type=int, default=16, metavar="N",
                    help="greedy tokens compared with transformers generate (default: 16)")
@@ -26,9 +35,19 @@ def parser() -> argparse.ArgumentParser:
 @one_line_errors
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from edgevlm.export.exporter import export  # torch is imported only here
+    if args.format == "gguf":
+        from edgevlm.export.gguf import export_gguf  # torch is imported only here
 
-    m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
-               max_logit_diff=args.max_logit_diff)
-    print(f"wrote {args.dst} ({m.family}); parity: {json.dumps(m.source.parity)}")
+        m = export_gguf(args.src, args.dst, quant=args.gguf_quant, base_bundle=args.base, overwrite=args.force,
+                        parity_tokens=args.parity_tokens, max_logit_diff=args.max_logit_diff)
+    elif args.format == "coreml":
+        from edgevlm.export.coreml import export_coreml
+
+        m = export_coreml(args.src, args.dst, quant=args.coreml_quant, base_bundle=args.base, overwrite=args.force)
+    else:
+        from edgevlm.export.exporter import export
+
+        m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
+                   max_logit_diff=args.max_logit_diff)
+    print(f"wrote {args.dst} ({m.family}, {m.quant.scheme}); parity: {json.dumps(m.source.parity)}")
     return 0

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 
-from . import pipeline
 from .errors import ArgumentError, ContextOverflowError
 from .sampling import make_sampler
 
@@ -56,7 +55,7 @@ class Chat:
         self._images: list[str] = []  # image keys in prompt order
         self._states: dict[str, dict] = {}  # image key -> what depends only on that image
         self._keys: list = []  # what the KV cache holds: token ids, or (image key, row) at image positions
-        self._kv = pipeline.empty_kv(self.vlm.kv_spec, self.vlm.num_layers)
+        self._kv = self.vlm._empty_kv()
 
     def send(self, text: str, image=None, **kwargs) -> str:
         return "".join(r.text for r in self.stream(text, image=image, **kwargs))
@@ -93,7 +92,7 @@ class Chat:
         images = self._images + ([key] if image is not None else [])
         t = time.perf_counter()
         ids = vlm._prompt_ids(messages, len(images))
-        ctx = m.generation.context_length
+        ctx = vlm.context_length
         if len(ids) >= ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten the prompt, "
@@ -106,13 +105,10 @@ class Chat:
                 break
             reuse += 1
         reuse = min(reuse, len(keys) - 1)  # at least one token must run to give logits
-        kv = pipeline.trim_kv(self._kv, reuse)
+        t_ids = time.perf_counter() - t  # template + tokenizer: counted in the embed stage
+        logits, kv, reuse = vlm._prefill(ids, keys, self._states, reuse, self._kv, stages)
+        stages["embed"] += t_ids
         suffix = ids[reuse:]
-        x = vlm._prompt_embeds(ids, keys, self._states, reuse)
-        stages["embed"] = time.perf_counter() - t
-        t = time.perf_counter()
-        logits, kv = pipeline.forward(vlm.decoder, vlm.kv_spec, x, kv)
-        stages["prefill"] = time.perf_counter() - t
         # commit the prompt now: even if the caller stops iterating, the chat stays consistent
         self.messages, self._images = messages, images
         self._keys, self._kv = keys, kv
@@ -153,7 +149,7 @@ class Chat:
                 if finish:
                     break
                 t = time.perf_counter()
-                logits, self._kv = pipeline.forward(vlm.decoder, vlm.kv_spec, vlm._embed_one(tok), self._kv)
+                logits, self._kv = vlm._decode(tok, self._kv, self._keys, self._states)
                 self._keys.append(tok)
                 if n == 1:
                     stages["first_decode"] = time.perf_counter() - t

@@ -131,9 +131,12 @@ def parse_manifest(data: Any) -> Manifest:
 
 
 def _check(m: Manifest) -> None:
-    for name in ("vision", "embed", "decoder"):
+    for name in ("vision", "decoder"):
         if name not in m.components:
             raise BundleError(f"manifest: components.{name} is required")
+    # llama.cpp embeds text tokens itself; every other decoder takes embeds from the embed graph
+    if "embed" not in m.components and (m.components["decoder"].backend != "gguf" or m.fusion == "prefusion"):
+        raise BundleError("manifest: components.embed is required")
     for name, comp in m.components.items():
         if comp.backend not in BACKENDS:
             raise BundleError(f"manifest: components.{name}.backend must be one of {BACKENDS}, got {comp.backend!r}")

@@ -29,9 +29,21 @@ class VLM:
         self.bundle = bundle
         self.manifest = m = bundle.manifest
         self.graphs: dict[str, OnnxGraph] = {}
+        self.lm = None  # a GgufDecoder when the manifest places the decoder in llama.cpp
         for name, comp in m.components.items():
-            if comp.backend != "onnx":
-                raise BackendError(f"component {name!r} needs the {comp.backend} backend, which this build lacks")
+            if comp.backend == "gguf":
+                if name != "decoder":
+                    raise BundleError(f"component {name!r}: only the decoder can run on the gguf backend")
+                from .backends.gguf import GgufDecoder
+
+                self.lm = GgufDecoder(name, bundle.read(comp.file), str(bundle.path(comp.file)),
+                                      n_ctx=m.generation.context_length, threads=threads, kv_f32=comp.precision == "fp32")
+                continue
+            if comp.backend == "coreml":
+                from .backends.coreml import CoremlGraph
+
+                self.graphs[name] = CoremlGraph(name, bundle, comp)  # the decoder becomes self.lm below
+                continue
             if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path
                 for f in [comp.file] + [r.file for r in comp.data_files]:
                     bundle.read(f)  # verified already; drop the in-memory copy
@@ -43,7 +55,13 @@ class VLM:
             self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
         except Exception as e:
             raise BundleError(f"tokenizer {m.tokenizer.file!r} does not load: {e}") from None
-        self.vision, self.embedder, self.decoder = self.graphs["vision"], self.graphs["embed"], self.graphs["decoder"]
+        self.vision, self.embedder = self.graphs["vision"], self.graphs.get("embed")
+        if m.components["decoder"].backend == "coreml":  # stateful program: the KV cache lives in CoreML state
+            from .backends.coreml import CoremlDecoder
+
+            self.lm = CoremlDecoder(self.graphs.pop("decoder"), lambda ids: pipeline.embed(self.embedder, ids),
+                                    m.generation.context_length, int(m.components["decoder"].outputs["logits"][-1]))
+        self.decoder = self.lm or self.graphs["decoder"]
         self.kv_spec = m.components["decoder"].kv
         self.num_layers = m.components["decoder"].num_layers
         if m.fusion == "prefusion":
@@ -153,13 +171,83 @@ class VLM:
     def _embed_one(self, token: int) -> np.ndarray:
         return pipeline.embed(self.embedder, np.asarray([token], np.int64))
 
+    # ---- the language model, on ONNX Runtime (kv: arrays) or llama.cpp (kv: None, the cache is in there) ----
+
+    @property
+    def context_length(self) -> int:
+        return self.lm.n_ctx if self.lm else self.manifest.generation.context_length
+
+    def _empty_kv(self):
+        return None if self.lm else pipeline.empty_kv(self.kv_spec, self.num_layers)
+
+    def _prefill(self, ids: np.ndarray, keys: list, states: dict, reuse: int, kv, stages: dict):
+        """Run the prompt after its first `reuse` positions -> (logits [V], kv, positions actually reused)."""
+        t = time.perf_counter()
+        if self.lm is None:
+            x = self._prompt_embeds(ids, keys, states, reuse)
+            stages["embed"] = time.perf_counter() - t
+            t = time.perf_counter()
+            logits, kv = pipeline.forward(self.decoder, self.kv_spec, x, pipeline.trim_kv(kv, reuse))
+            stages["prefill"] = time.perf_counter() - t
+            return logits, kv, reuse
+        # llama.cpp: the decoder's own record of its cache decides the reuse (another chat may have used it)
+        lm = self.lm
+        reuse = min(lm.common_prefix(keys), len(keys) - 1)
+        lm.trim(reuse)
+        if self.manifest.fusion == "prefusion":
+            x = self._prompt_embeds(ids, keys, states, reuse)
+            stages["embed"] = time.perf_counter() - t
+            t = time.perf_counter()
+            lm.eval_embeds(x, keys[reuse:])
+        else:
+            stages["embed"] = time.perf_counter() - t
+            t = time.perf_counter()
+            is_img = ids == self.manifest.image_token_id
+            edges = [reuse] + [i for i in range(reuse + 1, len(ids)) if is_img[i] != is_img[i - 1]] + [len(ids)]
+            for a, b in zip(edges, edges[1:]):  # text runs as tokens, image runs as embedding rows
+                if is_img[a]:
+                    lm.eval_embeds(np.stack([states[k[0]]["rows"][k[1]] for k in keys[a:b]]), keys[a:b])
+                else:
+                    lm.eval_tokens(ids[a:b], keys[a:b])
+        stages["prefill"] = time.perf_counter() - t
+        return lm.logits(), None, reuse
+
+    def _decode(self, token: int, kv, keys: list, states: dict):
+        """One generated token after the cached `keys` -> (logits [V], kv)."""
+        if self.lm is None:
+            return pipeline.forward(self.decoder, self.kv_spec, self._embed_one(token), kv)
+        if self.lm.keys != keys:  # another chat used the llama context meanwhile: rebuild this one's cache
+            ids = np.asarray([k if isinstance(k, int) else (k[2] if len(k) == 3 else self.manifest.image_token_id)
+                              for k in keys + [token]], np.int64)
+            return self._prefill(ids, keys + [token], states, len(keys), None, {})[:2]
+        self.lm.eval_tokens(np.asarray([token]), [token])
+        return self.lm.logits(), None
+
+    def prompt_logits(self, image, prompt: str) -> np.ndarray:
+        """Logits [V] after a fresh one-turn prompt (parity checks)."""
+        images, states = [], {}
+        if image is not None:
+            key, state, _, _ = self._image_embeds(image)
+            images, states = [key], {key: state}
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+        ids = self._prompt_ids([{"role": "user", "content": content}], len(images))
+        keys = self._keys_for(ids, images)
+        if self.lm:
+            self.lm.trim(0)
+        return self._prefill(ids, keys, states, 0, self._empty_kv(), {})[0]
+
     def _warmup(self) -> None:
         m = self.manifest
         shape = m.components["vision"].inputs.get("pixel_values")
         if shape and all(isinstance(d, int) for d in shape):
             pipeline.encode(self.vision, np.zeros(shape, np.float32))
-        x = self._embed_one(0)
-        pipeline.forward(self.decoder, self.kv_spec, x, pipeline.empty_kv(self.kv_spec, self.num_layers))
+        if self.lm is None:
+            x = self._embed_one(0)
+            pipeline.forward(self.decoder, self.kv_spec, x, pipeline.empty_kv(self.kv_spec, self.num_layers))
+        else:
+            self.lm.trim(0)
+            self.lm.eval_tokens(np.asarray([0]), [None])  # key None: never reused
+            self.lm.trim(0)
 
 
 def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec] | None = None,
