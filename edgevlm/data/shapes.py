@@ -323,10 +323,12 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def scene_questions(scene: Scene, rng: np.random.Generator, k: int, split: str = "train") -> list[tuple[str, str, str]]:
-    """Up to k more (qtype, question, answer) about one scene: training reuses one encoded image k times."""
+def scene_questions(scene: Scene, rng: np.random.Generator, k: int, split: str = "train",
+                    qtypes: tuple[str, ...] = QTYPES) -> list[tuple[str, str, str]]:
+    """Up to k more (qtype, question, answer) about one scene, at most one per type of `qtypes`: training
+    reuses one encoded image k times."""
     out = []
-    for qtype in rng.permutation(QTYPES):
+    for qtype in rng.permutation(qtypes):
         forms = [f for f in _forms(scene, str(qtype), split, rng) if f]
         if forms:
             form = forms[int(rng.integers(len(forms)))]
