@@ -40,7 +40,8 @@ def resolve(graphs: dict[str, onnx.ModelProto], scheme: str, overrides: dict[str
             plan[name], labels[name] = {}, "fp32"
             continue
         plan[name] = {n.name: level if level in allowed(n) else "int8" for n in nodes}
-        labels[name] = level
+        used = set(plan[name].values())
+        labels[name] = used.pop() if len(used) == 1 else "mixed"  # e.g. int8-static Conv + int8 Gather
     return plan, labels
 
 

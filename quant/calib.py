@@ -88,6 +88,8 @@ def answers(vlm: VLM, prompts: list[tuple], max_tokens: int = 24) -> list[str]:
 
 def cold_ttft(vlm: VLM, prompts: list[tuple], repeats: int = 1) -> float:
     """Median seconds to the first token for images the runtime has not seen (image cache cold)."""
+    image, question, *_ = prompts[0]
+    next(iter(vlm.stream(image, question, max_tokens=1)))  # warm up: new sessions allocate on their first run
     times = []
     for _ in range(repeats):
         for image, question, *_ in prompts:

@@ -119,7 +119,9 @@ def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
     assert tree_hash(src) == before
 
 
-def test_mixed_search_meets_budget_and_writes_pareto(src, tmp_path):
+def test_mixed_search_meets_budget_and_writes_pareto(bundle, tmp_path):
+    # a CLIP tower (MatMul only): the search's per-node probes stay fast; Conv probes run in the demo benchmark
+    src = bundle("llava-clip-llama")
     report = tmp_path / "report" / "pareto"
     m = quantize_bundle(src, tmp_path / "mixed", "mixed", budget=0.5, report=report, calib_n=8, eval_n=12)
     s = m.quant.details["search"]
