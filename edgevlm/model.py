@@ -21,6 +21,7 @@ from .generate import Chat, Response
 from .image import load_image, preprocess
 
 DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "shapes-fastvlm"
+GGUF_MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front: cap what a long-context model asks
 
 
 class VLM:
@@ -37,7 +38,7 @@ class VLM:
                 from .backends.gguf import GgufDecoder
 
                 self.lm = GgufDecoder(name, bundle.read(comp.file), str(bundle.path(comp.file)),
-                                      n_ctx=m.generation.context_length, threads=threads, kv_f32=comp.precision == "fp32")
+                                      n_ctx=min(m.generation.context_length, GGUF_MAX_CONTEXT), threads=threads, kv_f32=comp.precision == "fp32")
                 continue
             if comp.backend == "coreml":
                 from .backends.coreml import CoremlGraph

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
 from edgevlm.errors import ExportError
-from edgevlm.manifest import Component, FileRef, Generation, Manifest, Quant
+from edgevlm.manifest import Component, FileRef, Manifest, Quant
 
 QUANTS = ("none", "int8", "int4", "palette4", "palette6")
 MAX_CONTEXT = 2048  # the state holds this many positions (the manifest's context_length becomes at most this)
@@ -38,7 +38,7 @@ class StatefulDecoder(nn.Module):
     -> logits of the last position [1, 1, V]; k_cache/v_cache [L, 1, kv_heads, C, head_dim] updated at P..P+S.
     """
 
-    def __init__(self, body, lm_head, cfg, context: int):
+    def __init__(self, body, lm_head, cfg, context: int, cache_dtype=torch.float16):
         super().__init__()
         self.body, self.lm_head = body, lm_head
         self.n_head = cfg.num_attention_heads
@@ -49,8 +49,8 @@ class StatefulDecoder(nn.Module):
         inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
         shape = (cfg.num_hidden_layers, 1, self.n_kv, context, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))  # CoreML state is fp16
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
 
     @staticmethod
     def _rotate(x, cos, sin):  # HF's rotate_half convention
@@ -233,12 +233,12 @@ def export_coreml(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quan
         text_cfg = adapter.text_config(model)
         body, embed_tokens, lm_head = adapter.language_parts(model)
         ctx = min(context, base.generation.context_length)
-        dec = StatefulDecoder(body, lm_head, text_cfg, ctx).eval()
         ids = torch.arange(3, 3 + 12)[None] % text_cfg.vocab_size
-        wrapper_diff = check_wrapper(dec, model, ids, embed_tokens, split=7)
+        check = StatefulDecoder(body, lm_head, text_cfg, ctx, cache_dtype=torch.float32).eval()
+        wrapper_diff = check_wrapper(check, model, ids, embed_tokens, split=7)
         if wrapper_diff > max_wrapper_diff:
             raise ExportError(f"the stateful decoder wrapper differs from the HF model: {wrapper_diff:.3g}")
-        dec.k_cache.zero_(), dec.v_cache.zero_()
+        dec = StatefulDecoder(body, lm_head, text_cfg, ctx).eval()
 
         tmp = work / "bundle"
         tmp.mkdir()

@@ -68,8 +68,9 @@ class GgufDecoder:
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
         cp.n_threads = cp.n_threads_batch = threads or min(4, os.cpu_count() or 1)
-        if kv_f32:  # an f32 model keeps an f32 cache: the parity path must not round K/V to f16
-            cp.type_k = cp.type_v = L.GGML_TYPE_F32
+        if kv_f32:  # an f32 model keeps an f32 cache, and no flash attention (its CPU kernel rounds Q to f16:
+            cp.type_k = cp.type_v = L.GGML_TYPE_F32  # logits then differ by ~1e-3 instead of ~1e-6)
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         cp.swa_full = True  # sliding-window layers keep every position, so any cached prefix stays reusable
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -179,9 +180,13 @@ class GgufText:
         return self._piece(token, special).decode("utf-8", errors="replace")
 
     def _piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self.decoder._L.llama_token_to_piece(self.decoder.vocab, int(token), buf, len(buf), 0, special)
-        return buf.raw[:max(n, 0)]
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.decoder._L.llama_token_to_piece(self.decoder.vocab, int(token), buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # the piece needs -n bytes
 
     def stream(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None) -> Iterator:
