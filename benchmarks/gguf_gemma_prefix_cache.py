@@ -98,7 +98,9 @@ def main() -> None:
                      f"{r['ttft_cold_s'] / r['ttft_warm_s']:.1f}x | {r['decode_tps']:.0f} | {r['answer'][:60]} |")
     lines.append(f"\nGemma 3 270M Q4_K_M (real weights) in llama.cpp through edgevlm's GGUF text path, "
                  f"{args.threads} threads, median of {args.repeats}; greedy. Cold: empty KV cache. Warm: the cache "
-                 "holds another question's request with the same system prompt, so only the differing suffix runs.")
+                 "holds another question's request with the same system prompt, so only the differing suffix runs. "
+                 "The packaged model is the *base* google/gemma-3-270m (not the instruction-tuned one): under a chat "
+                 "template it continues the document instead of answering; the figures are about TTFT, not answers.")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
