@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 
 from .errors import ArgumentError, ContextOverflowError
+from .pipeline import common_prefix
 from .sampling import make_sampler
 
 if TYPE_CHECKING:
@@ -99,12 +100,7 @@ class Chat:
                 "start a new chat, or use fewer images"
             )
         keys = vlm._keys_for(ids, images)
-        reuse = 0
-        for a, b in zip(self._keys, keys):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(keys) - 1)  # at least one token must run to give logits
+        reuse = min(common_prefix(self._keys, keys), len(keys) - 1)  # at least one token must run to give logits
         t_ids = time.perf_counter() - t  # template + tokenizer: counted in the embed stage
         logits, kv, reuse = vlm._prefill(ids, keys, self._states, reuse, self._kv, stages)
         stages["embed"] += t_ids

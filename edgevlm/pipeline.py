@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from .backends.onnx import OnnxGraph
@@ -69,3 +71,13 @@ def prefuse(prefusion: OnnxGraph, spec: KVSpec, text: np.ndarray, image_kv: KV) 
     """Pre-fusion: text embeds [S, D] attend (causally) after the image's cached prefix -> fused [S, D]."""
     out, _ = run(prefusion, spec, text, image_kv)
     return out["fused"][0]
+
+
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading positions two cache-key lists share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

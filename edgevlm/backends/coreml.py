@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import BackendError, ContextOverflowError
+from ..pipeline import common_prefix
 
 
 def _coremltools():
@@ -70,12 +71,7 @@ class CoremlDecoder:
         self._logits = np.zeros(n_vocab, np.float32)
 
     def common_prefix(self, keys: Sequence) -> int:
-        n = 0
-        for a, b in zip(self.keys, keys):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.keys, keys)
 
     def trim(self, n: int) -> None:  # later positions are masked out, then overwritten
         del self.keys[n:]

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ArgumentError, BackendError, ContextOverflowError, IntegrityError
+from ..pipeline import common_prefix
 
 log = logging.getLogger("edgevlm")
 
@@ -95,12 +96,7 @@ class GgufDecoder:
     # ---- the cache ----------------------------------------------------------------------------------
 
     def common_prefix(self, keys: Sequence) -> int:
-        n = 0
-        for a, b in zip(self.keys, keys):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.keys, keys)
 
     def trim(self, n: int) -> None:
         """Keep the first n cached positions."""
