@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgevlm.atomic import atomic_dir, check_target, scratch_dir, write_atomic
 from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
 from edgevlm.errors import ExportError
 from edgevlm.manifest import Component, FileRef, Manifest, Quant
@@ -211,16 +211,13 @@ def export_coreml(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quan
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from .adapters import adapter_for
-    from .exporter import _write_atomic, export
+    from .exporter import export
 
     if quant not in QUANTS:
         raise ExportError(f"unknown CoreML compression {quant!r} (choose from {', '.join(QUANTS)})")
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (pass overwrite=True / --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    check_target(out, overwrite)
+    with scratch_dir(out) as work, atomic_dir(out, overwrite) as tmp:
         if base_bundle is None:
             base_bundle = work / "onnx"
             export(hf_dir, base_bundle, progress=progress)
@@ -240,8 +237,6 @@ def export_coreml(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quan
             raise ExportError(f"the stateful decoder wrapper differs from the HF model: {wrapper_diff:.3g}")
         dec = StatefulDecoder(body, lm_head, text_cfg, ctx).eval()
 
-        tmp = work / "bundle"
-        tmp.mkdir()
         pixel_shape = tuple(base.components["vision"].inputs["pixel_values"])
         convert_vision(adapter, model, pixel_shape, quant).save(str(tmp / "vision.mlpackage"))
         convert_decoder(dec, text_cfg.hidden_size, ctx, quant).save(str(tmp / "decoder.mlpackage"))
@@ -271,10 +266,5 @@ def export_coreml(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quan
             base, components=comps, quant=Quant(scheme="coreml-" + ("fp16" if quant == "none" else quant), details=qd),
             generation=dataclasses.replace(base.generation, context_length=ctx),
             source=dataclasses.replace(base.source, parity=parity))
-        _write_atomic(tmp / MANIFEST, manifest.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_atomic(tmp / MANIFEST, manifest.to_json())
+    return manifest

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from edgevlm import __version__
+from edgevlm.atomic import atomic_dir, check_target, write_atomic
 from edgevlm.bundle import MANIFEST, sha256_file
 from edgevlm.errors import ExportError
 from edgevlm.image import preprocess
@@ -52,8 +51,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+    check_target(out, overwrite)
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress, file=sys.stderr)
 
     def step(name):
@@ -76,12 +74,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
         pixel_shape = preprocess(np.asarray(probe), pre).shape
         bar.update()
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is ordinary data
-        try:
+        with atomic_dir(out, overwrite) as tmp:
             step(STAGES[1])
             vision_files = graphs.export_vision(adapter, model, pixel_shape, tmp / "vision.onnx")
             with torch.no_grad():
@@ -155,23 +148,9 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                 raise ExportError(f"parity failed: max |logit diff| {figures['max_abs_logit_diff']:.3g} > {max_logit_diff}")
             parity_figures = {k: v for k, v in figures.items() if k not in ("greedy_reference", "greedy_runtime")}
             manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity_figures))
-            _write_atomic(tmp / MANIFEST, manifest.to_json())
+            write_atomic(tmp / MANIFEST, manifest.to_json())
             bar.update()
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         bar.close()
     return manifest
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgevlm.atomic import atomic_dir, check_target, scratch_dir, write_atomic
 from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
 from edgevlm.errors import ExportError
 from edgevlm.manifest import Component, Manifest, Quant
@@ -236,16 +236,13 @@ def export_gguf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from .adapters import adapter_for
-    from .exporter import _write_atomic, export
+    from .exporter import export
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+    check_target(out, overwrite)
     if quant is not None and quant not in QUANTS:
         raise ExportError(f"unknown GGUF quantization {quant!r} (choose from {', '.join(QUANTS)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with scratch_dir(out) as work, atomic_dir(out, overwrite) as tmp:
         if base_bundle is None:  # the ONNX bundle: vision graph + the reference the GGUF decoder must match
             base_bundle = work / "onnx"
             export(hf_dir, base_bundle, progress=progress, parity_tokens=parity_tokens, max_logit_diff=max_logit_diff)
@@ -265,9 +262,6 @@ def export_gguf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant:
         if base.generation.eos_token_ids:
             special["eos"] = base.generation.eos_token_ids[0]
 
-        tmp = work / "bundle"
-        tmp.mkdir()
-        os.chmod(tmp, 0o777 & ~_umask())
         f32 = work / "decoder-f32.gguf"
         write_gguf(text_config, state, tok_json, f32, special_ids=special, chat_template=base.chat_template,
                    name=hf_dir.name)
@@ -298,19 +292,8 @@ def export_gguf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant:
                                   f"> {max_logit_diff}")
         parity = {**base.source.parity, "gguf_vs_onnx": figures}
         manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity))
-        _write_atomic(tmp / MANIFEST, manifest.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _umask() -> int:
-    u = os.umask(0)
-    os.umask(u)
-    return u
+        write_atomic(tmp / MANIFEST, manifest.to_json())
+    return manifest
 
 
 def gguf_parity(gguf_bundle, onnx_bundle, max_new_tokens: int = 16, image=None, prompt: str | None = None) -> dict:

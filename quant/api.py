@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 import edgevlm
+from edgevlm.atomic import atomic_dir, check_target, write_atomic
 from edgevlm.bundle import open_bundle
 from edgevlm.data import shapes
 from edgevlm.manifest import FileRef, Manifest, Quant
@@ -75,6 +76,7 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
     """
     if scheme not in SCHEMES:
         raise QuantError(f"unknown scheme {scheme!r} (one of {', '.join(SCHEMES)})")
+    check_target(dst, overwrite, QuantError)  # fail fast, before the long work
     overrides = dict(overrides or {})
     progress = progress or (lambda *a: None)
     source = open_bundle(src)
@@ -112,7 +114,7 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
         out_graphs = {name: quantize_component(name, plan[name]) if plan[name] else graphs[name] for name in graphs}
         progress("quantize", 1, 1)
 
-    with bundle_io.atomic_dir(Path(dst), overwrite) as tmp:
+    with atomic_dir(Path(dst), overwrite, error=QuantError) as tmp:
         comps, total = {}, len(tokenizer)
         for name, comp in m.components.items():
             path = tmp / comp.file
@@ -132,13 +134,13 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
             details["search"] = search_info
         top = "mixed" if scheme == "mixed" else (scheme if not overrides else "custom")
         new = dataclasses.replace(m, components=comps, quant=Quant(scheme=top, details=details))
-        bundle_io.write_text(bundle_io.manifest_path(tmp), new.to_json())
+        write_atomic(bundle_io.manifest_path(tmp), new.to_json())
         progress("verify", 0, 1)
         figures = verify(vlm, tmp, prompts[:8], threads)
         if dataset:
             figures["accuracy"] = accuracy(vlm, tmp, dataset, eval_seed, eval_n, threads, progress)
         new = dataclasses.replace(new, quant=Quant(scheme=top, details={**details, **figures}))
-        bundle_io.write_text(bundle_io.manifest_path(tmp), new.to_json())
+        write_atomic(bundle_io.manifest_path(tmp), new.to_json())
         open_bundle(tmp)  # the final manifest's hashes hold
         progress("verify", 1, 1)
     return new

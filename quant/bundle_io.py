@@ -1,14 +1,9 @@
-"""Reading a source bundle's graphs (verified bytes) and writing the quantized bundle atomically."""
+"""Reading a source bundle's graphs (verified bytes) and writing graph files (edgevlm.atomic makes the bundle atomic)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 
@@ -41,30 +36,6 @@ def bundle_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a private temp dir next to `out`; it becomes `out` only if the block completes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise QuantError(f"{out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is ordinary data
-    try:
-        yield tmp
-        for p in tmp.iterdir():  # durable before it becomes visible
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_graph(model: onnx.ModelProto, path: Path) -> str:
     """Save one self-contained graph file; returns its sha256."""
     blob = model.SerializeToString()
@@ -72,12 +43,6 @@ def write_graph(model: onnx.ModelProto, path: Path) -> str:
         raise QuantError(f"{path.name} would exceed protobuf's 2 GB limit; external data is not written yet")
     path.write_bytes(blob)
     return sha256_file(path)
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def manifest_path(root: Path) -> Path:
