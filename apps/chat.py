@@ -23,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="keep the image and prefix KV caches on disk here too: a later run with the same image "
+                        "and prompt prefix skips the encoder and the shared part of the prefill")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
     return p
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     from edgevlm.errors import EdgeVLMError
 
     providers = args.providers.split(",") if args.providers else None
-    vlm = edgevlm.load(args.bundle, providers=providers)
+    vlm = edgevlm.load(args.bundle, providers=providers, cache_dir=args.cache_dir)
     gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                seed=args.seed, stop=args.stop)
     chat = vlm.chat()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 
 from .errors import ArgumentError, ContextOverflowError
-from .pipeline import common_prefix
+from .profile import STAGES, peak_rss_bytes
 from .sampling import make_sampler
 
 if TYPE_CHECKING:
@@ -23,13 +23,38 @@ class Response:
     token: int
     finish_reason: str | None  # None while generating, then "stop" (EOS or stop string) or "length"
     ttft_s: float  # call start -> first token sampled
-    stages: dict[str, float] = field(default_factory=dict)  # seconds: preprocess, encode, embed, prefill, ...
+    stages: dict[str, float] = field(default_factory=dict)  # seconds of the stages that ran (profile.STAGES)
     prompt_tokens: int = 0
-    prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from the KV cache)
+    prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from a KV cache)
     prompt_tps: float = 0.0
     generated_tokens: int = 0
     decode_tps: float = 0.0
-    image_cache_hits: int = 0
+    image_cache_hits: int = 0  # images of this call found cached (not encoded)
+    image_cache_source: str = ""  # "ram", "disk", or "" (encoded now, or no image)
+    prefix_cache_hit_tokens: int = 0  # prompt positions whose KV came from the prefix cache (not this chat)
+    prefix_cache_source: str = ""  # where the reused KV came from: "chat", "ram", "disk", "decoder", or ""
+    cache_bytes: dict[str, int] = field(default_factory=dict)  # entries and bytes per cache tier (Caches.stats)
+    peak_rss_bytes: int = 0  # the process's peak resident memory at the first token
+    backend: str = ""  # the decoder's backend: onnx, gguf, coreml
+
+    @property
+    def warm(self) -> bool:
+        """Did any cache serve this call (an image, or part of the prompt's KV)?"""
+        return self.image_cache_hits > 0 or self.prefilled_tokens < self.prompt_tokens
+
+    @property
+    def profile(self) -> dict:
+        """One flat, JSON-ready record of this call's first-token path: every stage of profile.STAGES (0.0
+        when it did not run), cold/warm, cache hits and sizes, peak RSS. The CLI, the server's /stats and
+        `edgevlm bench` all read this."""
+        return {"ttft_s": self.ttft_s, "warm": self.warm, "backend": self.backend,
+                **{f"{s}_s": self.stages.get(s, 0.0) for s in STAGES},
+                "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
+                "image_cache_hits": self.image_cache_hits, "image_cache_source": self.image_cache_source,
+                "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+                "prefix_cache_source": self.prefix_cache_source, "prompt_tps": self.prompt_tps,
+                "decode_tps": self.decode_tps, "generated_tokens": self.generated_tokens,
+                "peak_rss_bytes": self.peak_rss_bytes, **{f"cache_{k}": v for k, v in self.cache_bytes.items()}}
 
 
 def _pending_stop(text: str, stops: Sequence[str]) -> int:
@@ -76,11 +101,11 @@ class Chat:
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
-        hits = 0
+        hits, image_source = 0, ""
         if image is not None:
-            key, state, hit, img_stages = vlm._image_embeds(image)
+            key, state, image_source, img_stages = vlm._image_embeds(image)
             stages.update(img_stages)
-            hits += hit
+            hits += bool(image_source)
             self._states[key] = state
         sampler = make_sampler(temperature, top_k, top_p, repetition_penalty, seed)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
@@ -100,11 +125,18 @@ class Chat:
                 "start a new chat, or use fewer images"
             )
         keys = vlm._keys_for(ids, images)
-        reuse = min(common_prefix(self._keys, keys), len(keys) - 1)  # at least one token must run to give logits
-        t_ids = time.perf_counter() - t  # template + tokenizer: counted in the embed stage
-        logits, kv, reuse = vlm._prefill(ids, keys, self._states, reuse, self._kv, stages)
+        reuse, kv, source = vlm._find_prefix(keys, self._keys, self._kv)  # at least one position runs (logits)
+        t_ids = time.perf_counter() - t  # template + tokenizer + cache lookup: counted in the embed stage
+        logits, kv, got = vlm._prefill(ids, keys, self._states, reuse, kv, stages)
         stages["embed"] += t_ids
+        if got > reuse:  # a GGUF/CoreML decoder still held a longer prefix from another call
+            source = "decoder"
+        reuse = got
+        source = source if reuse else ""
         suffix = ids[reuse:]
+        profile = dict(image_cache_hits=hits, image_cache_source=image_source, prefix_cache_source=source,
+                       prefix_cache_hit_tokens=reuse if source in ("ram", "disk", "decoder") else 0,
+                       backend=m.components["decoder"].backend)
         # commit the prompt now: even if the caller stops iterating, the chat stays consistent
         self.messages, self._images = messages, images
         self._keys, self._kv = keys, kv
@@ -123,6 +155,7 @@ class Chat:
                 now = time.perf_counter()
                 if len(generated) == 1:
                     ttft, t_first = now - t0, now
+                    profile.update(peak_rss_bytes=peak_rss_bytes(), cache_bytes=vlm.caches.stats())
                 full = vlm.tokenizer.decode(generated, skip_special_tokens=True)
                 if tok in eos:
                     finish = "stop"
@@ -140,7 +173,7 @@ class Chat:
                     text=delta, token=tok, finish_reason=finish, ttft_s=ttft, stages=dict(stages),
                     prompt_tokens=len(ids), prefilled_tokens=len(suffix),
                     prompt_tps=len(suffix) / max(stages["prefill"], 1e-9), generated_tokens=n,
-                    decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, image_cache_hits=hits,
+                    decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, **profile,
                 )
                 if finish:
                     break
@@ -151,3 +184,4 @@ class Chat:
                     stages["first_decode"] = time.perf_counter() - t
         finally:
             self.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+            vlm._remember(self._keys, self._kv)  # prefix cache; disk writes happen here, after the first token

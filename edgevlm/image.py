@@ -6,6 +6,7 @@ EXIF orientation and converts every mode to RGB (transparency composited on whit
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -59,6 +60,37 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"image too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError) as e:
         raise ImageError(f"image is truncated or corrupt: {e}") from None
+
+
+def input_digest(image) -> str | None:
+    """sha256 of an image input as given (file bytes, bytes, array, or a PIL image's pixels with everything
+    that changes how it decodes), or None when it cannot be told cheaply (then the pixels decide)."""
+    h = hashlib.sha256()
+    if isinstance(image, np.ndarray):
+        h.update(f"array {image.dtype.str} {image.shape}".encode())
+        h.update(np.ascontiguousarray(image).tobytes())
+    elif isinstance(image, Image.Image):
+        if getattr(image, "n_frames", 1) > 1:
+            return None
+        orientation = image.getexif().get(0x0112) if hasattr(image, "getexif") else None
+        h.update(repr(("pil", image.mode, image.size, orientation, image.info.get("transparency"),
+                       image.getpalette())).encode())
+        h.update(image.tobytes())
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        h.update(b"bytes ")
+        h.update(image)
+    elif isinstance(image, (str, os.PathLike)):
+        try:
+            if Path(image).stat().st_size > MAX_BYTES:
+                return None
+            data = Path(image).read_bytes()
+        except OSError:
+            return None  # load_image says what is wrong
+        h.update(b"bytes ")
+        h.update(data)
+    else:
+        return None
+    return h.hexdigest()
 
 
 def _check_size(w: int, h: int, max_pixels: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
@@ -11,14 +12,18 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 from tokenizers import Tokenizer
 
 from . import pipeline, template
+from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
+from .cache import Caches
 from .errors import BackendError, BundleError, EdgeVLMError
 from .generate import Chat, Response
-from .image import load_image, preprocess
+from .image import input_digest, load_image, preprocess
+from .sampling import make_sampler
 
 DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "shapes-fastvlm"
 GGUF_MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front: cap what a long-context model asks
@@ -26,7 +31,7 @@ GGUF_MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front: cap 
 
 class VLM:
     def __init__(self, bundle: Bundle, providers: Sequence[ProviderSpec] | None = None, threads: int = 0,
-                 warmup: bool = True):
+                 warmup: bool = True, cache_dir: str | os.PathLike | None = None, cache_bytes: dict | None = None):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
         self.graphs: dict[str, OnnxGraph] = {}
@@ -70,7 +75,8 @@ class VLM:
             self.prefusion_kv = m.components["prefusion"].kv
             self.prefusion_layers = m.components["prefusion"].num_layers
         self._pre_key = json.dumps(dataclasses.asdict(m.preprocess), sort_keys=True) + m.components["vision"].sha256
-        self._image_cache: dict[str, np.ndarray] = {}
+        self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
+        self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
         if warmup:
             self._warmup()
 
@@ -92,48 +98,98 @@ class VLM:
         return "".join(r.text for r in self.stream(image, prompt, **kwargs))
 
     def prepare(self, image) -> str:
-        """Pre-encode an image (e.g. while the user types); returns its cache key."""
-        return self._image_embeds(image)[0]
+        """Pre-encode an image (e.g. while the user types): everything that depends only on the image is
+        computed and cached (RAM, and disk with cache_dir). Returns its cache key."""
+        key = self._image_embeds(image)[0]
+        self.caches.flush()
+        return key
+
+    def new_caches(self, cache_dir: str | os.PathLike | None = None, **bounds) -> Caches:
+        """Empty caches for this model (RAM LRUs; a disk tier under cache_dir). Bounds in bytes:
+        image_bytes, prefix_bytes, disk_bytes."""
+        return Caches(self.bundle.sha256, cache_dir, check_kv=self._kv_fits, check_image=self._image_fits, **bounds)
 
     # ---- stages used by Chat -----------------------------------------------------------------------
 
-    def _image_embeds(self, image) -> tuple[str, dict, int, dict[str, float]]:
-        """-> (cache key, image state, cache hit, stage seconds). The state is all that depends only on the
-        image: {"rows": embeds for the placeholders [image_tokens, D], "embeds": the vision graph's output,
-        "kv": the pre-fusion KV of the image prefix, filled by the first prompt that uses it}."""
+    def _image_embeds(self, image) -> tuple[str, dict, str, dict[str, float]]:
+        """-> (cache key, image state, where it was cached: "ram", "disk" or "" (computed now), stage seconds).
+        The state is all that depends only on the image: {"rows": embeds for the placeholders
+        [image_tokens, D], "kv": the pre-fusion KV of the image prefix (pre-fusion bundles) or None}."""
         t = time.perf_counter()
+        raw = input_digest(image)  # the same input bytes always preprocess to the same pixels: skip that
+        key = self.caches.aliases.get(raw) if raw else None
+        state, where = self.caches.get_image(key) if key else (None, "")
+        if state is not None:
+            return key, state, where, {"preprocess": time.perf_counter() - t}
         pixels = preprocess(load_image(image), self.manifest.preprocess)
-        key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()
+        key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()  # the content address
         stages = {"preprocess": time.perf_counter() - t}
-        if key in self._image_cache:
-            return key, self._image_cache[key], 1, stages
+        if raw:
+            self.caches.aliases.put(raw, key)
+        state, where = self.caches.get_image(key)
+        if state is None:
+            state = self._encode(pixels, stages)
+            self.caches.put_image(key, state)
+        return key, state, where, stages
+
+    def _encode(self, pixels: np.ndarray, stages: dict[str, float]) -> dict:
         t = time.perf_counter()
-        embeds = pipeline.encode(self.vision, pixels)
+        embeds = pipeline.encode(self.vision, pixels)  # the projector is inside the vision graph
         stages["encode"] = time.perf_counter() - t
-        state = {"rows": embeds, "embeds": embeds, "kv": None}
+        state = {"rows": embeds, "kv": None}
         if self.manifest.fusion == "prefusion":
             t = time.perf_counter()
             state["rows"] = pipeline.compress(self.compressor, embeds)
             stages["compress"] = time.perf_counter() - t
+            t = time.perf_counter()  # the image prefix of the pre-fusion layers: later prompts attend to it
+            empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
+            state["kv"] = pipeline.run(self.prefusion, self.prefusion_kv, embeds, empty)[1]
+            stages["prefusion"] = time.perf_counter() - t
         if state["rows"].shape[0] != self.manifest.image_tokens:
             raise BackendError(f"the image gave {state['rows'].shape[0]} rows, manifest says {self.manifest.image_tokens}")
-        self._image_cache[key] = state
-        return key, state, 0, stages
+        self._row_shape = state["rows"].shape
+        return state
 
-    def _prompt_embeds(self, ids: np.ndarray, keys: list, states: dict[str, dict], start: int) -> np.ndarray:
+    def _image_fits(self, state: dict) -> bool:  # arrays read from the disk cache
+        m = self.manifest
+        rows = state["rows"]
+        if rows.shape != self._row_shape or rows.dtype != np.float32:
+            return False  # (before any image was encoded here, nothing is taken from disk)
+        if m.fusion == "prefusion":
+            kv = state.get("kv")
+            return kv is not None and len(kv) == self.prefusion_layers and _kv_ok(kv, self.prefusion_kv, None)
+        return state.get("kv") is None
+
+    def _kv_fits(self, kv, length: int) -> bool:
+        return self.lm is None and len(kv) == self.num_layers and _kv_ok(kv, self.kv_spec, length)
+
+    def _find_prefix(self, keys: list, own_keys: list, own_kv) -> tuple[int, object, str]:
+        """Where the prompt's KV can start: (positions reused, kv, from where: "chat" (this chat's own KV),
+        "ram"/"disk" (the prefix cache), or "" (nothing)). GGUF/CoreML decoders decide in _prefill."""
+        reuse = min(common_prefix(own_keys, keys), len(keys) - 1)
+        if self.lm is None:
+            n, kv, where = self.caches.lookup_prefix(keys, at_least=reuse)
+            if kv is not None:
+                return n, kv, where
+        return reuse, own_kv, "chat" if reuse else ""
+
+    def _remember(self, keys: list, kv) -> None:
+        """Offer a decoder KV (the positions `keys`) to the prefix cache, then write pending disk entries."""
+        if self.lm is None and keys:
+            self.caches.put_prefix(keys, kv)
+        self.caches.flush()
+
+    def _prompt_embeds(self, ids: np.ndarray, keys: list, states: dict[str, dict], start: int,
+                       stages: dict | None = None) -> np.ndarray:
         """Embeds [S - start, D] of the prompt from position start on: text, fused text, image rows."""
         m = self.manifest
         image_keys = list(dict.fromkeys(k[0] for k in keys if isinstance(k, tuple) and len(k) == 2))
         if m.fusion == "prefusion" and image_keys:
             text, state = pipeline.embed(self.embedder, ids), states[image_keys[0]]
-            if state["kv"] is None:  # cold image: one pre-fusion run over [image; text] also yields its prefix KV
-                empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
-                n = state["embeds"].shape[0]
-                out, kv = pipeline.run(self.prefusion, self.prefusion_kv, np.concatenate([state["embeds"], text]), empty)
-                state["kv"] = pipeline.trim_kv(kv, n)
-                x = out["fused"][0][n + start:]
-            else:
-                x = pipeline.prefuse(self.prefusion, self.prefusion_kv, text, state["kv"])[start:]
+            t = time.perf_counter()  # the text attends (causally) after the image's cached pre-fusion prefix
+            x = pipeline.prefuse(self.prefusion, self.prefusion_kv, text, state["kv"])[start:]
+            if stages is not None:
+                stages["prefusion"] = stages.get("prefusion", 0.0) + time.perf_counter() - t
         else:
             x = pipeline.embed(self.embedder, ids[start:])
         rows = np.nonzero(ids[start:] == m.image_token_id)[0]
@@ -183,10 +239,10 @@ class VLM:
 
     def _prefill(self, ids: np.ndarray, keys: list, states: dict, reuse: int, kv, stages: dict):
         """Run the prompt after its first `reuse` positions -> (logits [V], kv, positions actually reused)."""
-        t = time.perf_counter()
+        t, fused = time.perf_counter(), stages.get("prefusion", 0.0)
         if self.lm is None:
-            x = self._prompt_embeds(ids, keys, states, reuse)
-            stages["embed"] = time.perf_counter() - t
+            x = self._prompt_embeds(ids, keys, states, reuse, stages)
+            stages["embed"] = time.perf_counter() - t - (stages.get("prefusion", 0.0) - fused)
             t = time.perf_counter()
             logits, kv = pipeline.forward(self.decoder, self.kv_spec, x, pipeline.trim_kv(kv, reuse))
             stages["prefill"] = time.perf_counter() - t
@@ -196,8 +252,8 @@ class VLM:
         reuse = min(lm.common_prefix(keys), len(keys) - 1)
         lm.trim(reuse)
         if self.manifest.fusion == "prefusion":
-            x = self._prompt_embeds(ids, keys, states, reuse)
-            stages["embed"] = time.perf_counter() - t
+            x = self._prompt_embeds(ids, keys, states, reuse, stages)
+            stages["embed"] = time.perf_counter() - t - (stages.get("prefusion", 0.0) - fused)
             t = time.perf_counter()
             lm.eval_embeds(x, keys[reuse:])
         else:
@@ -238,13 +294,26 @@ class VLM:
         return self._prefill(ids, keys, states, 0, self._empty_kv(), {})[0]
 
     def _warmup(self) -> None:
+        """Run every graph once (ONNX Runtime and llama.cpp allocate on a graph's first run), caching nothing."""
         m = self.manifest
-        shape = m.components["vision"].inputs.get("pixel_values")
-        if shape and all(isinstance(d, int) for d in shape):
-            pipeline.encode(self.vision, np.zeros(shape, np.float32))
+        shape = list(m.components["vision"].inputs.get("pixel_values") or [])
+        if len(shape) == 4 and not all(isinstance(d, int) for d in shape):  # dynamic: the preprocess's size
+            h, w = m.preprocess.crop or m.preprocess.size or (m.preprocess.shortest_edge,) * 2
+            shape = [1, 3, h, w]
+        if shape:
+            self._encode(np.zeros(shape, np.float32), {})  # vision (+ compressor and pre-fusion prefix)
+        make_sampler(temperature=1.0, seed=0)  # host-side first calls: numpy.random's import, Pillow's format
+        png = io.BytesIO()  # plugins, the chat template's compilation
+        Image.new("RGB", (8, 8)).save(png, "PNG")
+        load_image(png.getvalue())
+        try:
+            self._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], 1)
+        except EdgeVLMError:
+            pass  # a template without images: its first real call says so
         if self.lm is None:
-            x = self._embed_one(0)
-            pipeline.forward(self.decoder, self.kv_spec, x, pipeline.empty_kv(self.kv_spec, self.num_layers))
+            x = pipeline.embed(self.embedder, np.zeros(4, np.int64))  # a multi-token prefill, then one step
+            _, kv = pipeline.forward(self.decoder, self.kv_spec, x, pipeline.empty_kv(self.kv_spec, self.num_layers))
+            pipeline.forward(self.decoder, self.kv_spec, self._embed_one(0), kv)
         else:
             self.lm.trim(0)
             self.lm.eval_tokens(np.asarray([0]), [None])  # key None: never reused
@@ -252,13 +321,24 @@ class VLM:
 
 
 def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec] | None = None,
-         threads: int = 0, warmup: bool = True) -> VLM:
+         threads: int = 0, warmup: bool = True, cache_dir: str | os.PathLike | None = None,
+         cache_bytes: dict | None = None) -> VLM:
     """Verify a bundle (every file's sha256 before any parser sees it), open its graphs and warm them up.
 
-    With no path, the embedded default demo bundle is loaded.
+    With no path, the embedded default demo bundle is loaded. cache_dir adds a disk tier to the image and
+    prefix KV caches that survives restarts (shared safely between processes); cache_bytes bounds the tiers
+    ({"image_bytes": ..., "prefix_bytes": ..., "disk_bytes": ...}).
     """
     if path is None:
         path = DEFAULT_BUNDLE
         if not (path / "manifest.json").is_file():
             raise BundleError("this installation has no embedded default bundle; pass a bundle path")
-    return VLM(open_bundle(path), providers=providers, threads=threads, warmup=warmup)
+    return VLM(open_bundle(path), providers=providers, threads=threads, warmup=warmup, cache_dir=cache_dir,
+               cache_bytes=cache_bytes)
+
+
+def _kv_ok(kv, spec, length: int | None) -> bool:
+    """Each (k, v): float32 [1, heads, length, head_dim] (any length when None, but equal across layers)."""
+    n = kv[0][0].shape[2] if length is None and kv[0][0].ndim == 4 else length
+    want = (1, spec.heads, n, spec.head_dim)
+    return all(a is not None and a.dtype == np.float32 and a.shape == want for pair in kv for a in pair)

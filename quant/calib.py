@@ -43,7 +43,7 @@ def record_feeds(vlm: VLM, prompts: list[tuple], decode_tokens: int = 2) -> dict
         for name, g in vlm.graphs.items():
             g.run = recorder(name)  # an instance attribute on our own object, removed below
         for image, question, *_ in prompts:
-            vlm._image_cache.clear()
+            vlm.caches.clear()
             vlm.generate(image, question, max_tokens=1 + decode_tokens)
     finally:
         for g in vlm.graphs.values():
@@ -59,7 +59,7 @@ def swap(vlm: VLM, graphs: dict[str, bytes]) -> VLM:
         g = OnnxGraph(name, model, threads=1)
         out.graphs[name] = g
         setattr(out, ALIASES[name], g)
-    out._image_cache = {}
+    out.caches = out.new_caches()  # the swapped graphs must not see the original's cached arrays
     return out
 
 
@@ -93,7 +93,7 @@ def cold_ttft(vlm: VLM, prompts: list[tuple], repeats: int = 1) -> float:
     times = []
     for _ in range(repeats):
         for image, question, *_ in prompts:
-            vlm._image_cache.clear()
+            vlm.caches.clear()
             t = time.perf_counter()
             next(iter(vlm.stream(image, question, max_tokens=1)))
             times.append(time.perf_counter() - t)

@@ -121,11 +121,16 @@ def test_gguf_chat_reuses_the_kv_cache_across_turns(gguf_bundle):
     assert got1 == ref1[:len(got1)] and got2 == ref2[:len(got2)]
 
 
-def test_a_new_chat_with_the_same_prefix_hits_the_cache(gguf_bundle):
+def test_a_new_chat_with_the_same_prefix_hits_the_cache(gguf_bundle, bundle):
     vlm = edgevlm.load(gguf_bundle("fastvlm-qwen2-gqa"))
     first = list(vlm.stream(scene(3), "what color is the circle?", max_tokens=3))[-1]
     again = list(vlm.stream(scene(3), "how many squares are there?", max_tokens=3))[-1]
     assert again.prefilled_tokens < again.prompt_tokens - 16 and first.prefilled_tokens == first.prompt_tokens
+    assert again.prefix_cache_source == "decoder" and again.image_cache_source == "ram" and again.warm
+    assert again.prefix_cache_hit_tokens == again.prompt_tokens - again.prefilled_tokens
+    onnx = list(edgevlm.load(bundle("fastvlm-qwen2-gqa")).stream(scene(3), "hi", max_tokens=2))[-1]
+    assert set(again.profile) == set(onnx.profile) and again.profile["backend"] == "gguf"  # one profile, every backend
+    assert again.profile["prefill_s"] > 0 and again.peak_rss_bytes > 0
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q4_K_M"])

@@ -91,12 +91,14 @@ def test_eos_ends_with_stop(vlm, images, monkeypatch):
 
 
 def test_chat_reuses_kv_and_matches_a_fresh_computation(vlm, images):
+    vlm.caches.clear()  # earlier tests asked the same question: their prefix would serve the first turn
     chat = vlm.chat()
     a1 = list(chat.stream("what color is the circle?", image=images[0], max_tokens=6))
     a2 = list(chat.stream("and the square?", max_tokens=6))
     assert a2[-1].prefilled_tokens < a2[-1].prompt_tokens  # only the new turn ran
     assert "encode" not in a2[-1].stages  # the image was encoded once
     # the same conversation computed from scratch gives the same tokens
+    vlm.caches.clear()  # (else the prefix cache would serve the first turn's KV to the new chat too)
     fresh = vlm.chat()
     fresh.messages = chat.messages[:2]
     fresh._images = list(chat._images[:1])

@@ -1,0 +1,303 @@
+"""The disk tier of the caches: one file per entry, written atomically, verified before it is served.
+
+An entry file (little-endian; raw arrays as safetensors lays them out, no pickle anywhere):
+
+    b"EVLMCACH" | u64 header length | header (JSON) | payload (arrays back to back) | sha256 of all before
+
+The header names the format version, the bundle (sha256 of its manifest), the entry's kind and name, the
+caller's metadata, and each array's dtype, shape and byte range in the payload. An entry is served only if
+its checksum holds, its version and bundle are ours, its name matches its file name and every array lies
+inside the payload; anything else (torn by a crash, truncated, forged, from another bundle or an older
+format) is removed and reported as a miss. The checksum detects damage, not a forger who can write the
+directory: keep the cache directory private (it is created 0700).
+
+Writes go to a temp file in the same directory, are fsynced and `os.replace`d, so a reader sees either
+the old entry, no entry, or the whole new one. A directory that cannot be written (read-only, full, gone)
+turns the disk tier off for the process with one warning; answers are computed as without a cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("edgevlm")
+
+MAGIC = b"EVLMCACH"
+FORMAT_VERSION = 1
+SUFFIX = ".evc"
+MAX_HEADER = 64 << 20
+DTYPES = {"<f4", "<f2", "<i8", "<i4", "|u1"}  # what entries may hold (no object arrays: nothing to unpickle)
+NAME = re.compile(r"^[a-z]+-[0-9a-f]{16,64}$")
+STALE_TMP_S = 600.0  # temp files older than this were left by a killed writer
+
+
+def encode_entry(bundle: str, kind: str, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes of one entry file."""
+    specs, parts, offset = [], [], 0
+    for key, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        if dt.str not in DTYPES:
+            raise TypeError(f"cache array {key!r} has dtype {a.dtype}, not one of {sorted(DTYPES)}")
+        raw = a.astype(dt, copy=False).tobytes()
+        specs.append([key, dt.str, list(a.shape), offset, len(raw)])
+        parts.append(raw)
+        offset += len(raw)
+    header = json.dumps({"format": FORMAT_VERSION, "bundle": bundle, "kind": kind, "name": name, "meta": meta,
+                         "arrays": specs}, separators=(",", ":")).encode()
+    body = b"".join([MAGIC, struct.pack("<Q", len(header)), header, *parts])
+    return body + hashlib.sha256(body).digest()
+
+
+class EntryError(Exception):
+    """An entry file that must not be served (torn, forged, foreign or stale); it says why."""
+
+
+def read_header(blob: bytes) -> dict:
+    if len(blob) < 16 or blob[:8] != MAGIC:
+        raise EntryError("not an entry file (bad magic or too short)")
+    (n,) = struct.unpack("<Q", blob[8:16])
+    if n > MAX_HEADER or 16 + n > len(blob):
+        raise EntryError("header length out of range")
+    try:
+        header = json.loads(blob[16:16 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EntryError("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise EntryError("header is not an object")
+    return header
+
+
+def decode_entry(blob: bytes, bundle: str, kind: str, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """-> (meta, arrays) of a verified entry; EntryError if it must not be served."""
+    if len(blob) < 48 or hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise EntryError("checksum mismatch (torn or altered)")
+    header = read_header(blob[:-32])
+    if header.get("format") != FORMAT_VERSION:
+        raise EntryError(f"format version {header.get('format')!r}, this runtime reads {FORMAT_VERSION} (stale)")
+    if header.get("bundle") != bundle:
+        raise EntryError("written for another bundle (foreign)")
+    if header.get("kind") != kind or header.get("name") != name:
+        raise EntryError("its header names another entry (misplaced or forged)")
+    start = 16 + struct.unpack("<Q", blob[8:16])[0]
+    payload = memoryview(blob)[start:-32]
+    arrays = {}
+    try:
+        for key, dt, shape, offset, nbytes in header["arrays"]:
+            if dt not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise EntryError(f"array {key!r}: bad dtype or shape")
+            count = int(np.prod(shape, dtype=np.int64))
+            if nbytes != count * np.dtype(dt).itemsize or offset < 0 or offset + nbytes > len(payload):
+                raise EntryError(f"array {key!r} does not fit the payload")
+            arrays[key] = np.frombuffer(payload, dtype=dt, count=count, offset=offset).reshape(shape)
+    except (KeyError, TypeError, ValueError):
+        raise EntryError("malformed array table") from None
+    meta = header.get("meta")
+    if not isinstance(meta, dict):
+        raise EntryError("malformed metadata")
+    return meta, arrays
+
+
+class DiskStore:
+    """Entry files of one bundle in one directory, bounded in bytes (oldest use evicted first)."""
+
+    def __init__(self, root: str | os.PathLike, bundle: str, max_bytes: int = 2 << 30):
+        self.root = Path(root)
+        self.bundle, self.max_bytes = bundle, int(max_bytes)
+        self.disabled: str | None = None  # why the tier is off, once it is
+        self.hits = self.misses = self.rejected = self.writes = 0
+        self._lock = threading.Lock()
+        self._headers: dict[str, tuple[float, int, dict]] = {}  # name -> (mtime, size, header) read so far
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not readable and writable", str(self.root))
+            self._sweep_temps()
+        except OSError as e:
+            self.disable(e)
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled is None
+
+    def disable(self, err: BaseException | str) -> None:
+        """Turn the disk tier off for this process (one warning); RAM caches and answers are unaffected."""
+        if self.disabled is None:
+            self.disabled = err if isinstance(err, str) else (getattr(err, "strerror", None) or str(err))
+            log.warning("the disk cache in %s is off for this run (%s); answers are computed without it",
+                        self.root, self.disabled)
+
+    def path(self, name: str) -> Path:
+        return self.root / (name + SUFFIX)
+
+    # ---- reading ------------------------------------------------------------------------------------
+
+    def get(self, kind: str, name: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """A verified entry, or None (absent, unreadable, or bad: then removed)."""
+        if self.disabled or not NAME.match(name):
+            return None
+        p = self.path(name)
+        try:
+            blob = p.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except OSError as e:
+            log.debug("cache entry %s unreadable: %s", p.name, e)
+            self.misses += 1
+            return None
+        try:
+            meta, arrays = decode_entry(blob, self.bundle, kind, name)
+        except EntryError as e:
+            self.reject(name, str(e))
+            return None
+        self.hits += 1
+        try:
+            os.utime(p)  # the eviction order is least recently used
+        except OSError:
+            pass
+        return meta, arrays
+
+    def reject(self, name: str, why: str) -> None:
+        log.warning("cache entry %s not served: %s; removed", name + SUFFIX, why)
+        self.rejected += 1
+        self._headers.pop(name, None)
+        try:
+            self.path(name).unlink()
+        except OSError:
+            pass
+
+    def headers(self, prefix: str) -> dict[str, dict]:
+        """Unverified headers of the entries whose names start with prefix (a hint for lookups: an entry
+        is verified when it is read with `get`)."""
+        if self.disabled:
+            return {}
+        out = {}
+        with self._lock:
+            try:
+                listing = list(os.scandir(self.root))
+            except OSError:
+                return {}
+            seen = set()
+            for d in listing:
+                name = d.name[:-len(SUFFIX)]
+                if not d.name.endswith(SUFFIX) or not name.startswith(prefix) or not NAME.match(name):
+                    continue
+                seen.add(name)
+                try:
+                    st = d.stat()
+                except OSError:
+                    continue
+                cached = self._headers.get(name)
+                if cached is None or cached[:2] != (st.st_mtime, st.st_size):
+                    try:
+                        with open(d.path, "rb") as f:
+                            head = f.read(16)
+                            n = struct.unpack("<Q", head[8:16])[0] if len(head) == 16 else 0
+                            header = read_header(head + f.read(min(n, MAX_HEADER)))
+                    except OSError:
+                        continue
+                    except EntryError as e:  # only whole files get an entry's name (rename): this one is junk
+                        self.reject(name, str(e))
+                        continue
+                    cached = self._headers[name] = (st.st_mtime, st.st_size, header)
+                out[name] = cached[2]
+            for name in set(self._headers) - seen:
+                if name.startswith(prefix):
+                    del self._headers[name]
+        return out
+
+    # ---- writing ------------------------------------------------------------------------------------
+
+    def put(self, kind: str, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> bool:
+        """Write one entry atomically; False (and the tier off) if the directory cannot take it."""
+        if self.disabled or not NAME.match(name):
+            return False
+        blob = encode_entry(self.bundle, kind, name, meta, arrays)
+        try:
+            write_atomic(self.path(name), blob)
+        except OSError as e:
+            self.disable(e)
+            return False
+        self.writes += 1
+        self._evict()
+        return True
+
+    def remove(self, name: str) -> None:
+        self._headers.pop(name, None)
+        try:
+            self.path(name).unlink()
+        except OSError:
+            pass
+
+    def size_bytes(self) -> int:
+        if self.disabled:
+            return 0
+        try:
+            return sum(d.stat().st_size for d in os.scandir(self.root) if d.name.endswith(SUFFIX))
+        except OSError:
+            return 0
+
+    def _evict(self) -> None:
+        try:
+            files = [(d.stat().st_mtime, d.stat().st_size, d.path) for d in os.scandir(self.root)
+                     if d.name.endswith(SUFFIX)]
+        except OSError:
+            return
+        total = sum(f[1] for f in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+            total -= size
+
+    def _sweep_temps(self) -> None:
+        now = time.time()
+        for d in os.scandir(self.root):
+            if d.name.endswith(".tmp"):
+                try:
+                    if now - d.stat().st_mtime > STALE_TMP_S:
+                        os.unlink(d.path)
+                except OSError:
+                    pass
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """data -> path: temp file in the same directory, fsync, os.replace, fsync of the directory.
+    (Private to the caches; edgevlm/atomic.py may take its place once it exists.)"""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
