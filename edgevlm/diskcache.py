@@ -11,8 +11,8 @@ inside the payload; anything else (torn by a crash, truncated, forged, from anot
 format) is removed and reported as a miss. The checksum detects damage, not a forger who can write the
 directory: keep the cache directory private (it is created 0700).
 
-Writes go to a temp file in the same directory, are fsynced and `os.replace`d, so a reader sees either
-the old entry, no entry, or the whole new one. A directory that cannot be written (read-only, full, gone)
+Writes go through edgevlm.atomic.write_atomic (a temp file in the same directory, fsynced, `os.replace`d),
+so a reader sees the old entry, no entry, or the whole new one; temp files of killed writers are swept. A directory that cannot be written (read-only, full, gone)
 turns the disk tier off for the process with one warning; answers are computed as without a cache.
 """
 
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic  # temp file in the same directory, fsync, os.replace, fsync the directory
+
 log = logging.getLogger("edgevlm")
 
 MAGIC = b"EVLMCACH"
@@ -39,7 +41,8 @@ SUFFIX = ".evc"
 MAX_HEADER = 64 << 20
 DTYPES = {"<f4", "<f2", "<i8", "<i4", "|u1"}  # what entries may hold (no object arrays: nothing to unpickle)
 NAME = re.compile(r"^[a-z]+-[0-9a-f]{16,64}$")
-STALE_TMP_S = 600.0  # temp files older than this were left by a killed writer
+TEMP = re.compile(r"^\.[a-z]+-[0-9a-f]+\.evc\.partial-(\d+)-")  # edgevlm.atomic's temp files for our entries
+STALE_TMP_S = 600.0  # a temp file this old is a stalled writer's
 
 
 def encode_entry(bundle: str, kind: str, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
@@ -266,38 +269,26 @@ class DiskStore:
             total -= size
 
     def _sweep_temps(self) -> None:
+        """Remove the temp files of writers that were killed (their pid is gone) or stalled for long."""
         now = time.time()
         for d in os.scandir(self.root):
-            if d.name.endswith(".tmp"):
-                try:
-                    if now - d.stat().st_mtime > STALE_TMP_S:
-                        os.unlink(d.path)
-                except OSError:
-                    pass
+            m = TEMP.match(d.name)
+            if m is None:
+                continue
+            try:
+                if not _alive(int(m.group(1))) or now - d.stat().st_mtime > STALE_TMP_S:
+                    os.unlink(d.path)
+            except OSError:
+                pass
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """data -> path: temp file in the same directory, fsync, os.replace, fsync of the directory.
-    (Private to the caches; edgevlm/atomic.py may take its place once it exists.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # (on Windows os.kill would terminate it: rely on age there)
+        return True
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or a platform without signal 0
+        return True
+    return True
