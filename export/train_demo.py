@@ -260,17 +260,23 @@ def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
 
 
-def timed_loop(budget_s: float, params, lr: float, step_fn, log, every: int = 50, tag: str = ""):
-    """AdamW with the learning rate following the wall clock (warmup, cosine), until the budget is spent."""
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+def timed_loop(budget_s: float, params, lr: float, step_fn, log, every: int = 50, tag: str = "",
+               max_steps: int | None = None):
+    """AdamW with the learning rate following the wall clock (warmup, cosine), until the budget is spent (or
+    max_steps, whichever comes first: the schedule follows the one nearer its end). `params` may be a list
+    of param groups, each with an "lr_scale"."""
+    groups = params if params and isinstance(params[0], dict) else [{"params": params, "lr_scale": 1.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    flat = [p for g in groups for p in g["params"]]
     start, step, history = time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - start) < budget_s:
+    while (elapsed := time.perf_counter() - start) < budget_s and (max_steps is None or step < max_steps):
+        frac = max(elapsed / budget_s, step / max_steps if max_steps else 0.0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(elapsed / budget_s, lr)
+            g["lr"] = lr_at(frac, lr) * g["lr_scale"]
         loss, acc = step_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(flat, 1.0)
         opt.step()
         step += 1
         if step % every == 0:
@@ -310,13 +316,15 @@ def validate(logits_fn, conv: Conversations, n: int = 512, mini: bool = False) -
         _, ok = answer_loss(fn, ids, weight)
         for e, k in zip(chunk, ok.tolist()):
             per.setdefault(e.qtype, []).append(float(k))
-    return {"exact": round(float(np.mean([x for v in per.values() for x in v])), 4),
+            if e.qtype == "position":  # the three forms learn at different speeds: worth seeing apart
+                per.setdefault(f"position.{e.spec.form}", []).append(float(k))
+    return {"exact": round(float(np.mean([x for k, v in per.items() if "." not in k for x in v])), 4),
             "per_type": {k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())}}
 
 
 def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", init: Path | None = None,
           vision_minutes: float = 3.5, scenes: int = 16, per_scene: int = 6, lr: float = 2e-3, vision_lr: float = 2e-3,
-          threads: int = 2, log=print) -> dict:
+          threads: int = 2, tower_lr: float = 0.0, max_steps: int | None = None, log=print) -> dict:
     """Stage 1 (standard only): the tower alone learns what sits in each cell of its output grid (a linear
     probe per attribute, dropped afterwards). Stage 2: the tower is frozen; projector and language model
     (plus, for LLaVA-Mini, compressor and pre-fusion) learn to answer. `minutes` covers both stages."""
@@ -326,7 +334,12 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     summary: dict = {"variant": variant, "seed": seed, "history": []}
-    if variant == "standard":
+    if variant == "standard" and init is not None:  # continue a standard checkpoint (experiments)
+        tok = AutoTokenizer.from_pretrained(init)
+        processor = build_processor(tok)
+        model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+        tower, n_img = model.model.vision_tower, GRID * GRID
+    elif variant == "standard":
         tok = build_tokenizer()
         processor = build_processor(tok)
         model = build_model(tok)
@@ -345,7 +358,7 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     base = model if variant == "standard" else model.base
     image_id = base.config.image_token_id
 
-    if variant == "standard":
+    if variant == "standard" and init is None:
         tower.train()
         head = torch.nn.Linear(base.config.vision_config.hidden_size, sum(CELL_HEADS.values()))
 
@@ -362,10 +375,14 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
             summary["vision"] = {"steps": steps, "val_cell_exact": round(cell_loss(head, tower_grid(tower, pixels), targets)[1], 4)}
         summary["history"] += hist
         log(json.dumps(summary["vision"]))
-    tower.eval()
-    for p in tower.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    tower.eval()  # BatchNorm keeps its population statistics; recalibrated at the end if the tower trains
+    tower_params = list(tower.parameters())
+    for p in tower_params:
+        p.requires_grad_(tower_lr > 0)
+    ids_tower = {id(p) for p in tower_params}
+    params = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids_tower], "lr_scale": 1.0}]
+    if tower_lr > 0:  # the answers' gradient reaches the tower: it can make what they need (e.g. columns) prominent
+        params.append({"params": tower_params, "lr_scale": tower_lr / lr})
     logits_of = standard_logits(model, tower, image_id) if variant == "standard" else mini_logits(model, tower, image_id)
     is_mini = variant != "standard"
 
@@ -378,9 +395,11 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     model.train()
     tower.eval()
     left = minutes * 60 - (time.perf_counter() - t0) - 30  # keep time for validation and saving
-    steps, hist = timed_loop(left, params, lr, text_step, log, tag="language")
+    steps, hist = timed_loop(left, params, lr, text_step, log, tag="language", max_steps=max_steps)
     summary["history"] += hist
     model.eval()
+    if tower_lr > 0:
+        recalibrate_bn(tower, stream)
     summary["language"] = {"steps": steps, "scenes": steps * scenes, "questions": steps * scenes * per_scene}
     summary["val_teacher_forced"] = validate(logits_of, conv, mini=is_mini)
     summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
@@ -407,14 +426,20 @@ def main(argv=None) -> int:
     p.add_argument("--per-scene", type=int, default=6, help="questions per conversation")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the language stage")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tower-lr", type=float, default=0.0,
+                   help="peak learning rate of the tower in the language stage (0 = frozen)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap the language stage's steps (experiments)")
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
-    p.add_argument("--init", type=Path, default=None, help="the trained standard checkpoint (for --variant mini)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="a trained standard checkpoint: where --variant mini starts; for standard, continue it "
+                        "(no vision stage)")
     p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
                    help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
     summary = train(args.out, args.minutes, args.seed, args.variant, args.init, args.vision_minutes, args.scenes,
-                    args.per_scene, args.lr, threads=args.threads, log=lambda s: print(s, file=sys.stderr, flush=True))
+                    args.per_scene, args.lr, threads=args.threads, tower_lr=args.tower_lr,
+                    max_steps=args.max_steps, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if args.export:
         from .exporter import export
