@@ -280,7 +280,7 @@ class Caches:
 
 
 def _bundle_dir(cache_dir, bundle_sha: str) -> Path:
-    return Path(cache_dir) / bundle_sha[:32]
+    return Path(cache_dir).expanduser() / bundle_sha[:32]
 
 
 def _trim(kv: KV, n: int) -> KV:

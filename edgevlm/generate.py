@@ -125,8 +125,10 @@ class Chat:
                 "start a new chat, or use fewer images"
             )
         keys = vlm._keys_for(ids, images)
+        t_ids = time.perf_counter() - t  # template + tokenizer: counted in the embed stage
+        t = time.perf_counter()
         reuse, kv, source = vlm._find_prefix(keys, self._keys, self._kv)  # at least one position runs (logits)
-        t_ids = time.perf_counter() - t  # template + tokenizer + cache lookup: counted in the embed stage
+        stages["cache"] = stages.get("cache", 0.0) + time.perf_counter() - t
         logits, kv, got = vlm._prefill(ids, keys, self._states, reuse, kv, stages)
         stages["embed"] += t_ids
         if got > reuse:  # a GGUF/CoreML decoder still held a longer prefix from another call

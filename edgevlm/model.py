@@ -118,15 +118,21 @@ class VLM:
         t = time.perf_counter()
         raw = input_digest(image)  # the same input bytes always preprocess to the same pixels: skip that
         key = self.caches.aliases.get(raw) if raw else None
+        stages = {"preprocess": time.perf_counter() - t}
+        t = time.perf_counter()
         state, where = self.caches.get_image(key) if key else (None, "")
+        stages["cache"] = time.perf_counter() - t
         if state is not None:
-            return key, state, where, {"preprocess": time.perf_counter() - t}
+            return key, state, where, stages
+        t = time.perf_counter()
         pixels = preprocess(load_image(image), self.manifest.preprocess)
         key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()  # the content address
-        stages = {"preprocess": time.perf_counter() - t}
+        stages["preprocess"] += time.perf_counter() - t
         if raw:
             self.caches.aliases.put(raw, key)
+        t = time.perf_counter()
         state, where = self.caches.get_image(key)
+        stages["cache"] += time.perf_counter() - t
         if state is None:
             state = self._encode(pixels, stages)
             self.caches.put_image(key, state)

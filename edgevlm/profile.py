@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-# The first-token path, in order. encode includes the projector (it is inside the vision graph);
-# compress and prefusion run only for pre-fusion (LLaVA-Mini) bundles; embed is template + tokenizer +
-# cache lookup + token embedding; first_decode is the first step after the first token.
-STAGES = ("preprocess", "encode", "compress", "prefusion", "embed", "prefill", "first_decode")
+# The first-token path, in order. preprocess: decode + resize + normalize (or only the input's digest when
+# it is known); cache: image and prefix KV cache lookups, disk reads included; encode includes the projector
+# (it is inside the vision graph); compress and prefusion run only for pre-fusion (LLaVA-Mini) bundles;
+# embed: chat template + tokenizer + token embedding; first_decode: the first step after the first token.
+STAGES = ("preprocess", "cache", "encode", "compress", "prefusion", "embed", "prefill", "first_decode")
 
 
 def peak_rss_bytes() -> int:

@@ -315,7 +315,7 @@ def test_bench_command_writes_a_table_json_and_a_plot(tmp_path, capsys):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["bench", "--resolutions", "64,256", "--repeats", "1", "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "| demo | 256 | 128x128 |" in text and "resize" in text
+    assert "| demo | 256 | 128x128 |" in text and "resize" in text and "cache" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["resolution"] for r in rows] == [64, 256] and png.stat().st_size > 10_000
     for r in rows:
