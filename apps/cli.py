@@ -11,6 +11,7 @@ COMMANDS = {
     "quant": ("edgevlm.apps.quant_cmd", "quantize a bundle: int8, int8-static, int4, fp16, mixed under a budget"),
     "eval": ("edgevlm.apps.eval_cmd", "accuracy of a bundle on a held-out procedural set"),
     "bench": ("edgevlm.apps.bench_cmd", "TTFT per stage, cold and warm, per input resolution (table, JSON, plot)"),
+    "serve": ("edgevlm.apps.serve", "OpenAI-compatible local server and web chat page (loopback by default)"),
 }
 
 USAGE = "usage: edgevlm <command> [options]\n\ncommands:\n" + "\n".join(

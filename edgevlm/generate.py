@@ -83,6 +83,18 @@ class Chat:
         self._keys: list = []  # what the KV cache holds: token ids, or (image key, row) at image positions
         self._kv = self.vlm._empty_kv()
 
+    def add_turn(self, text: str, answer: str, image=None) -> None:
+        """Record a past exchange without generating (e.g. the history an API request carries); the next
+        `stream` prefills it, reusing cached image embeds and KV where it can."""
+        content = [{"type": "text", "text": text}]
+        if image is not None:
+            key, state, _, _ = self.vlm._image_embeds(image)
+            self._states[key] = state
+            self._images = self._images + [key]
+            content.insert(0, {"type": "image"})
+        self.messages = self.messages + [{"role": "user", "content": content},
+                                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
     def send(self, text: str, image=None, **kwargs) -> str:
         return "".join(r.text for r in self.stream(text, image=image, **kwargs))
 

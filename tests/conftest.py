@@ -85,3 +85,41 @@ def images():
 
 def np_image(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory):
+    """serve(*args) -> base URL of an `edgevlm serve --port 0 *args` subprocess on loopback, stopped at the end."""
+    import re
+    import selectors
+    import subprocess
+    import sys
+    import time
+
+    procs = []
+
+    def start(*args: str) -> str:
+        log = tmp_path_factory.mktemp("serve") / "stderr.log"
+        err = open(log, "w")
+        p = subprocess.Popen([sys.executable, "-m", "edgevlm.apps.cli", "serve", "--port", "0", *args],
+                             stdout=subprocess.PIPE, stderr=err, text=True)
+        procs.append((p, err))
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            if sel.select(timeout=0.5):
+                m = re.search(r"http://(127\.0\.0\.1:\d+)/", p.stdout.readline())
+                if m:
+                    return "http://" + m.group(1)
+        p.kill()
+        raise RuntimeError(f"edgevlm serve did not start: {log.read_text()[-2000:]}")
+
+    yield start
+    for p, err in procs:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        err.close()

@@ -1,0 +1,113 @@
+"""`edgevlm serve`: an OpenAI-compatible chat server and a web chat page, on loopback by default."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from .common import one_line_errors
+from .openai_api import Limits
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Limits()
+    p = argparse.ArgumentParser(prog="edgevlm serve", description=(
+        "Serve a bundle over an OpenAI-compatible API (POST /v1/chat/completions, streaming or not; GET /v1/models; "
+        "GET /health) and a web chat page at /. Binds 127.0.0.1 and answers loopback Host names only unless told "
+        "otherwise. Without --bundle the embedded demo bundle is served."))
+    p.add_argument("--bundle", metavar="B", help="bundle directory (default: the embedded demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else exposes "
+                   "the model beyond this machine: pair it with --api-key and --allow-host)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--model-name", metavar="NAME", help="model id clients send (default: the bundle's directory name)")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require Authorization: Bearer KEY on /v1/* (or set EDGEVLM_API_KEY)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin allowed to call the API from a browser (CORS), e.g. http://localhost:3000; "
+                        "repeatable; default none")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="an extra Host name to answer besides loopback names (repeatable)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="requests generating at once (default 1: ONNX Runtime already uses every core)")
+    p.add_argument("--queue", type=int, default=16, metavar="N", help="requests allowed to wait; beyond: 429 (16)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="deadline per request, seconds (120)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
+                   help=f"largest request body (default {d.max_body_bytes}); beyond: 413")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="N",
+                   help=f"largest image, width x height (default {d.max_image_pixels}); beyond: 413")
+    p.add_argument("--max-images", type=int, default=d.max_images, metavar="N",
+                   help=f"images per request (default {d.max_images})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
+                   help=f"largest max_tokens a request may ask for (default {d.max_tokens})")
+    p.add_argument("--providers", default=None, metavar="LIST",
+                   help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from edgevlm.errors import ArgumentError
+
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        raise ArgumentError(f"`edgevlm serve` needs the server extra: pip install 'edgevlm[server]' ({e.name})")
+    for name in ("parallel", "max_body_bytes", "max_image_pixels", "max_images", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.queue < 0 or args.timeout <= 0:
+        raise ArgumentError("--queue must be >= 0 and --timeout > 0")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    api_key = args.api_key or os.environ.get("EDGEVLM_API_KEY") or None
+    if not loopback:
+        print(f"warning: binding {args.host} makes the server reachable from other machines"
+              + ("" if api_key else " without an API key (--api-key)"), file=sys.stderr)
+
+    import edgevlm
+    from pathlib import Path
+
+    from edgevlm.model import DEFAULT_BUNDLE
+
+    vlm = edgevlm.load(args.bundle, providers=args.providers.split(",") if args.providers else None)
+    if args.parallel > 1 and vlm.lm is not None:
+        raise ArgumentError("--parallel > 1 needs an ONNX decoder (llama.cpp / CoreML hold one context)")
+    model_id = args.model_name or Path(args.bundle or DEFAULT_BUNDLE).resolve().name
+    limits = Limits(args.max_body_bytes, args.max_image_pixels, args.max_images, args.max_tokens)
+    app = create_app(vlm, model_id, limits, parallel=args.parallel, queue=args.queue, timeout=args.timeout,
+                     api_key=api_key, allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise ArgumentError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+                            lifespan="off", server_header=False, timeout_keep_alive=5,
+                            limit_concurrency=args.parallel + args.queue + 64, h11_max_incomplete_event_size=64 << 10)
+    print(f"edgevlm serve: model {model_id!r} at http://{shown}:{port}/  (API: http://{shown}:{port}/v1)", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
