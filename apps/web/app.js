@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STAGES = ["preprocess", "encode", "compress", "embed", "prefill", "first_decode"];
+const AFTER_TTFT = ["first_decode"];  // stages timed after the first token: not bars of TTFT
 let model = null;
 let messages = [];        // the OpenAI conversation so far
 let pendingImage = null;  // a data: URL to attach to the next question
@@ -74,7 +74,7 @@ function addMessage(role, text, image) {
 function showStats(s, final) {
   $("ttft").textContent = (s.ttft_s * 1000).toFixed(1) + " ms";
   const total = Math.max(s.ttft_s, 1e-9);
-  $("stages").replaceChildren(...STAGES.filter((k) => k in s.stages).map((k) => {
+  $("stages").replaceChildren(...Object.keys(s.stages).filter((k) => !AFTER_TTFT.includes(k)).map((k) => {
     const row = document.createElement("div");
     row.className = "stage";
     const bar = document.createElement("i");  // width set through the CSSOM: the page's CSP allows no inline styles
@@ -91,11 +91,13 @@ function showStats(s, final) {
     return row;
   }));
   const figures = [
-    ["prompt tokens", s.prompt_tokens],
-    ["prefilled", s.prefilled_tokens + " (rest from cache)"],
+    ["prompt tokens prefilled", `${s.prefilled_tokens} of ${s.prompt_tokens}`],
     ["image cache hits", s.image_cache_hits],
   ];
-  if (final) figures.push(["generated", s.generated_tokens], ["decode", s.decode_tps.toFixed(1) + " tok/s"]);
+  if (final) {
+    if ("first_decode" in s.stages) figures.push(["first decode step", (s.stages.first_decode * 1000).toFixed(1) + " ms"]);
+    figures.push(["generated", s.generated_tokens], ["decode", s.decode_tps.toFixed(1) + " tok/s"]);
+  }
   $("figures").replaceChildren(...figures.flatMap(([k, v]) => {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k;
