@@ -125,15 +125,11 @@ class Session:
         else:
             data = "".join((f"[image: {t['image']}]\n" if t["image"] else "") + f"> {t['user']}\n{t['assistant']}\n\n"
                            for t in self.turns)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        from edgevlm.atomic import write_atomic
+
         try:
-            with open(tmp, "w", encoding="utf-8") as f:  # temp + fsync + rename: never a half-written transcript
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            write_atomic(p, data)  # never a half-written transcript
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             self.console.print(f"error: cannot write {path!r}: {e.strerror or e}", markup=False)
             return
         self.console.print(f"[dim]saved {len(self.turns)} turn(s) to {path}[/]")

@@ -198,7 +198,9 @@ def markdown(r: dict) -> str:
         f"Overload burst: {b['requests']} requests at concurrency {b['concurrency']} against a queue of {b['queue']}: "
         f"statuses {b['statuses']}, server errors **{b['server_errors']}** (the excess is refused with 429).\n\n"
         f"RSS before any request {rss['start']} MB, after {r['warmup']} warm-up requests {rss['after_warmup']} MB, "
-        f"max {rss['max']} MB. Wall time of the main run {r['wall_s']} s on 2 shared cores.\n")
+        f"max {rss['max']} MB. Wall time of the main run {r['wall_s']} s on 2 cores shared with other jobs. Latency "
+        f"includes the wait in the queue ({r['concurrency']} clients share 1 worker); TTFT is the runtime's own figure "
+        "(from the start of generation), accuracy is exact match on the held-out questions.\n")
 
 
 def plot(rss, results, start, path) -> None:

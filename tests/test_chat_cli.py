@@ -79,9 +79,11 @@ def test_arrow_up_recalls_the_last_question(tmp_path):
     try:
         read_until(lambda s: b"ready" in s and s.rstrip().endswith(b">"))
         os.write(master, b"What color is the star?\r")
-        read_until(lambda s: s.count(b"blue") == 1 and s.count(b"TTFT") == 1)
+        done = b"tokens prefilled"  # the figures line that ends each answer
+        read_until(lambda s: s.count(done) == 1 and s.rstrip().endswith(b">"))
         os.write(master, b"\x1b[A\r")  # up arrow, Enter
-        read_until(lambda s: s.count(b"blue") == 2 and s.count(b"TTFT") == 2)
+        read_until(lambda s: s.count(done) == 2 and s.rstrip().endswith(b">"))
+        assert seen.count(b"> What color is the star?") == 2 and seen.count(b"blue") == 2
         os.write(master, b"/quit\r")
         assert p.wait(60) == 0
     finally:
