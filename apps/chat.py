@@ -114,7 +114,11 @@ class Session:
             table.add_row("  (image encoded at /image)", f"{self.encoded_ms:.2f} ms")
         table.add_row("prompt tokens", f"{r.prompt_tokens} ({r.prefilled_tokens} prefilled, "
                                         f"{r.prompt_tokens - r.prefilled_tokens} from the KV cache)")
-        table.add_row("image cache hits", str(r.image_cache_hits))
+        table.add_row("image cache hits", f"{r.image_cache_hits} {r.image_cache_source}".strip())
+        if r.prefix_cache_hit_tokens:
+            table.add_row("prefix KV cache", f"{r.prefix_cache_hit_tokens} tokens ({r.prefix_cache_source})")
+        if r.peak_rss_bytes:
+            table.add_row("peak RSS", f"{r.peak_rss_bytes / 2**20:.0f} MB")
         table.add_row("generated", f"{r.generated_tokens} tokens, {r.decode_tps:.1f} tok/s")
         self.console.print(table)
 

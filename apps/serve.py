@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"images per request (default {d.max_images})")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
                    help=f"largest max_tokens a request may ask for (default {d.max_tokens})")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="keep the image and prefix KV caches on disk here too (they survive restarts)")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
 
     from edgevlm.model import DEFAULT_BUNDLE
 
-    vlm = edgevlm.load(args.bundle, providers=args.providers.split(",") if args.providers else None)
+    vlm = edgevlm.load(args.bundle, providers=args.providers.split(",") if args.providers else None,
+                       cache_dir=args.cache_dir)
     if args.parallel > 1 and vlm.lm is not None:
         raise ArgumentError("--parallel > 1 needs an ONNX decoder (llama.cpp / CoreML hold one context)")
     model_id = args.model_name or Path(args.bundle or DEFAULT_BUNDLE).resolve().name

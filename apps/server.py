@@ -41,7 +41,7 @@ def error_response(e: ApiError) -> JSONResponse:
 def stats(r) -> dict:
     """The Response's timing fields (and any the runtime adds later), for the `edgevlm` key of a reply."""
     d = dataclasses.asdict(r)
-    return {k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}
+    return {**{k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}, "warm": r.warm}
 
 
 class Engine:

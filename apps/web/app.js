@@ -92,8 +92,11 @@ function showStats(s, final) {
   }));
   const figures = [
     ["prompt tokens prefilled", `${s.prefilled_tokens} of ${s.prompt_tokens}`],
-    ["image cache hits", s.image_cache_hits],
+    ["image cache hits", s.image_cache_hits + (s.image_cache_source ? ` (${s.image_cache_source})` : "")],
   ];
+  if (s.prefix_cache_hit_tokens) {
+    figures.push(["prefix KV cache", `${s.prefix_cache_hit_tokens} tokens (${s.prefix_cache_source})`]);
+  }
   if (final) {
     if ("first_decode" in s.stages) figures.push(["first decode step", (s.stages.first_decode * 1000).toFixed(1) + " ms"]);
     figures.push(["generated", s.generated_tokens], ["decode", s.decode_tps.toFixed(1) + " tok/s"]);
