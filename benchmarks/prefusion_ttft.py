@@ -1,11 +1,13 @@
 """Cold TTFT and LLM prefill length: the standard demo bundle vs its LLaVA-Mini (pre-fusion) variant.
 
     python benchmarks/prefusion_ttft.py [--n 60] [--out benchmarks/results/prefusion_ttft]
-    python benchmarks/prefusion_ttft.py --scaled [--out benchmarks/results/prefusion_ttft_scaled]
+    python benchmarks/prefusion_ttft.py --scaled [--image-size 256] [--out benchmarks/results/prefusion_ttft_scaled]
 
 --scaled builds a larger random-weight pair instead of using the trained demo bundles (an LLM of 12
-layers x 768 behind a FastViT tower at 256 px = 64 image tokens; LLaVA-Mini with 2 pre-fusion layers):
-the regime where the language model, not the tower, dominates TTFT. Random weights: only speed is meant.
+layers x 768 behind a FastViT tower at --image-size px, stride 32: 256 px = 64 image tokens, 512 px = 256;
+LLaVA-Mini with 2 pre-fusion layers): the regime where the language model, not the tower, dominates TTFT,
+and (at 512 px) where image tokens outnumber the prompt's text as in the LLaVA-Mini paper's setting.
+Random weights: only speed is meant.
 
 Both bundles answer the same held-out questions, interleaved in one run (the machine is shared and noisy:
 read the ratio). "Cold" = an image neither bundle has seen: preprocess + encode (+ compress + pre-fusion
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import edgevlm
 from edgevlm.data import shapes
+from edgevlm.profile import STAGES
 
 ASSETS = Path(edgevlm.__file__).parent / "assets"
 BUNDLES = {"standard": ASSETS / "shapes-fastvlm", "pre-fusion": ASSETS / "shapes-fastvlm-mini"}
-STAGES = ["preprocess", "encode", "compress", "embed", "prefill"]  # embed includes pre-fusion
+STAGES = [s for s in STAGES if s != "first_decode"]  # the first-token path (edgevlm.profile)
 
 
 def measure(n: int, seed: int, bundles: dict) -> dict:
@@ -84,13 +87,13 @@ def write(result: dict, out: Path) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
-def build_scaled(work: Path) -> dict:
+def build_scaled(work: Path, image_size: int = 256) -> dict:
     """Random-weight standard + LLaVA-Mini bundles of a larger shape, exported into work/."""
     from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims, build_checkpoint, build_mini_checkpoint
     from edgevlm.export.exporter import export
 
     spec = CheckpointSpec("fast_vlm", TextDims(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048),
-                          VisionDims(image_size=256, embed_dims=(32, 64, 128, 256), layers=(2, 2, 4, 2)))
+                          VisionDims(image_size=image_size, embed_dims=(32, 64, 128, 256), layers=(2, 2, 4, 2)))
     out = {}
     for name, build in (("standard", build_checkpoint), ("pre-fusion", lambda s, d: build_mini_checkpoint(s, d, 2))):
         ckpt = build(spec, work / f"{name}-ckpt")
@@ -110,16 +113,18 @@ def main() -> None:
     p.add_argument("--standard", type=Path, default=BUNDLES["standard"])
     p.add_argument("--prefusion", type=Path, default=BUNDLES["pre-fusion"])
     p.add_argument("--scaled", action="store_true", help="a larger random-weight pair instead of the demo bundles")
+    p.add_argument("--image-size", type=int, default=256, help="tower input size of the --scaled pair (stride 32)")
     args = p.parse_args()
     if args.scaled:
         import tempfile
 
         if args.out == p.get_default("out"):
-            args.out = args.out.with_name("prefusion_ttft_scaled")
+            suffix = "" if args.image_size == 256 else f"_{args.image_size}"
+            args.out = args.out.with_name(f"prefusion_ttft_scaled{suffix}")
         with tempfile.TemporaryDirectory() as work:
-            result = measure(args.n, args.seed, build_scaled(Path(work)))
-        result["note"] = ("random weights; LLM 12 layers x 768 (GQA 12/4), FastViT tower at 256 px -> 64 image "
-                          "tokens; LLaVA-Mini with 2 pre-fusion layers")
+            result = measure(args.n, args.seed, build_scaled(Path(work), args.image_size))
+        result["note"] = (f"random weights; LLM 12 layers x 768 (GQA 12/4), FastViT tower at {args.image_size} px -> "
+                          f"{(args.image_size // 32) ** 2} image tokens; LLaVA-Mini with 2 pre-fusion layers")
     else:
         result = measure(args.n, args.seed, {"standard": args.standard, "pre-fusion": args.prefusion})
     result.update(n=args.n, seed=args.seed, machine=f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime CPU")
