@@ -183,8 +183,10 @@ def _center_crop(img: np.ndarray, ch: int, cw: int) -> np.ndarray:
     return img[top : top + ch, left : left + cw]
 
 
-# Separable antialiased resampling on uint8, as PIL and torchvision's uint8 kernel compute it:
-# weights in double, normalised, then fixed point (PIL: 22 bits; torchvision: the most bits an int16 holds).
+# Separable antialiased resampling on uint8 as torchvision's uint8 kernel computes it: weights in double,
+# normalised, then fixed point with the most bits an int16 holds; horizontal pass first. The "pil" kernel is
+# Pillow's own resize (what the HF processors' PIL backend calls): Pillow picks the order of the two passes
+# itself, so only Pillow reproduces Pillow.
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -206,7 +208,7 @@ def _lanczos(x: np.ndarray) -> np.ndarray:
 _FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0), "lanczos": (_lanczos, 3.0)}
 
 
-def _weights(in_size: int, out_size: int, resample: str, kernel: str):
+def _weights(in_size: int, out_size: int, resample: str):
     # -> (start [out], fixed-point weights [out, k], precision bits)
     filt, support = _FILTERS[resample]
     scale = in_size / out_size
@@ -221,42 +223,48 @@ def _weights(in_size: int, out_size: int, resample: str, kernel: str):
     w = filt((j + xmin[:, None] - centers[:, None] + 0.5) / fscale) * valid
     total = w.sum(axis=1, keepdims=True)
     w = np.where(total != 0, w / np.where(total == 0, 1, total), 0.0)
-    if kernel == "pil":
-        bits = 22
-    else:
-        bits = 0
-        while bits < 22 and int(0.5 + w.max() * (1 << (bits + 1))) < (1 << 15):
-            bits += 1
+    bits = 0
+    while bits < 22 and int(0.5 + w.max() * (1 << (bits + 1))) < (1 << 15):
+        bits += 1
     wi = np.where(w < 0, -0.5 + w * (1 << bits), 0.5 + w * (1 << bits)).astype(np.int64)
     return xmin, wi, bits
 
 
-def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str, kernel: str) -> np.ndarray:
+def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str) -> np.ndarray:
     in_size = img.shape[axis]
     if resample == "nearest":
-        if kernel == "pil":
-            idx = ((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int64)
-        else:
-            idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)
+        idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)
         return np.take(img, np.minimum(idx, in_size - 1), axis=axis)
-    xmin, wi, bits = _weights(in_size, out_size, resample, kernel)
-    src = np.moveaxis(img, axis, 0)
-    acc = np.full((out_size,) + src.shape[1:], 1 << (bits - 1), np.int64)
-    shape = (out_size,) + (1,) * (src.ndim - 1)
+    xmin, wi, bits = _weights(in_size, out_size, resample)
+    # The resampled axis leads and the rest is one contiguous row, so each tap gathers whole rows. int32 is
+    # enough: the int16 weights sum to 2**bits (bits <= 15) and the filters' lobes keep |acc| far below 2**31.
+    src = np.ascontiguousarray(np.moveaxis(img, axis, 0))
+    rows = src.reshape(in_size, -1)
+    acc = np.full((out_size, rows.shape[1]), 1 << (bits - 1), np.int32)
+    tap = np.empty_like(acc)
+    w32 = wi.astype(np.int32)
     for j in range(wi.shape[1]):
-        idx = np.minimum(xmin + j, in_size - 1)
-        acc += wi[:, j].reshape(shape) * src[idx].astype(np.int64)
-    out = np.clip(acc >> bits, 0, 255).astype(np.uint8)
+        np.multiply(rows[np.minimum(xmin + j, in_size - 1)], w32[:, j:j + 1], out=tap)
+        acc += tap
+    np.right_shift(acc, bits, out=acc)
+    out = np.clip(acc, 0, 255).astype(np.uint8).reshape((out_size,) + src.shape[1:])
     return np.moveaxis(out, 0, axis)
 
 
 def resize(img: np.ndarray, oh: int, ow: int, resample: str = "bicubic", kernel: str = "torchvision") -> np.ndarray:
-    """HxWx3 uint8 -> ohxowx3 uint8; horizontal pass first, then vertical, as PIL and torchvision do."""
+    """HxWx3 uint8 -> ohxowx3 uint8, bit-exact with the named kernel: "torchvision" (its antialiased uint8
+    resize: horizontal pass first, then vertical) or "pil" (Pillow's Image.resize)."""
     h, w = img.shape[:2]
     if (h, w) == (oh, ow):
         return img
+    if kernel == "pil":
+        return np.asarray(Image.fromarray(img).resize((ow, oh), _PIL_FILTERS[resample]))
     if w != ow:
-        img = _resample_axis(img, ow, 1, resample, kernel)
+        img = _resample_axis(img, ow, 1, resample)
     if h != oh:
-        img = _resample_axis(img, oh, 0, resample, kernel)
+        img = _resample_axis(img, oh, 0, resample)
     return np.ascontiguousarray(img)
+
+
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}

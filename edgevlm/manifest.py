@@ -60,7 +60,7 @@ class Preprocess:
     rescale: float = 1.0 / 255.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    resize_kernel: str = "torchvision"  # "torchvision" (int16 weights) or "pil" (22-bit weights)
+    resize_kernel: str = "torchvision"  # "torchvision" (its uint8 antialiased resize) or "pil" (Pillow's resize)
 
 
 @dataclass(frozen=True)
