@@ -130,18 +130,20 @@ def kv_from_arrays(arrays: dict[str, np.ndarray]) -> KV | None:
 
 
 class Caches:
-    """A VLM's caches. `check_kv(kv, length)` and `check_image(state)` say whether arrays read from disk
-    fit this model (shapes, dtypes); entries that do not are removed like torn ones."""
+    """A VLM's caches. A prefix entry's value is a dict of arrays, opaque here: the KV arrays of an ONNX
+    decoder ("k.0", "v.0", ...), or a llama.cpp sequence state ("state"). `variant` names that layout
+    (entries of another variant are stale); `check_prefix(arrays, length)` and `check_image(state)` say
+    whether arrays read from disk fit this model (shapes, dtypes): entries that do not are removed."""
 
     def __init__(self, bundle_sha: str, cache_dir=None, *, image_bytes: int = 256 << 20,
                  prefix_bytes: int = 512 << 20, disk_bytes: int = 2 << 30, aliases: int = 4096,
-                 check_kv: Callable[[KV, int], bool] = lambda kv, n: True,
+                 variant: str = "kv", check_prefix: Callable[[dict, int], bool] = lambda a, n: True,
                  check_image: Callable[[dict], bool] = lambda s: True):
-        self.bundle_sha = bundle_sha
+        self.bundle_sha, self.variant = bundle_sha, variant
         self.images, self.prefixes = LRU(image_bytes), LRU(prefix_bytes)
         self.aliases = LRU(aliases << 7)  # digest of an input as given -> its image key (128 bytes each)
         self.disk = DiskStore(_bundle_dir(cache_dir, bundle_sha), bundle_sha, disk_bytes) if cache_dir else None
-        self.check_kv, self.check_image = check_kv, check_image
+        self.check_prefix, self.check_image = check_prefix, check_image
         self._pending: list[tuple] = []  # disk writes kept off the TTFT path until flush()
         self._lock = threading.RLock()
 
@@ -172,10 +174,11 @@ class Caches:
 
     # ---- prefixes -----------------------------------------------------------------------------------
 
-    def lookup_prefix(self, keys: Sequence, at_least: int = 0) -> tuple[int, KV | None, str]:
-        """The cached KV sharing the longest prefix with keys: (length, kv trimmed to it, "ram"/"disk"),
-        or (0, None, "") when no entry shares more than at_least positions. The length stops one short of
-        len(keys), so the prompt's last position always runs (its logits are needed)."""
+    def lookup_prefix(self, keys: Sequence, at_least: int = 0) -> tuple[int, dict | None, str, tuple]:
+        """The entry sharing the longest prefix with keys: (that length, its arrays, "ram"/"disk", its keys),
+        or (0, None, "", ()) when none shares more than at_least positions. The length stops one short of
+        len(keys), so the prompt's last position always runs (its logits are needed). The arrays cover the
+        entry's whole keys: the caller keeps the first `length` positions."""
         limit = len(keys) - 1
         with self._lock:
             best, best_key = at_least, None
@@ -184,9 +187,9 @@ class Caches:
                 if n > best:
                     best, best_key = n, stored
             if best_key is not None:
-                return best, _trim(self.prefixes.get(best_key), best), "ram"  # get: refreshes its LRU place
+                return best, self.prefixes.get(best_key), "ram", best_key  # get: refreshes its LRU place
             if self.disk is None:
-                return 0, None, ""
+                return 0, None, "", ()
             candidates = []
             for name, header in self.disk.headers("kv-").items():
                 stored = keys_from_json((header.get("meta") or {}).get("keys"))
@@ -200,24 +203,25 @@ class Caches:
                     continue
                 meta, arrays = entry
                 stored = keys_from_json(meta.get("keys"))
-                kv = kv_from_arrays(arrays)
-                if (stored is None or name != "kv-" + keys_digest(stored) or kv is None
-                        or not self.check_kv(kv, len(stored))):
+                if meta.get("variant") != self.variant:
+                    self.disk.reject(name, f"a {meta.get('variant')!r} entry, this decoder reads {self.variant!r} (stale)")
+                    continue
+                if stored is None or name != "kv-" + keys_digest(stored) or not self.check_prefix(arrays, len(stored)):
                     self.disk.reject(name, "keys or arrays do not fit this model")
                     continue
                 n = min(common_prefix(stored, keys), limit)  # from the verified header this time
                 if n <= best:
                     continue
-                self.prefixes.put(tuple(stored), kv)
-                return n, _trim(kv, n), "disk"
-        return 0, None, ""
+                self.prefixes.put(tuple(stored), arrays)
+                return n, arrays, "disk", tuple(stored)
+        return 0, None, "", ()
 
-    def put_prefix(self, keys: Sequence, kv: KV) -> None:
-        """Keep (keys, kv); entries it extends are dropped (it serves every prompt they serve)."""
+    def put_prefix(self, keys: Sequence, arrays: dict[str, np.ndarray]) -> None:
+        """Keep (keys, arrays); entries it extends are dropped (it serves every prompt they serve)."""
         keys = tuple(keys)
         if not keys:
             return
-        kv = [(np.ascontiguousarray(k), np.ascontiguousarray(v)) for k, v in kv]
+        arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
         with self._lock:
             for stored, _ in self.prefixes.items():
                 if len(stored) >= len(keys) and stored[:len(keys)] == keys:
@@ -225,9 +229,9 @@ class Caches:
                     return  # already covered by a longer entry
                 if stored == keys[:len(stored)]:
                     self.prefixes.pop(stored)
-            self.prefixes.put(keys, kv)
+            self.prefixes.put(keys, arrays)
             if self.disk is not None:
-                self._pending.append(("prefix", keys, kv))
+                self._pending.append(("prefix", keys, arrays))
 
     # ---- disk writes, stats -------------------------------------------------------------------------
 
@@ -244,7 +248,7 @@ class Caches:
                 else:
                     self._put_prefix_disk(key, value)
 
-    def _put_prefix_disk(self, keys: tuple, kv: KV) -> None:
+    def _put_prefix_disk(self, keys: tuple, arrays: dict[str, np.ndarray]) -> None:
         headers = self.disk.headers("kv-")
         for name, header in headers.items():
             stored = keys_from_json((header.get("meta") or {}).get("keys"))
@@ -252,7 +256,8 @@ class Caches:
                 continue
             if len(stored) >= len(keys) and tuple(stored[:len(keys)]) == keys:
                 return  # a longer entry on disk already covers it
-        if self.disk.put("prefix", "kv-" + keys_digest(keys), {"keys": keys_to_json(keys)}, kv_arrays(kv)):
+        meta = {"keys": keys_to_json(keys), "variant": self.variant}
+        if self.disk.put("prefix", "kv-" + keys_digest(keys), meta, arrays):
             for name, header in headers.items():  # drop the entries the new one extends
                 stored = keys_from_json((header.get("meta") or {}).get("keys"))
                 if stored is not None and len(stored) < len(keys) and tuple(stored) == keys[:len(stored)]:
@@ -282,6 +287,3 @@ class Caches:
 def _bundle_dir(cache_dir, bundle_sha: str) -> Path:
     return Path(cache_dir).expanduser() / bundle_sha[:32]
 
-
-def _trim(kv: KV, n: int) -> KV:
-    return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]

@@ -19,7 +19,7 @@ from . import pipeline, template
 from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
-from .cache import Caches
+from .cache import Caches, kv_arrays, kv_from_arrays
 from .errors import BackendError, BundleError, EdgeVLMError
 from .generate import Chat, Response
 from .image import input_digest, load_image, preprocess
@@ -107,7 +107,8 @@ class VLM:
     def new_caches(self, cache_dir: str | os.PathLike | None = None, **bounds) -> Caches:
         """Empty caches for this model (RAM LRUs; a disk tier under cache_dir). Bounds in bytes:
         image_bytes, prefix_bytes, disk_bytes."""
-        return Caches(self.bundle.sha256, cache_dir, check_kv=self._kv_fits, check_image=self._image_fits, **bounds)
+        return Caches(self.bundle.sha256, cache_dir, variant=self._prefix_variant(), check_prefix=self._prefix_fits,
+                      check_image=self._image_fits, **bounds)
 
     # ---- stages used by Chat -----------------------------------------------------------------------
 
@@ -166,23 +167,43 @@ class VLM:
             return kv is not None and len(kv) == self.prefusion_layers and _kv_ok(kv, self.prefusion_kv, None)
         return state.get("kv") is None
 
-    def _kv_fits(self, kv, length: int) -> bool:
-        return self.lm is None and len(kv) == self.num_layers and _kv_ok(kv, self.kv_spec, length)
+    # ---- the prefix KV cache: ONNX KV arrays, or a llama.cpp sequence state (GGUF); CoreML keeps none -----
+
+    def _prefix_variant(self) -> str:
+        if self.lm is None:
+            return "onnx-kv"
+        return getattr(self.lm, "state_variant", "none")
+
+    def _prefix_fits(self, arrays: dict, length: int) -> bool:
+        if self.lm is None:
+            kv = kv_from_arrays(arrays)
+            return kv is not None and len(kv) == self.num_layers and _kv_ok(kv, self.kv_spec, length)
+        state = arrays.get("state")
+        return len(arrays) == 1 and state is not None and state.dtype == np.uint8 and state.ndim == 1
 
     def _find_prefix(self, keys: list, own_keys: list, own_kv) -> tuple[int, object, str]:
         """Where the prompt's KV can start: (positions reused, kv, from where: "chat" (this chat's own KV),
-        "ram"/"disk" (the prefix cache), or "" (nothing)). GGUF/CoreML decoders decide in _prefill."""
+        "ram"/"disk" (the prefix cache), or "" (nothing)). A GGUF decoder's context may hold a longer
+        prefix still (another chat's): _prefill checks that."""
         reuse = min(common_prefix(own_keys, keys), len(keys) - 1)
         if self.lm is None:
-            n, kv, where = self.caches.lookup_prefix(keys, at_least=reuse)
-            if kv is not None:
-                return n, kv, where
+            n, arrays, where, _ = self.caches.lookup_prefix(keys, at_least=reuse)
+            if arrays is not None:
+                return n, kv_from_arrays(arrays), where  # _prefill keeps its first n positions
+        elif hasattr(self.lm, "restore"):
+            held = min(self.lm.common_prefix(keys), len(keys) - 1)
+            n, arrays, where, stored = self.caches.lookup_prefix(keys, at_least=max(reuse, held))
+            if arrays is not None and self.lm.restore(arrays["state"], stored):
+                self.lm.trim(n)
+                return n, None, where
         return reuse, own_kv, "chat" if reuse else ""
 
     def _remember(self, keys: list, kv) -> None:
         """Offer a decoder KV (the positions `keys`) to the prefix cache, then write pending disk entries."""
-        if self.lm is None and keys:
-            self.caches.put_prefix(keys, kv)
+        if keys and self.lm is None:
+            self.caches.put_prefix(keys, kv_arrays(kv))
+        elif keys and hasattr(self.lm, "state") and self.lm.keys == keys:
+            self.caches.put_prefix(keys, {"state": self.lm.state()})
         self.caches.flush()
 
     def _prompt_embeds(self, ids: np.ndarray, keys: list, states: dict[str, dict], start: int,

@@ -105,6 +105,7 @@ def test_gguf_chat_reuses_the_kv_cache_across_turns(gguf_bundle):
     fresh = vlm.chat()
     fresh.messages, fresh._images, fresh._states = chat.messages[:2], list(chat._images[:1]), dict(chat._states)
     vlm.lm.trim(0)  # nothing cached: the whole prompt runs again
+    vlm.caches.clear()  # (the prefix cache would restore the first turn's llama state)
     b2 = list(fresh.stream("and the square?", max_tokens=6))
     assert b2[-1].prefilled_tokens == b2[-1].prompt_tokens
     assert [r.token for r in a2] == [r.token for r in b2]
@@ -131,6 +132,31 @@ def test_a_new_chat_with_the_same_prefix_hits_the_cache(gguf_bundle, bundle):
     onnx = list(edgevlm.load(bundle("fastvlm-qwen2-gqa")).stream(scene(3), "hi", max_tokens=2))[-1]
     assert set(again.profile) == set(onnx.profile) and again.profile["backend"] == "gguf"  # one profile, every backend
     assert again.profile["prefill_s"] > 0 and again.peak_rss_bytes > 0
+
+
+def test_gguf_prefix_cache_restores_llama_states_from_ram_and_disk(gguf_bundle, tmp_path):
+    path, q1, q2 = gguf_bundle("fastvlm-qwen2-gqa"), QUESTIONS[0], QUESTIONS[1]
+    want = [r.token for r in edgevlm.load(path).stream(scene(0), q2, max_tokens=6)]  # no cache at all
+    vlm = edgevlm.load(path, cache_dir=tmp_path)
+    list(vlm.stream(scene(0), q1, max_tokens=6))
+    list(vlm.stream(scene(1), q1, max_tokens=6))  # another image takes over the llama context
+    r = list(vlm.stream(scene(0), q2, max_tokens=6))
+    assert r[-1].prefix_cache_source == "ram" and r[-1].prefilled_tokens < r[-1].prompt_tokens - 16
+    assert [x.token for x in r] == want
+    fresh = edgevlm.load(path, cache_dir=tmp_path)  # a new process: a new llama context, RAM empty
+    r = list(fresh.stream(scene(0), q2, max_tokens=6))
+    print(f"GGUF from disk: prompt {r[-1].prompt_tokens}, prefilled {r[-1].prefilled_tokens}")
+    assert r[-1].prefix_cache_source == "disk" and r[-1].image_cache_source == "disk"
+    assert r[-1].prefilled_tokens <= 2 and [x.token for x in r] == want  # q2 was asked: all but its end cached
+    for p in tmp_path.rglob("kv-*.evc"):  # a state from another llama.cpp build or KV type is stale
+        from edgevlm import diskcache
+
+        name = p.name[:-len(diskcache.SUFFIX)]
+        meta, arrays = diskcache.decode_entry(p.read_bytes(), fresh.bundle.sha256, "prefix", name)
+        p.write_bytes(diskcache.encode_entry(fresh.bundle.sha256, "prefix", name, {**meta, "variant": "other"}, arrays))
+    again = edgevlm.load(path, cache_dir=tmp_path)
+    r = list(again.stream(scene(0), q2, max_tokens=6))
+    assert r[-1].prefix_cache_source == "" and again.caches.disk.rejected >= 1 and [x.token for x in r] == want
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q4_K_M"])

@@ -74,6 +74,7 @@ class GgufDecoder:
             cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         cp.swa_full = True  # sliding-window layers keep every position, so any cached prefix stays reusable
+        self.kv_type = "f32" if kv_f32 else "f16"
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -105,6 +106,33 @@ class GgufDecoder:
                 self._L.llama_memory_clear(self.mem, True)
                 n = 0
             del self.keys[n:]
+
+    # ---- the sequence state, for the prefix cache (RAM and disk) ---------------------------------------
+
+    @property
+    def state_variant(self) -> str:
+        """What a saved state depends on besides the bundle: llama.cpp's build and this context's KV type."""
+        return f"llama.cpp-seq-state {getattr(self._L, '__version__', '?')} ctx={self.n_ctx} kv={self.kv_type}"
+
+    def state(self) -> np.ndarray:
+        """The KV cache of sequence 0 (what `keys` describe) as bytes [n] uint8."""
+        L = self._L
+        n = L.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        got = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
+        return np.frombuffer(buf, np.uint8, got).copy()
+
+    def restore(self, state: np.ndarray, keys: Sequence) -> bool:
+        """Replace the cache with a saved state of `keys`; False (and an empty cache) if llama.cpp refuses it."""
+        L = self._L
+        L.llama_memory_clear(self.mem, True)
+        self.keys = []
+        data = np.ascontiguousarray(state, np.uint8)
+        if L.llama_state_seq_set_data(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size, 0) == 0:
+            L.llama_memory_clear(self.mem, True)
+            return False
+        self.keys = list(keys)
+        return True
 
     # ---- evaluation ---------------------------------------------------------------------------------
 
