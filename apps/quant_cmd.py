@@ -20,7 +20,8 @@ EPILOG = """schemes (every weight goes through onnxruntime's own quantizers):
   int4         block-wise 4-bit MatMulNBits (--block-size, --symmetric) and GatherBlockQuantized token
                embeddings; Conv has no 4-bit kernel, so a Conv vision encoder becomes fp16
   mixed        a level per layer: the smallest bundle whose measured accuracy is >= --budget x fp32
-               (per-layer sensitivity, greedy order, bisection); writes the Pareto set to --report
+               on --eval-n questions and on --confirm-n further ones (per-layer sensitivity, greedy order,
+               bisection); writes the Pareto set to --report
 
 --vision / --embed / --decoder (and --compressor / --prefusion for LLaVA-Mini bundles) set one component's
 level, e.g. --scheme int4 --vision fp16; with --scheme mixed they pin that component out of the search.
@@ -51,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
         "else none (mixed then keeps agreement with fp32's greedy answers >= budget)"))
     p.add_argument("--eval-seed", type=int, default=None, metavar="S", help="seed of the search/eval questions (validation seed)")
     p.add_argument("--eval-n", type=int, default=300, metavar="N", help="questions per accuracy measurement (300)")
+    p.add_argument("--confirm-n", type=int, default=None, metavar="N", help=(
+        "mixed: a point is accepted only if it also meets the budget on N further questions of the same seed "
+        "(default: as many as --eval-n; 0 = no confirmation)"))
     p.add_argument("--report", metavar="PREFIX", help="mixed: write PREFIX.{json,md,png} (default: B2-search/pareto)")
     p.add_argument("--force", action="store_true", help="replace B2 if it exists")
     p.add_argument("--json", action="store_true", help="print the manifest's quant section as JSON")
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
                             calib_seed=CALIB_SEED if args.calib_seed is None else args.calib_seed, calib_n=args.calib_n,
                             dataset=_dataset(args.dataset, args.bundle),
                             eval_seed=shapes.VALIDATION_SEED if args.eval_seed is None else args.eval_seed,
-                            eval_n=args.eval_n, overwrite=args.force, progress=progress, report=report)
+                            eval_n=args.eval_n, confirm_n=args.confirm_n, overwrite=args.force, progress=progress, report=report)
     d = m.quant.details
     if args.json:
         print(json.dumps({"scheme": m.quant.scheme, **d}))

@@ -11,14 +11,14 @@ DATASETS = {"shapes": shapes}
 
 
 def evaluate(vlm, dataset: str = "shapes", seed: int = shapes.TEST_SEED, n: int = 500,
-             progress: Callable[[int], None] | None = None, max_tokens: int = 24) -> dict:
-    """Greedy answers to n held-out questions (split "eval" of the seed) -> accuracy figures."""
+             progress: Callable[[int], None] | None = None, max_tokens: int = 24, start: int = 0) -> dict:
+    """Greedy answers to held-out questions start .. start+n-1 (split "eval" of the seed) -> accuracy figures."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
     data = DATASETS[dataset]
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    for ex in data.examples(seed, n, split="eval"):
+    for ex in data.examples(seed, n, split="eval", start=start):
         got = vlm.generate(ex.image, ex.question, max_tokens=max_tokens)
         total[ex.qtype] += 1
         right[ex.qtype] += data.normalize_answer(got) == data.normalize_answer(ex.answer)

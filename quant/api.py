@@ -65,13 +65,14 @@ def component_quant(model: onnx.ModelProto, source_nodes: list[str], levels: dic
 def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str] | None = None,
                     opts: Options = Options(), budget: float = 0.99, calib_seed: int = calib.CALIB_SEED,
                     calib_n: int = 32, dataset: str | None = None, eval_seed: int = shapes.VALIDATION_SEED,
-                    eval_n: int = 200, overwrite: bool = False, progress: Progress | None = None,
+                    eval_n: int = 200, confirm_n: int | None = None, overwrite: bool = False, progress: Progress | None = None,
                     report: str | Path | None = None, threads: int = 1) -> Manifest:
     """Quantize bundle `src` into a new bundle `dst` (the source is never written to).
 
     scheme: one of SCHEMES; `overrides` sets a component's level (e.g. {"vision": "fp16"}). With
     dataset="shapes", the new bundle's accuracy is measured next to the fp32 one (and, for "mixed",
-    drives the search: the smallest bundle with accuracy >= budget x fp32). `dst` appears only when
+    drives the search: the smallest bundle with accuracy >= budget x fp32 on `eval_n` questions and on
+    `confirm_n` further ones, default as many). `dst` appears only when
     complete and verified.
     """
     if scheme not in SCHEMES:
@@ -100,7 +101,7 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
 
             fixed, _ = resolve({c: graphs[c] for c in overrides}, "fp32", overrides)
             result = search(vlm, graphs, quantize_component, opts, prompts, budget=budget, dataset=dataset,
-                            eval_seed=eval_seed, eval_n=eval_n, fixed=fixed, progress=progress,
+                            eval_seed=eval_seed, eval_n=eval_n, confirm_n=confirm_n, fixed=fixed, progress=progress,
                             extra_bytes=len(tokenizer))
             plan, labels, search_info = result.plan, result.labels, result.summary
             labels.update(resolve({c: graphs[c] for c in overrides}, "fp32", overrides)[1])

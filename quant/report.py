@@ -14,14 +14,21 @@ log = logging.getLogger("edgevlm.quant")
 def table(rows: list[dict], metric: str = "accuracy") -> str:
     """Markdown: one row per point (label, MB, ratio to fp32 bytes, cold TTFT ms, metric, Pareto, chosen)."""
     base = max(r["bytes"] for r in rows)
-    lines = [f"| point | MB | bytes vs fp32 | cold TTFT (ms) | {metric} | Pareto | levels |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| point | MB | bytes vs fp32 | cold TTFT (ms) | {metric} | confirmation | Pareto | levels |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["bytes"]):
         levels = "; ".join(f"{c}: " + ", ".join(f"{n} {lv}" for lv, n in d.items()) for c, d in r["levels"].items() if d)
         mark = " **(chosen)**" if r.get("chosen") else ""
         lines.append(f"| {r['label']}{mark} | {r['bytes'] / 1e6:.2f} | {r['bytes'] / base:.3f} | "
-                     f"{r['ttft_s'] * 1e3:.2f} | {r['accuracy']:.4f} | {'yes' if r['pareto'] else ''} | "
+                     f"{r['ttft_s'] * 1e3:.2f} | {r['accuracy']:.4f} | {_confirm(r)} | {'yes' if r['pareto'] else ''} | "
                      f"{levels or 'all fp32'} |")
     return "\n".join(lines) + "\n"
+
+
+def _confirm(r: dict) -> str:
+    if r.get("confirm") is None:
+        return "—"
+    return f"{r['confirm']:.4f} ({'accepted' if r.get('accepted') else 'rejected'})"
 
 
 def plot(rows: list[dict], path: Path, title: str, metric: str = "accuracy", target: float | None = None) -> bool:
@@ -65,7 +72,12 @@ def write_report(result: SearchResult, out: Path) -> list[Path]:
     s = result.summary
     head = (f"# Mixed-precision search\n\nbudget {s['budget']} x fp32 {s['metric']} {s['fp32']:.4f} = target "
             f"{s['target']:.4f} on {s['eval']['dataset']} (seed {s['eval']['seed']}, n={s['eval']['n']}); "
-            f"{s['promotions']} promotions ordered by sensitivity per byte, {s['measured']} measured.\n\n")
+            f"{s['promotions']} promotions ordered by sensitivity per byte, {s['measured']} measured.")
+    c = s.get("confirm") or {}
+    if c.get("n"):
+        head += (f" A point is accepted only if it also meets the budget on the next {c['n']} questions of the seed "
+                 f"(confirmation: fp32 {c['fp32']:.4f}, target {c['target']:.4f}).")
+    head += "\n\n"
     paths[1].write_text(head + table(data["points"], result.metric), encoding="utf-8")
     if plot(data["points"], out.with_suffix(".png"), "mixed-precision search: measured points",
             result.metric, result.target):

@@ -130,6 +130,10 @@ def test_mixed_search_meets_budget_and_writes_pareto(bundle, tmp_path):
     data = json.loads(report.with_suffix(".json").read_text())
     print(*(f"{p['label']}: {p['bytes']} B, agreement {p['accuracy']:.3f}" for p in data["points"]), sep="\n")
     assert any(p["chosen"] for p in data["points"]) and any(p["pareto"] for p in data["points"])
+    chosen = next(p for p in data["points"] if p["chosen"])  # passed the search set AND the confirmation set
+    assert chosen["accepted"] and chosen["confirm"] >= s["confirm"]["target"] and s["confirm"]["n"] == 12
+    assert all(p["confirm"] is None or p["accepted"] == (p["confirm"] >= s["confirm"]["target"])
+               for p in data["points"] if p["accuracy"] >= s["target"])
     assert {r["component"] for r in data["sensitivity"]} >= {"vision", "decoder"}
     assert report.with_suffix(".png").stat().st_size > 1000 and "chosen" in report.with_suffix(".md").read_text()
     assert m.quant.details["bytes"] < m.quant.details["source_bytes"]
