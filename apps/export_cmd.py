@@ -24,6 +24,15 @@ def parser() -> argparse.ArgumentParser:
         "instead of exporting it again"))
     p.add_argument("--coreml-quant", choices=["none", "int8", "int4", "palette4", "palette6"], default="none",
                    help="--format coreml: weight compression (linear int8/int4 or k-means palettes)")
+    p.add_argument("--static", action="store_true", help=(
+        "NPU-ready ONNX bundle: no dynamic dim in any graph (fixed image size; the decoder runs over a fixed-"
+        "capacity KV cache driven by attention_mask and position_ids, the prompt in fixed-size chunks), as "
+        "providers that need static shapes (QNN, NNAPI, CoreML EP) require"))
+    p.add_argument("--kv-capacity", type=int, default=512, metavar="N",
+                   help="--static: KV cache slots = the longest conversation in tokens (default: 512, at most "
+                        "the model's context)")
+    p.add_argument("--prefill-chunk", type=int, default=64, metavar="N",
+                   help="--static: prompt positions per prefill call; the last chunk is padded (default: 64)")
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--parity-tokens", type=int, default=16, metavar="N",
                    help="greedy tokens compared with transformers generate (default: 16)")
@@ -35,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
 @one_line_errors
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.static and args.format != "onnx":
+        from edgevlm.errors import ArgumentError
+
+        raise ArgumentError("--static applies to --format onnx only")
     if args.format == "gguf":
         from edgevlm.export.gguf import export_gguf  # torch is imported only here
 
@@ -45,9 +58,10 @@ def main(argv=None) -> int:
 
         m = export_coreml(args.src, args.dst, quant=args.coreml_quant, base_bundle=args.base, overwrite=args.force)
     else:
-        from edgevlm.export.exporter import export
+        from edgevlm.export.exporter import StaticOptions, export
 
+        static = StaticOptions(args.kv_capacity, args.prefill_chunk) if args.static else None
         m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
-                   max_logit_diff=args.max_logit_diff)
+                   max_logit_diff=args.max_logit_diff, static=static)
     print(f"wrote {args.dst} ({m.family}, {m.quant.scheme}); parity: {json.dumps(m.source.parity)}")
     return 0

@@ -10,7 +10,7 @@ from .common import one_line_errors
 
 LEVELS = ("fp32", "fp16", "int8", "int8-static", "int4")
 SCHEMES = LEVELS[1:] + ("mixed",)
-COMPONENTS = ("vision", "embed", "decoder", "compressor", "prefusion")
+COMPONENTS = ("vision", "embed", "decoder", "prefill", "compressor", "prefusion")
 
 EPILOG = """schemes (every weight goes through onnxruntime's own quantizers):
   fp16         fp16 weights and arithmetic, fp32 inputs/outputs (convert_float_to_float16, keep_io_types)
@@ -23,8 +23,10 @@ EPILOG = """schemes (every weight goes through onnxruntime's own quantizers):
                on --eval-n questions and on --confirm-n further ones (per-layer sensitivity, greedy order,
                bisection); writes the Pareto set to --report
 
---vision / --embed / --decoder (and --compressor / --prefusion for LLaVA-Mini bundles) set one component's
-level, e.g. --scheme int4 --vision fp16; with --scheme mixed they pin that component out of the search.
+--vision / --embed / --decoder (and --compressor / --prefusion for LLaVA-Mini bundles, --prefill for static
+bundles) set one component's level, e.g. --scheme int4 --vision fp16; with --scheme mixed they pin that
+component out of the search. A static bundle (export --static) stays static: int8-static (QDQ) on it gives
+the fixed-shape, fully quantized graphs NPU providers take.
 """
 
 

@@ -37,6 +37,15 @@ class KVSpec:
 
 
 @dataclass(frozen=True)
+class StaticShape:
+    """A fixed-shape graph (NPU-ready bundles, `edgevlm export --static`): it takes `chunk` positions per call;
+    a graph with a KV cache attends over `kv_capacity` cache slots (masked by attention_mask) plus its chunk."""
+
+    chunk: int
+    kv_capacity: int | None = None
+
+
+@dataclass(frozen=True)
 class Component:
     backend: str
     file: str
@@ -48,6 +57,7 @@ class Component:
     num_layers: int | None = None
     kv: KVSpec | None = None
     quant: dict[str, Any] | None = None
+    static: StaticShape | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,11 @@ class Manifest:
     fusion: str = "splice"  # "splice": image embeds replace placeholders; "prefusion": LLaVA-Mini
     quant: Quant = field(default_factory=Quant)
     source: Source = field(default_factory=Source)
+
+    @property
+    def is_static(self) -> bool:
+        """Fixed shapes everywhere: the decoder runs on a fixed-capacity KV cache (see `StaticShape`)."""
+        return self.components["decoder"].static is not None
 
     def files(self) -> list[FileRef]:
         """Every file the bundle holds besides manifest.json."""
@@ -152,6 +167,8 @@ def _check(m: Manifest) -> None:
     for name in kv_parts:
         if m.components[name].num_layers is None or m.components[name].kv is None:
             raise BundleError(f"manifest: components.{name} needs num_layers and kv")
+    if m.is_static:
+        _check_static(m, kv_parts)
     p = m.preprocess
     if p.resample not in RESAMPLES:
         raise BundleError(f"manifest: preprocess.resample must be one of {RESAMPLES}")
@@ -163,6 +180,27 @@ def _check(m: Manifest) -> None:
         raise BundleError("manifest: preprocess.std must not contain 0")
     if m.image_tokens < 0 or m.generation.context_length <= 0:
         raise BundleError("manifest: image_tokens and generation.context_length must be positive")
+
+
+def _check_static(m: Manifest, kv_parts: list[str]) -> None:
+    """A static bundle: every graph's inputs/outputs are fixed, the decoder has a chunked prefill graph."""
+    for name in ("prefill", "embed"):
+        if name not in m.components or m.components[name].static is None:
+            raise BundleError(f"manifest: a static bundle needs components.{name} with a `static` section")
+    for name in kv_parts + ["prefill"]:
+        c = m.components[name]
+        if c.static is None or not c.static.kv_capacity or c.num_layers is None or c.kv is None:
+            raise BundleError(f"manifest: components.{name} of a static bundle needs static.kv_capacity, num_layers, kv")
+    if m.components["decoder"].static.chunk != 1 or m.components["prefill"].static.kv_capacity != \
+            m.components["decoder"].static.kv_capacity:
+        raise BundleError("manifest: a static decoder takes one token per call, over the prefill graph's kv_capacity")
+    for name, c in m.components.items():
+        if c.static is not None and c.static.chunk < 1:
+            raise BundleError(f"manifest: components.{name}.static.chunk must be >= 1")
+        for io, shapes in (("inputs", c.inputs), ("outputs", c.outputs)):
+            for t, shape in shapes.items():
+                if c.backend == "onnx" and not all(isinstance(d, int) for d in shape):
+                    raise BundleError(f"manifest: components.{name}.{io}.{t} of a static bundle has a dynamic dim")
 
 
 def _read(tp: Any, value: Any, where: str) -> Any:

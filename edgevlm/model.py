@@ -74,6 +74,10 @@ class VLM:
             self.compressor, self.prefusion = self.graphs["compressor"], self.graphs["prefusion"]
             self.prefusion_kv = m.components["prefusion"].kv
             self.prefusion_layers = m.components["prefusion"].num_layers
+        if m.is_static:  # NPU-ready bundle: fixed-shape graphs, the decoder over a fixed-capacity KV cache
+            from .backends.static_kv import bind
+
+            bind(self)
         self._pre_key = json.dumps(dataclasses.asdict(m.preprocess), sort_keys=True) + m.components["vision"].sha256
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
@@ -278,7 +282,7 @@ class VLM:
         lm = self.lm
         reuse = min(lm.common_prefix(keys), len(keys) - 1)
         lm.trim(reuse)
-        if self.manifest.fusion == "prefusion":
+        if self.manifest.fusion == "prefusion" or getattr(lm, "takes_embeds", False):
             x = self._prompt_embeds(ids, keys, states, reuse, stages)
             stages["embed"] = time.perf_counter() - t - (stages.get("prefusion", 0.0) - fused)
             t = time.perf_counter()
@@ -344,6 +348,8 @@ class VLM:
         else:
             self.lm.trim(0)
             self.lm.eval_tokens(np.asarray([0]), [None])  # key None: never reused
+            if getattr(self.lm, "takes_embeds", False):  # a static decoder's prefill graph is another session
+                self.lm.eval_tokens(np.asarray([0, 0]), [None, None])
             self.lm.trim(0)
 
 

@@ -17,7 +17,7 @@ from edgevlm.atomic import atomic_dir, check_target, write_atomic
 from edgevlm.bundle import MANIFEST, sha256_file
 from edgevlm.errors import ExportError
 from edgevlm.image import preprocess
-from edgevlm.manifest import Component, FileRef, Generation, KVSpec, Manifest, Source
+from edgevlm.manifest import Component, FileRef, Generation, KVSpec, Manifest, Source, StaticShape
 
 from . import graphs, parity
 from .adapters import adapter_for
@@ -28,9 +28,34 @@ log = logging.getLogger("edgevlm.export")
 STAGES = ["load checkpoint", "vision graph", "embed graph", "decoder graph", "tokenizer + manifest", "parity"]
 
 
-def _component(out: Path, files: list[str], **kw) -> Component:
+@dataclasses.dataclass(frozen=True)
+class StaticOptions:
+    """`export --static`: fixed shapes in every graph; the decoder gets a KV cache of `kv_capacity` slots and a
+    prefill graph taking `prefill_chunk` positions per call (plus a one-token graph for decoding)."""
+
+    kv_capacity: int = 512
+    prefill_chunk: int = 64
+
+
+def _component(out: Path, files: list[str], fixed: bool = False, **kw) -> Component:
     data = tuple(FileRef(f, sha256_file(out / f)) for f in files[1:])
+    if fixed:  # a static bundle: the shapes the graph file really declares, which must all be fixed
+        ins, outs = graphs.graph_shapes(out / files[0])
+        for name, dims in {**ins, **outs}.items():
+            if not all(isinstance(d, int) and d > 0 for d in dims):
+                raise ExportError(f"{files[0]}: {name} has dynamic dims {dims}; a static bundle allows none")
+        kw.update(inputs=ins, outputs=outs)
     return Component(backend="onnx", file=files[0], sha256=sha256_file(out / files[0]), data_files=data, **kw)
+
+
+def _static_decoder(body, head, text_config, tmp: Path, opts: StaticOptions) -> dict[str, tuple[list[str], StaticShape]]:
+    """The one-token decode graph and the chunked prefill graph, over the same fixed-capacity cache."""
+    out = {}
+    for name, chunk in (("decoder", 1), ("prefill", opts.prefill_chunk)):
+        files = graphs.export_static_decoder(body, head, text_config, tmp / f"{name}.onnx",
+                                             capacity=opts.kv_capacity, chunk=chunk)
+        out[name] = (files, StaticShape(chunk=chunk, kv_capacity=opts.kv_capacity))
+    return out
 
 
 def _eos_ids(model, text_config) -> tuple[int, ...]:
@@ -42,11 +67,12 @@ def _eos_ids(model, text_config) -> tuple[int, ...]:
 
 
 def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_diff: float = 1e-3,
-           parity_tokens: int = 16, overwrite: bool = False, progress: bool = True) -> Manifest:
+           parity_tokens: int = 16, overwrite: bool = False, progress: bool = True,
+           static: StaticOptions | None = None) -> Manifest:
     """Export a transformers VLM checkpoint to an ONNX bundle; returns the manifest written.
 
-    The bundle appears at out_dir only once it is complete and its parity check has passed; a failure
-    leaves nothing behind.
+    With `static`, every graph has fixed shapes (NPU-ready; see StaticOptions). The bundle appears at out_dir
+    only once it is complete and its parity check has passed; a failure leaves nothing behind.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -72,6 +98,11 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
         pre = adapter.preprocess(processor)
         probe = parity.probe_image()
         pixel_shape = preprocess(np.asarray(probe), pre).shape
+        if static:
+            static = dataclasses.replace(static, kv_capacity=min(static.kv_capacity,
+                                                                 int(text_config.max_position_embeddings)))
+            if static.prefill_chunk < 1 or static.kv_capacity < 2:
+                raise ExportError(f"static shapes need --prefill-chunk >= 1 and --kv-capacity >= 2, got {static}")
         bar.update()
 
         with atomic_dir(out, overwrite) as tmp:
@@ -82,10 +113,14 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             bar.update()
             step(STAGES[2])
             body, embed_tokens, lm_head = adapter.language_parts(model)
-            embed_files = graphs.export_embed(embed_tokens, tmp / "embed.onnx")
+            embed_files = graphs.export_embed(embed_tokens, tmp / "embed.onnx", static and static.prefill_chunk)
             bar.update()
             step(STAGES[3])
-            decoder_files = graphs.export_decoder(body, graphs.LastLogits(lm_head), text_config, tmp / "decoder.onnx")
+            if static:
+                decoders = _static_decoder(body, graphs.LastLogits(lm_head), text_config, tmp, static)
+            else:
+                decoders = {"decoder": (graphs.export_decoder(body, graphs.LastLogits(lm_head), text_config,
+                                                              tmp / "decoder.onnx"), None)}
             bar.update()
 
             step(STAGES[4])
@@ -97,28 +132,34 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             n_tokens = 1 if mini else int(n_img)
             if counted != n_tokens:
                 raise ExportError(f"processor expands the image to {counted} tokens; the model takes {n_tokens}")
+            if static and static.kv_capacity <= n_tokens + 1:
+                raise ExportError(f"--kv-capacity {static.kv_capacity} cannot hold the image's {n_tokens} tokens "
+                                  "and a prompt")
             extra = {}
             if mini:
-                for name, (files, kw) in export_extra(mini, int(n_img), tmp).items():
+                for name, (files, kw) in export_extra(mini, int(n_img), tmp, static).items():
                     kv = kw.pop("kv", None)
-                    extra[name] = _component(tmp, files, kv=KVSpec(**kv) if kv else None, **kw)
+                    extra[name] = _component(tmp, files, bool(static), kv=KVSpec(**kv) if kv else None, **kw)
             heads, head_dim = graphs.kv_dims(text_config)
             n_layers = text_config.num_hidden_layers
             kv_shape = [1, heads, "past", head_dim]
+            kv = KVSpec(past=graphs.PAST, present=graphs.PRESENT, heads=heads, head_dim=head_dim)
+            io = {} if static else {  # a static bundle's shapes are read back from its graph files
+                "vision": {"inputs": {"pixel_values": list(pixel_shape)},
+                           "outputs": {"image_embeds": [1, int(n_img), int(dim)]}},
+                "embed": {"inputs": {"input_ids": [1, "seq"]}, "outputs": {"inputs_embeds": [1, "seq", int(dim)]}},
+                "decoder": {"inputs": {"inputs_embeds": [1, "seq", int(dim)], "attention_mask": [1, "past+seq"],
+                                       "position_ids": [1, "seq"], **{graphs.PAST % (0, "key"): kv_shape}},
+                            "outputs": {"logits": [1, 1, int(text_config.vocab_size)]}}}
+            embed_static = StaticShape(chunk=static.prefill_chunk) if static else None
             manifest = Manifest(
                 format_version=1,
                 family=adapter.family,
                 components={
-                    "vision": _component(tmp, vision_files, inputs={"pixel_values": list(pixel_shape)},
-                                         outputs={"image_embeds": [1, int(n_img), int(dim)]}),
-                    "embed": _component(tmp, embed_files, inputs={"input_ids": [1, "seq"]},
-                                        outputs={"inputs_embeds": [1, "seq", int(dim)]}),
-                    "decoder": _component(
-                        tmp, decoder_files, num_layers=n_layers,
-                        kv=KVSpec(past=graphs.PAST, present=graphs.PRESENT, heads=heads, head_dim=head_dim),
-                        inputs={"inputs_embeds": [1, "seq", int(dim)], "attention_mask": [1, "past+seq"],
-                                "position_ids": [1, "seq"], **{graphs.PAST % (0, "key"): kv_shape}},
-                        outputs={"logits": [1, 1, int(text_config.vocab_size)]}),
+                    "vision": _component(tmp, vision_files, bool(static), **io.get("vision", {})),
+                    "embed": _component(tmp, embed_files, bool(static), static=embed_static, **io.get("embed", {})),
+                    **{name: _component(tmp, files, bool(static), num_layers=n_layers, kv=kv, static=shape,
+                                        **io.get(name, {})) for name, (files, shape) in decoders.items()},
                     **extra,
                 },
                 fusion="prefusion" if mini else "splice",
@@ -130,7 +171,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                 image_token_id=image_token_id,
                 image_tokens=n_tokens,
                 generation=Generation(eos_token_ids=_eos_ids(model, text_config),
-                                      context_length=int(text_config.max_position_embeddings)),
+                                      context_length=static.kv_capacity if static else
+                                      int(text_config.max_position_embeddings)),
                 source=Source(checkpoint=hf_dir.name, exporter_version=__version__),
             )
             (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

@@ -54,15 +54,40 @@ class DecoderGraph(nn.Module):
         self.num_layers = text_config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        hidden, layers = self.run_body(inputs_embeds, attention_mask, position_ids, past)
+        present = []
+        for layer in layers:
+            present += [layer.keys, layer.values]
+        return (self.head(hidden, inputs_embeds), *present)
+
+    def run_body(self, inputs_embeds, attention_mask, position_ids, past):  # -> hidden [1, S, D], cache layers
         cache = DynamicCache(config=self.config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=cache, use_cache=True, return_dict=True)
+        return out.last_hidden_state, out.past_key_values.layers
+
+
+class StaticDecoderGraph(nn.Module):
+    """Fixed shapes for NPU providers (edgevlm/backends/static_kv.py runs it): inputs_embeds [1, C, D],
+    attention_mask [1, L + C], position_ids [1, C], logits_index [1] (only with `pick`), past k/v [1, H, L, d]
+    -> head(hidden, inputs_embeds) at row logits_index (or at every row), the chunk's own k/v [1, H, C, d]."""
+
+    def __init__(self, body, head, text_config, pick: bool):
+        super().__init__()
+        self.inner, self.pick = DecoderGraph(body, head, text_config), pick
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
+        index, past = (rest[0], rest[1:]) if self.pick else (None, rest)
+        hidden, layers = self.inner.run_body(inputs_embeds, attention_mask, position_ids, past)
+        c = inputs_embeds.shape[1]
+        if self.pick:  # the last real row of a right-padded chunk
+            hidden, inputs_embeds = hidden.index_select(1, index), inputs_embeds.index_select(1, index)
         present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (self.head(out.last_hidden_state, inputs_embeds), *present)
+        for layer in layers:
+            present += [layer.keys[:, :, -c:], layer.values[:, :, -c:]]
+        return (self.inner.head(hidden, inputs_embeds), *present)
 
 
 def kv_dims(text_config) -> tuple[int, int]:
@@ -96,11 +121,11 @@ def export_vision(adapter, model, pixel_shape, path: Path) -> list[str]:
     return export_graph(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], ["image_embeds"], None)
 
 
-def export_embed(embed_tokens, path: Path) -> list[str]:
-    ids = torch.zeros((1, 5), dtype=torch.int64)
-    seq = torch.export.Dim.DYNAMIC
-    return export_graph(EmbedGraph(embed_tokens).eval(), (ids,), path, ["input_ids"], ["inputs_embeds"],
-                   ({1: seq},))
+def export_embed(embed_tokens, path: Path, static_len: int | None = None) -> list[str]:
+    """Dynamic sequence length, or a fixed one (`static_len`: static bundles)."""
+    ids = torch.zeros((1, static_len or 5), dtype=torch.int64)
+    dyn = None if static_len else ({1: torch.export.Dim.DYNAMIC},)
+    return export_graph(EmbedGraph(embed_tokens).eval(), (ids,), path, ["input_ids"], ["inputs_embeds"], dyn)
 
 
 def export_decoder(body, head, text_config, path: Path, output: str = "logits") -> list[str]:
@@ -116,3 +141,34 @@ def export_decoder(body, head, text_config, path: Path, output: str = "logits") 
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({1: dyn}, {1: dyn}, {1: dyn}, tuple({2: dyn} for _ in range(2 * n)))  # *past is one tuple
     return export_graph(DecoderGraph(body, head, text_config).eval(), tuple(args), path, names_in, names_out, shapes)
+
+
+def export_static_decoder(body, head, text_config, path: Path, *, capacity: int, chunk: int,
+                          output: str = "logits", pick: bool = True) -> list[str]:
+    """A fixed-shape decoder over a KV cache of `capacity` slots, `chunk` positions per call (no dynamic dim)."""
+    heads, head_dim = kv_dims(text_config)
+    n, d = text_config.num_hidden_layers, text_config.hidden_size
+    args = [torch.randn(1, chunk, d), torch.ones(1, capacity + chunk, dtype=torch.int64),
+            torch.arange(chunk)[None]]
+    names_in = ["inputs_embeds", "attention_mask", "position_ids"]
+    if pick:
+        args.append(torch.tensor([chunk - 1]))
+        names_in.append("logits_index")
+    args += [torch.randn(1, heads, capacity, head_dim) for _ in range(2 * n)]
+    names_in += [PAST % (i, kv) for i in range(n) for kv in ("key", "value")]
+    names_out = [output] + [PRESENT % (i, kv) for i in range(n) for kv in ("key", "value")]
+    module = StaticDecoderGraph(body, head, text_config, pick).eval()
+    return export_graph(module, tuple(args), path, names_in, names_out, None)
+
+
+def graph_shapes(path: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """Inputs and outputs of an exported graph file with their dims (ints; strings where a dim is symbolic)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(v):
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+
+    inits = {i.name for i in g.initializer}
+    return ({v.name: dims(v) for v in g.input if v.name not in inits}, {v.name: dims(v) for v in g.output})

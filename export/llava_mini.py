@@ -149,20 +149,30 @@ class CompressorGraph(nn.Module):  # image_embeds [1, N, D] -> token [1, 1, D]
         return self.compressor(image_embeds)
 
 
-def export_extra(mini: MiniVLM, n_image: int, tmp: Path) -> dict:
-    """Export the compressor and pre-fusion graphs -> manifest components (name -> kwargs)."""
+def export_extra(mini: MiniVLM, n_image: int, tmp: Path, static=None) -> dict:
+    """Export the compressor and pre-fusion graphs -> manifest components (name -> kwargs). With `static`
+    (exporter.StaticOptions) the pre-fusion graph has fixed shapes: chunks over a cache holding the image
+    prefix and a prompt of up to kv_capacity tokens."""
+    from edgevlm.manifest import StaticShape
+
     from . import graphs
 
     d = mini.base.config.text_config.hidden_size
     comp = graphs.export_graph(CompressorGraph(mini.compressor).eval(), (torch.zeros(1, n_image, d),),
                           tmp / "compressor.onnx", ["image_embeds"], ["token"], None)
-    pf = graphs.export_decoder(mini.prefusion, FuseHead(mini.fuse_out), mini.prefusion.config,
-                               tmp / "prefusion.onnx", output="fused")
-    heads, head_dim = graphs.kv_dims(mini.prefusion.config)
+    head, cfg, path = FuseHead(mini.fuse_out), mini.prefusion.config, tmp / "prefusion.onnx"
+    heads, head_dim = graphs.kv_dims(cfg)
+    kv = {"past": graphs.PAST, "present": graphs.PRESENT, "heads": heads, "head_dim": head_dim}
+    if static:
+        shape = StaticShape(chunk=static.prefill_chunk, kv_capacity=n_image + static.kv_capacity)
+        pf = graphs.export_static_decoder(mini.prefusion, head, cfg, path, capacity=shape.kv_capacity,
+                                          chunk=shape.chunk, output="fused", pick=False)
+        return {"compressor": (comp, {}), "prefusion": (pf, {"num_layers": mini.fusion_layers, "kv": kv,
+                                                             "static": shape})}
+    pf = graphs.export_decoder(mini.prefusion, head, cfg, path, output="fused")
     return {
         "compressor": (comp, {"inputs": {"image_embeds": [1, n_image, d]}, "outputs": {"token": [1, 1, d]}}),
-        "prefusion": (pf, {"num_layers": mini.fusion_layers,
-                           "kv": {"past": graphs.PAST, "present": graphs.PRESENT, "heads": heads, "head_dim": head_dim},
+        "prefusion": (pf, {"num_layers": mini.fusion_layers, "kv": kv,
                            "inputs": {"inputs_embeds": [1, "seq", d]}, "outputs": {"fused": [1, "seq", d]}}),
     }
 
@@ -192,7 +202,6 @@ def check_parity(mini: MiniVLM, processor, bundle_dir, max_new_tokens: int = 16)
     import numpy as np
 
     import edgevlm
-    from edgevlm import pipeline
 
     from .parity import PROMPT, hf_inputs, probe_image
 
@@ -203,9 +212,7 @@ def check_parity(mini: MiniVLM, processor, bundle_dir, max_new_tokens: int = 16)
     ids = inputs["input_ids"][0].numpy()
     ref_tokens, ref_first = reference_tokens(mini, inputs, m.image_token_id, set(m.generation.eos_token_ids),
                                              max_new_tokens)
-    key, state, _, _ = vlm._image_embeds(image)
-    x = vlm._prompt_embeds(ids, vlm._keys_for(ids, [key]), {key: state}, 0)
-    logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
+    logits = vlm.prompt_logits(image, PROMPT)
     ours = [r.token for r in vlm.stream(image, PROMPT, max_tokens=max_new_tokens)]
     our_ids = vlm._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], 1)
     return {

@@ -32,6 +32,18 @@ def hf_inputs(processor, image: Image.Image, prompt: str):
                                          return_tensors="pt")
 
 
+def first_logits(vlm, x: np.ndarray) -> np.ndarray:
+    """Logits [V] of the language model on prompt embeds x [S, D] from an empty cache."""
+    if vlm.lm is None:
+        logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
+        return logits
+    vlm.lm.trim(0)  # a decoder keeping its own cache (static KV)
+    vlm.lm.eval_embeds(x, [None] * len(x))
+    logits = vlm.lm.logits()
+    vlm.lm.trim(0)
+    return logits
+
+
 @torch.no_grad()
 def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image=None, prompt: str = PROMPT) -> dict:
     """Run the bundle and the PyTorch model side by side; return the figures for source.parity."""
@@ -54,8 +66,7 @@ def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image
     ref_logits = model(**inputs).logits[0, -1].numpy()
     rows = np.nonzero(ids == vlm.manifest.image_token_id)[0]
     x = pipeline.splice(pipeline.embed(vlm.embedder, ids), rows, our_img)
-    empty = pipeline.empty_kv(vlm.kv_spec, vlm.num_layers)
-    logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, empty)
+    logits = first_logits(vlm, x)
     logit_diff = float(np.abs(logits - ref_logits).max())
 
     ref_tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()

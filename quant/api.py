@@ -85,6 +85,8 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
     unknown = sorted(set(overrides) - set(m.components))
     if unknown:
         raise QuantError(f"no component {unknown[0]!r} in this bundle (it has {', '.join(m.components)})")
+    if "decoder" in overrides and "prefill" in m.components:  # a static bundle's two decoder graphs, one level
+        overrides.setdefault("prefill", overrides["decoder"])
     graphs = {name: bundle_io.load_graph(source, comp) for name, comp in m.components.items()}
     tokenizer = bundle_io.read_verified(source, m.tokenizer.file, m.tokenizer.sha256)
     vlm = edgevlm.load(src, threads=threads)

@@ -13,7 +13,6 @@ from typing import Iterator
 
 import numpy as np
 
-from edgevlm import pipeline
 from edgevlm.backends.onnx import OnnxGraph
 from edgevlm.data import shapes
 from edgevlm.model import VLM
@@ -58,19 +57,19 @@ def swap(vlm: VLM, graphs: dict[str, bytes]) -> VLM:
     for name, model in graphs.items():
         g = OnnxGraph(name, model, threads=1)
         out.graphs[name] = g
-        setattr(out, ALIASES[name], g)
+        if name in ALIASES:
+            setattr(out, ALIASES[name], g)
+    if vlm.manifest.is_static:  # its own cache and wrappers around the new graphs
+        from edgevlm.backends.static_kv import bind
+
+        bind(out)
     out.caches = out.new_caches()  # the swapped graphs must not see the original's cached arrays
     return out
 
 
 def first_logits(vlm: VLM, image, question: str) -> np.ndarray:
     """Logits [V] of the first answer token (prefill's last position)."""
-    key, state, _, _ = vlm._image_embeds(image)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    ids = vlm._prompt_ids(messages, 1)
-    x = vlm._prompt_embeds(ids, vlm._keys_for(ids, [key]), {key: state}, 0)
-    logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
-    return logits
+    return vlm.prompt_logits(image, question)
 
 
 def kl(ref: np.ndarray, got: np.ndarray) -> float:

@@ -65,3 +65,22 @@ def test_image_work_is_done_once_per_conversation(mini_bundle, images):
     assert r.prefilled_tokens < r.prompt_tokens  # the first turn's prefix came from the KV cache
     with pytest.raises(EdgeVLMError, match="one image per conversation"):
         list(chat.stream("and this?", image=images[1], max_tokens=2))
+
+
+def test_static_prefusion_bundle_matches_the_dynamic_one(mini_bundle, images, tmp_path):
+    from edgevlm.export.exporter import StaticOptions, export
+
+    ckpt, bundle = mini_bundle
+    m = export(ckpt, tmp_path / "static", progress=False, static=StaticOptions(kv_capacity=96, prefill_chunk=16))
+    assert m.is_static and m.components["prefusion"].static.kv_capacity == 96 + 16  # image prefix + prompt
+    dyn, st = edgevlm.load(bundle), edgevlm.load(tmp_path / "static")
+    worst = 0.0
+    for image in images[:3]:
+        worst = max(worst, float(np.abs(dyn.prompt_logits(image, PROMPT) - st.prompt_logits(image, PROMPT)).max()))
+        assert [r.token for r in dyn.stream(image, PROMPT, max_tokens=16)] == \
+               [r.token for r in st.stream(image, PROMPT, max_tokens=16)]
+    print(f"static vs dynamic pre-fusion bundle: logits maxdiff = {worst:.3g}")
+    assert worst <= 1e-4
+    a, b = dyn.chat(), st.chat()  # a second turn reuses the image's pre-fusion prefix in both
+    for turn in ((PROMPT, images[0]), ("and the square?", None)):
+        assert a.send(turn[0], image=turn[1], max_tokens=6) == b.send(turn[0], image=turn[1], max_tokens=6)
