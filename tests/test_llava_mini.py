@@ -71,8 +71,8 @@ def test_static_prefusion_bundle_matches_the_dynamic_one(mini_bundle, images, tm
     from edgevlm.export.exporter import StaticOptions, export
 
     ckpt, bundle = mini_bundle
-    m = export(ckpt, tmp_path / "static", progress=False, static=StaticOptions(kv_capacity=96, prefill_chunk=16))
-    assert m.is_static and m.components["prefusion"].static.kv_capacity == 96 + 16  # image prefix + prompt
+    m = export(ckpt, tmp_path / "static", progress=False, static=StaticOptions(kv_capacity=160, prefill_chunk=16))
+    assert m.is_static and m.components["prefusion"].static.kv_capacity == 160 + 16  # image prefix + prompt
     dyn, st = edgevlm.load(bundle), edgevlm.load(tmp_path / "static")
     worst = 0.0
     for image in images[:3]:
