@@ -105,10 +105,15 @@ def main(argv=None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
-                            lifespan="off", server_header=False, timeout_keep_alive=5,
+                            lifespan="off", server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
                             limit_concurrency=args.parallel + args.queue + 64, h11_max_incomplete_event_size=64 << 10)
     print(f"edgevlm serve: model {model_id!r} at http://{shown}:{port}/  (API: http://{shown}:{port}/v1)", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):  # Ctrl-C / SIGTERM: stop generating, then close connections
+            app.state.engine.stop()
+            await super().shutdown(sockets=sockets)
+
+    Server(config).run(sockets=[sock])
     return 0
 
 

@@ -54,6 +54,8 @@ class Engine:
         self.waiting = self.active = 0
         self.counts = dict(completed=0, cancelled=0, timed_out=0, rejected=0, failed=0)
         self._lock = threading.Lock()  # counts are bumped from worker threads too
+        self.live: set[threading.Event] = set()  # cancel flags of running requests (stop() sets them)
+        self.stopping = False
 
     async def acquire(self, gone: asyncio.Event, deadline: float) -> None:
         """Wait for a worker slot: 429 when the queue is full, 503 when the deadline passes while waiting."""
@@ -92,12 +94,21 @@ class Engine:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         self.active += 1
+        self.live.add(cancel)
         fut = loop.run_in_executor(self.pool, self._run, req, cancel, deadline, emit)
-        fut.add_done_callback(lambda _: self._release())
+        fut.add_done_callback(lambda _: self._release(cancel))
 
-    def _release(self) -> None:
+    def _release(self, cancel: threading.Event) -> None:
         self.active -= 1
+        self.live.discard(cancel)
         self.slots.release()
+
+    def stop(self) -> None:
+        """Server shutdown: running generations stop at their next token; queued work is dropped."""
+        self.stopping = True
+        for cancel in list(self.live):
+            cancel.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, req: ChatRequest, cancel: threading.Event, deadline: float, emit) -> None:
         outcome = "failed"
@@ -114,6 +125,9 @@ class Engine:
                         break
                     if cancel.is_set():
                         outcome = "cancelled"
+                        if self.stopping:
+                            emit(("error", ApiError(503, "the server is shutting down", type="server_error",
+                                                    code="shutting_down")))
                         break
                     if time.monotonic() > deadline:
                         outcome = "timed_out"

@@ -89,7 +89,8 @@ def np_image(img: Image.Image) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def serve(tmp_path_factory):
-    """serve(*args) -> base URL of an `edgevlm serve --port 0 *args` subprocess on loopback, stopped at the end."""
+    """serve(*args) -> base URL (a str with .proc) of an `edgevlm serve --port 0 *args` subprocess on loopback,
+    stopped at the end."""
     import re
     import selectors
     import subprocess
@@ -97,6 +98,9 @@ def serve(tmp_path_factory):
     import time
 
     procs = []
+
+    class Url(str):
+        proc: subprocess.Popen
 
     def start(*args: str) -> str:
         log = tmp_path_factory.mktemp("serve") / "stderr.log"
@@ -111,7 +115,9 @@ def serve(tmp_path_factory):
             if sel.select(timeout=0.5):
                 m = re.search(r"http://(127\.0\.0\.1:\d+)/", p.stdout.readline())
                 if m:
-                    return "http://" + m.group(1)
+                    url = Url("http://" + m.group(1))
+                    url.proc = p
+                    return url
         p.kill()
         raise RuntimeError(f"edgevlm serve did not start: {log.read_text()[-2000:]}")
 

@@ -6,6 +6,7 @@ import base64
 import http.client
 import io
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -189,6 +190,25 @@ def test_security_refusals(demo):
     assert health(demo)["failed"] == 0  # every refusal came before the runtime
 
 
+def test_runtime_refusal_is_a_400(client, demo):
+    """An error the runtime raises (here: a prompt longer than the context) is a 400 with OpenAI's code."""
+    before = health(demo)["failed"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="shapes-fastvlm", messages=ask("star " * 600))
+    print("overflow:", e.value.body)
+    assert e.value.body["code"] == "context_length_exceeded" and "context" in e.value.body["message"]
+    assert health(demo)["failed"] == before + 1
+
+
+def test_host_names():
+    from edgevlm.apps.guard import host_name, is_loopback
+
+    assert [host_name(h) for h in ("127.0.0.1:8080", "[::1]:80", "LocalHost.", "a:b", "[::1]x", "")] == [
+        "127.0.0.1", "::1", "localhost", None, None, None]
+    assert all(map(is_loopback, ("localhost", "127.0.0.2", "::1", "app.localhost")))
+    assert not any(map(is_loopback, ("evil.example", "10.0.0.1", "0.0.0.0", "localhost.evil.example", "::")))
+
+
 def test_cors_only_for_allowed_origins(demo):
     pre = raw(demo, "OPTIONS", "/v1/chat/completions", None, {
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
@@ -265,3 +285,23 @@ def wait_for(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < end, "condition not reached"
         time.sleep(0.02)
+
+
+def test_shutdown_stops_running_generation(serve, bundle):
+    """Ctrl-C (SIGINT) while a long answer streams: the server stops its generation and exits promptly."""
+    url = serve("--bundle", str(bundle("llava-siglip-qwen2")), "--max-tokens", "1000")
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": ask("go on"), "max_tokens": 1000,
+                                                              "stream": True}), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    t = time.monotonic()
+    url.proc.send_signal(signal.SIGINT)
+    rest = r.read().decode()  # the stream ends early with an error event, not a silently cut answer
+    assert '"code": "shutting_down"' in rest and "[DONE]" not in rest
+    code = url.proc.wait(20)
+    took = time.monotonic() - t
+    print(f"exited with {code} {took:.2f} s after SIGINT")
+    assert code == 130 and took < 2  # the answer alone would take ~4 s more
+    conn.close()

@@ -3,6 +3,7 @@ answer and the TTFT stages; a screenshot lands in tests/artifacts/web_chat.png."
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,14 @@ import edgevlm
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 IMAGE = Path(edgevlm.__file__).parent / "assets" / "examples" / "shapes-1.png"
+
+
+DROP = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+"""
 
 
 @pytest.fixture
@@ -65,8 +74,8 @@ def test_page_answers_about_an_image(serve, browser):
     assert ttft.endswith(" ms") and float(ttft.split()[0]) > 0
     assert all(s in stages for s in ("preprocess", "encode", "embed", "prefill"))
     assert ask("What color is the star?") == "blue"  # a second turn: the image travels in the history
-    browser.find_element(By.ID, "reset").click()  # a new chat about the same picture
-    browser.find_element(By.ID, "file").send_keys(str(IMAGE))
+    browser.find_element(By.ID, "reset").click()  # a new chat about the same picture, dropped this time
+    browser.execute_script(DROP, base64.b64encode(IMAGE.read_bytes()).decode())
     wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
     assert ask("What color is the star?") == "blue"
     figures, stages = browser.find_element(By.ID, "figures").text, browser.find_element(By.ID, "stages").text
