@@ -68,6 +68,7 @@ class Session:
         self.encoded_ms: float | None = None  # time /image spent encoding (the next answer then hits the cache)
         self.turns: list[dict] = []
         self.last = None
+        self.last_encode_ms: float | None = None
 
     def attach(self, path: str) -> None:
         t = time.perf_counter()
@@ -91,6 +92,7 @@ class Session:
         self.console.print()
         self.turns.append({"user": text, "image": self.image, "assistant": "".join(out),
                            "stats": figures(last) if last else None})
+        self.last_encode_ms = self.encoded_ms if self.image else None  # /stats shows it for this answer only
         self.image = None  # encoded once: later turns see it through the kept conversation
         if last is not None:
             self.last = last
@@ -110,8 +112,8 @@ class Session:
         table.add_row("TTFT", f"{r.ttft_s * 1000:.2f} ms")
         for name, s in r.stages.items():
             table.add_row(f"  {name}", f"{s * 1000:.2f} ms")
-        if self.encoded_ms is not None and "encode" not in r.stages:
-            table.add_row("  (image encoded at /image)", f"{self.encoded_ms:.2f} ms")
+        if self.last_encode_ms is not None and "encode" not in r.stages:
+            table.add_row("  (image encoded at /image)", f"{self.last_encode_ms:.2f} ms")
         table.add_row("prompt tokens", f"{r.prompt_tokens} ({r.prefilled_tokens} prefilled, "
                                         f"{r.prompt_tokens - r.prefilled_tokens} from the KV cache)")
         table.add_row("image cache hits", f"{r.image_cache_hits} {r.image_cache_source}".strip())
@@ -140,7 +142,7 @@ class Session:
 
     def reset(self) -> None:
         self.chat.reset()
-        self.image, self.encoded_ms, self.turns, self.last = None, None, [], None
+        self.image, self.encoded_ms, self.turns, self.last, self.last_encode_ms = None, None, [], None, None
         self.console.print("[dim]new conversation[/]")
 
 

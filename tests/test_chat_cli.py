@@ -43,6 +43,7 @@ def test_commands_piped(tmp_path):
     out = p.stdout
     assert out.count("no answer yet") == 2  # before the first answer, and after /reset
     assert "blue" in out and "TTFT" in out and "image cache hits" in out and "prefill" in out
+    assert out.count("(image encoded at /image)") == 1  # /stats after the answer that used the attached image
     assert "error: cannot read image" in p.stderr  # a bad path does not end the session
     assert "commands: /image PATH" in out  # /bogus shows the help
 
