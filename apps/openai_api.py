@@ -61,17 +61,16 @@ class ChatRequest:
 DATA_URL = re.compile(r"data:image/([a-z0-9.+-]+);base64,(.*)", re.S | re.I)
 
 
-def parse_request(body: bytes, limits: Limits, model_id: str, default_max_tokens: int) -> ChatRequest:
+def parse_request(body: bytes, limits: Limits, default_max_tokens: int) -> ChatRequest:
     try:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(req, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    model = req.get("model", model_id)
-    if model != model_id:
-        raise ApiError(404, f"the model {str(model)[:100]!r} does not exist; this server has {model_id!r}",
-                       code="model_not_found", param="model")
+    if not isinstance(req.get("model", ""), str):
+        raise ApiError(400, "model must be a string", param="model")
+    # one model per server: any `model` name is answered by it (apps hard-code names), and replies name it
     if req.get("n", 1) != 1:
         raise ApiError(400, "only n = 1 is supported", param="n")
     if req.get("tools") or req.get("functions"):

@@ -111,7 +111,7 @@ class Engine:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, req: ChatRequest, cancel: threading.Event, deadline: float, emit) -> None:
-        outcome = "failed"
+        outcome, last = "failed", None  # last: the final event, sent after the counters are updated
         try:
             chat = self.vlm.chat(system=req.system)
             for t in req.history:
@@ -119,32 +119,34 @@ class Engine:
             gen = chat.stream(req.turn.text, image=req.turn.image, **req.sampling)
             try:
                 for r in gen:
-                    emit(("token", r))
                     if r.finish_reason:
-                        outcome = "completed"
+                        outcome, last = "completed", ("token", r)
                         break
+                    emit(("token", r))
                     if cancel.is_set():
-                        outcome = "cancelled"
+                        outcome, last = "cancelled", ("done", None)
                         if self.stopping:
-                            emit(("error", ApiError(503, "the server is shutting down", type="server_error",
-                                                    code="shutting_down")))
+                            last = ("error", ApiError(503, "the server is shutting down", type="server_error",
+                                                      code="shutting_down"))
                         break
                     if time.monotonic() > deadline:
-                        outcome = "timed_out"
-                        emit(("error", ApiError(504, f"the request ran past its deadline of {self.timeout:g} s",
-                                                type="server_error", code="timeout")))
+                        outcome, last = "timed_out", ("error", ApiError(
+                            504, f"the request ran past its deadline of {self.timeout:g} s", type="server_error",
+                            code="timeout"))
                         break
             finally:
                 gen.close()
-            emit(("done", outcome))
         except EdgeVLMError as e:
-            emit(("error", runtime_error(e)))
+            last = ("error", runtime_error(e))
         except Exception:
             log.exception("generation failed")
-            emit(("error", ApiError(500, "the model failed on this request", type="server_error")))
+            last = ("error", ApiError(500, "the model failed on this request", type="server_error"))
         finally:
             with self._lock:
                 self.counts[outcome] += 1
+            if last is not None:
+                emit(last)
+            emit(("done", None))
 
 
 def runtime_error(e: EdgeVLMError) -> ApiError:
@@ -248,7 +250,7 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
             raise ApiError(415, "send the request as Content-Type: application/json", code="unsupported_media_type")
         body = await read_body(request, limits.max_body_bytes)
         loop = asyncio.get_running_loop()
-        req = await loop.run_in_executor(None, parse_request, body, limits, model_id, default_max_tokens)
+        req = await loop.run_in_executor(None, parse_request, body, limits, default_max_tokens)
         deadline = time.monotonic() + timeout
         cancel, gone, events = threading.Event(), asyncio.Event(), asyncio.Queue()
 
