@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BundleError, IntegrityError
 from .manifest import Manifest, parse_manifest
+from .onnx_refs import external_locations
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 8 << 20
@@ -63,7 +65,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle {str(path)!r} is not a directory")
-    mpath = root / MANIFEST
+    mpath = confined(root, MANIFEST)  # a manifest symlinked from elsewhere is refused too
     if not mpath.is_file():
         raise BundleError(f"bundle {str(path)!r} has no {MANIFEST}")
     raw = mpath.read_bytes()
@@ -92,8 +94,26 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
                 f"(expected {ref.sha256[:12]}…, found {digest[:12]}…): the bundle is damaged or was tampered with"
             )
         bundle._blobs[ref.file] = blob
+    for name, comp in manifest.components.items():
+        if comp.backend == "onnx":
+            _check_external_data(name, comp, bundle._blobs[comp.file])
     known = set(names) | {MANIFEST}
     extra = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and str(p.relative_to(root)) not in known)
     if extra:
         raise BundleError(f"bundle holds file(s) not named in {MANIFEST}: {', '.join(extra[:5])}")
     return bundle
+
+
+def _check_external_data(name: str, comp, blob: bytes) -> None:
+    """Every external-data location in an ONNX graph must be one of the component's verified data_files
+    (onnxruntime would otherwise open whatever path the graph names, relative to the working directory for
+    a graph loaded from bytes)."""
+    listed = {r.file for r in comp.data_files}
+    base = posixpath.dirname(comp.file)
+    for loc in external_locations(blob, comp.file):
+        if not loc or loc.startswith(("/", "\\")) or "\\" in loc or "\x00" in loc or ":" in loc or ".." in loc.split("/"):
+            raise BundleError(f"components.{name}: graph {comp.file!r} names external data at {loc!r}, "
+                              "outside the bundle")
+        if posixpath.normpath(posixpath.join(base, loc)) not in listed:
+            raise BundleError(f"components.{name}: graph {comp.file!r} reads external data from {loc!r}, which is "
+                              "not among the component's data_files in manifest.json")

@@ -19,9 +19,11 @@ from .errors import ImageError
 from .manifest import Preprocess
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+OPENED_FORMATS = ACCEPTED_FORMATS + ("MPO",)  # Pillow names a multi-picture JPEG (phone cameras) "MPO"
 MAX_PIXELS = 40_000_000  # decoded RGB at this size is ~120 MB
 MAX_BYTES = 64 << 20
 MAX_SIDE_RATIO = 200  # a 1x100000 strip is not a picture
+_CHUNK = 1 << 20  # pixels per step when widening high-bit-depth samples (bounds the int64 temporaries)
 
 
 def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -51,6 +53,8 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            if im.format not in OPENED_FORMATS:  # a plugin may hand back a subclass of another format
+                raise ImageError(f"image format {im.format} is not accepted ({', '.join(ACCEPTED_FORMATS)})")
             return _to_rgb(im, max_pixels)
     except ImageError:
         raise
@@ -58,8 +62,12 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"not an image of an accepted format ({', '.join(ACCEPTED_FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image too large to decode safely: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError) as e:
+    except MemoryError:
+        raise ImageError("image needs more memory to decode than is available") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
         raise ImageError(f"image is truncated or corrupt: {e}") from None
+    except Exception as e:  # Pillow's decoders are not typed: any other failure on these bytes is still bad input
+        raise ImageError(f"image is corrupt ({type(e).__name__}: {e})") from None
 
 
 def input_digest(image) -> str | None:
@@ -104,15 +112,17 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
 
 def _to_rgb(im: Image.Image, max_pixels: int) -> np.ndarray:
     _check_size(*im.size, max_pixels)  # from the header: nothing decoded yet
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)  # animated: the first frame
+    if im.tell() != 0:
+        im.seek(0)  # animated: the first frame (never n_frames: that walks every frame of the file)
     im.load()
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im).astype(np.int64)
+        arr = np.asarray(im).reshape(-1)
         peak = 65535 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
-        gray = np.clip(arr * 255 // peak, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        gray = np.empty(arr.shape, np.uint8)
+        for i in range(0, arr.size, _CHUNK):
+            gray[i : i + _CHUNK] = np.clip(arr[i : i + _CHUNK].astype(np.int64) * 255 // peak, 0, 255)
+        return np.repeat(gray.reshape(im.size[1], im.size[0], 1), 3, axis=2)
     has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
     if has_alpha:
         rgba = im.convert("RGBA")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any, Union
 from .errors import BundleError
 
 FORMAT_VERSION = 1
+MAX_SIDE = 8192  # preprocess sizes (pixels)
+MAX_TOKEN_ID = (1 << 31) - 1
 BACKENDS = ("onnx", "gguf", "coreml")
 RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos")
 
@@ -180,6 +183,60 @@ def _check(m: Manifest) -> None:
         raise BundleError("manifest: preprocess.std must not contain 0")
     if m.image_tokens < 0 or m.generation.context_length <= 0:
         raise BundleError("manifest: image_tokens and generation.context_length must be positive")
+    _check_ranges(m)
+
+
+def _in(where: str, value: int | None, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise BundleError(f"manifest: {where} = {value} is outside [{lo}, {hi}]")
+
+
+def _check_ranges(m: Manifest) -> None:
+    """Bounds on every number the runtime sizes arrays or loops by: a hostile manifest must not be able to
+    ask for a terabyte array or a billion-layer loop (limits far above any model edgevlm runs)."""
+    p, g = m.preprocess, m.generation
+    for where, dims in (("preprocess.size", p.size), ("preprocess.crop", p.crop)):
+        for d in dims or ():
+            _in(where, d, 1, MAX_SIDE)
+    _in("preprocess.shortest_edge", p.shortest_edge, 1, MAX_SIDE)
+    for c in p.pad_to_square or ():
+        _in("preprocess.pad_to_square", c, 0, 255)
+    if not all(math.isfinite(x) for x in (p.rescale, *p.mean, *p.std)) or p.rescale == 0 or 0 in p.std:
+        raise BundleError("manifest: preprocess.rescale, mean and std must be finite (std and rescale non-zero)")
+    _in("image_tokens", m.image_tokens, 0, 1 << 16)
+    _in("image_token_id", m.image_token_id, 0, MAX_TOKEN_ID)
+    _in("generation.context_length", g.context_length, 1, 1 << 24)
+    _in("generation.max_new_tokens", g.max_new_tokens, 1, 1 << 24)
+    for t in g.eos_token_ids:
+        _in("generation.eos_token_ids", t, 0, MAX_TOKEN_ID)
+    for name, comp in m.components.items():
+        _in(f"components.{name}.num_layers", comp.num_layers, 1, 1024)
+        if comp.kv is not None:
+            _in(f"components.{name}.kv.heads", comp.kv.heads, 1, 4096)
+            _in(f"components.{name}.kv.head_dim", comp.kv.head_dim, 1, 16384)
+            for pattern in (comp.kv.past, comp.kv.present):
+                kv_names(pattern, comp.num_layers or 1)
+        for io, shapes in (("inputs", comp.inputs), ("outputs", comp.outputs)):
+            for key, shape in shapes.items():
+                if len(shape) > 8:
+                    raise BundleError(f"manifest: components.{name}.{io}.{key} has more than 8 dimensions")
+                for d in shape:
+                    if isinstance(d, int):
+                        _in(f"components.{name}.{io}.{key}", d, 0, 1 << 24)
+    pixels = m.components["vision"].inputs.get("pixel_values")
+    if pixels and all(isinstance(d, int) for d in pixels) and math.prod(pixels) > 1 << 26:
+        raise BundleError(f"manifest: components.vision.inputs.pixel_values {list(pixels)} is too large to run")
+
+
+def kv_names(pattern: str, num_layers: int) -> list[str]:
+    """pattern % (layer, "key"|"value") for every layer; the pattern comes from the manifest (untrusted)."""
+    try:
+        names = [pattern % (i, part) for i in range(num_layers) for part in ("key", "value")]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BundleError(f"manifest: kv name pattern {pattern!r} does not format as (layer, 'key'|'value'): {e}") from None
+    if len(set(names)) != len(names):
+        raise BundleError(f"manifest: kv name pattern {pattern!r} gives the same name to two tensors")
+    return names
 
 
 def _check_static(m: Manifest, kv_parts: list[str]) -> None:

@@ -20,6 +20,7 @@ from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
 from .cache import Caches, kv_arrays, kv_from_arrays
+from .contract import check_graphs
 from .errors import BackendError, BundleError, EdgeVLMError
 from .generate import Chat, Response
 from .image import input_digest, load_image, preprocess
@@ -61,6 +62,7 @@ class VLM:
             self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
         except Exception as e:
             raise BundleError(f"tokenizer {m.tokenizer.file!r} does not load: {e}") from None
+        check_graphs(m, {k: g for k, g in self.graphs.items() if isinstance(g, OnnxGraph)})
         self.vision, self.embedder = self.graphs["vision"], self.graphs.get("embed")
         if m.components["decoder"].backend == "coreml":  # stateful program: the KV cache lives in CoreML state
             from .backends.coreml import CoremlDecoder
