@@ -60,6 +60,23 @@ class Bundle:
         return confined(self.root, rel)
 
 
+def read_manifest(raw: bytes) -> Manifest:
+    """manifest.json's bytes -> Manifest; anything else than a valid manifest is a BundleError."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST} is {len(raw)} bytes; refusing more than {MAX_MANIFEST_BYTES}")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, and ints over 4300 digits
+        raise BundleError(f"{MANIFEST} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BundleError(f"{MANIFEST} nests too deeply to be a manifest") from None
+    return parse_manifest(data)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity; a manifest may not
+
+
 def open_bundle(path: str | os.PathLike) -> Bundle:
     """Parse and verify a bundle; raises BundleError / IntegrityError with a message saying what is wrong."""
     root = Path(path)
@@ -69,13 +86,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     if not mpath.is_file():
         raise BundleError(f"bundle {str(path)!r} has no {MANIFEST}")
     raw = mpath.read_bytes()
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{MANIFEST} is {len(raw)} bytes; refusing more than {MAX_MANIFEST_BYTES}")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{MANIFEST} is not valid JSON: {e}") from None
-    manifest = parse_manifest(data)
+    manifest = read_manifest(raw)
     bundle = Bundle(root=root, manifest=manifest, sha256=hashlib.sha256(raw).hexdigest())
 
     refs = manifest.files()

@@ -40,9 +40,54 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+MAX_OUTPUT = 1 << 20  # characters a template may produce (a prompt is far smaller; the context is the limit)
+MAX_VALUE = 1 << 20  # length of a string or list a template may build with + or *
+MAX_RANGE_ITEMS = 1 << 20  # range() items per render, all loops together
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, stricter: touching an unsafe attribute is an error at once (not an empty
+    undefined), and + / * / ** cannot build huge values."""
+
+    intercepted_binops = frozenset({"+", "*", "**"})
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 64 and not (isinstance(left, (int, float)) and abs(left) <= 1):
+                raise jinja2.exceptions.SecurityError("exponent too large")
+            return left ** right
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * max(n, 0) > MAX_VALUE:
+                raise jinja2.exceptions.SecurityError(f"value longer than {MAX_VALUE}")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 4096:
+                raise jinja2.exceptions.SecurityError("integer too large")
+            return left * right
+        if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+                and len(left) + len(right) > MAX_VALUE:
+            raise jinja2.exceptions.SecurityError(f"value longer than {MAX_VALUE}")
+        return left + right
+
+
+def _budgeted_range():
+    used = [0]
+
+    def bounded_range(*args):
+        r = range(*args)
+        used[0] += len(r)
+        if used[0] > MAX_RANGE_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"more than {MAX_RANGE_ITEMS} range() items in one render")
+        return r
+
+    return bounded_range
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -57,11 +102,18 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = True
     """Render a chat template over plain-data messages ({"role", "content"}) the way HF processors do."""
     template = _compile(source)
     try:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, **variables)
+        parts, size = [], 0
+        for part in template.generate(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                      documents=None, range=_budgeted_range(), **variables):
+            size += len(part)
+            if size > MAX_OUTPUT:
+                raise TemplateError(f"chat template output exceeds {MAX_OUTPUT} characters")
+            parts.append(part)
+        return "".join(parts)
     except jinja2.exceptions.SecurityError as e:
         raise TemplateError(f"chat template tried an operation the sandbox forbids: {e}") from None
     except jinja2.exceptions.TemplateError as e:
         raise TemplateError(f"chat template failed: {e}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, OverflowError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, OverflowError,
+            ZeroDivisionError, ArithmeticError, LookupError, UnicodeError, MemoryError) as e:
         raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
