@@ -14,6 +14,7 @@ def check_graphs(m: Manifest, graphs: dict) -> None:
     for name, g in graphs.items():
         if not g.input_names or not g.output_names:
             raise BundleError(f"components.{name}: the graph has no inputs or no outputs")
+        _check_shapes(name, m.components[name], g)
     for name, extra_in, extra_out in (("decoder", (), ("logits",)), ("prefusion", (), ("fused",))):
         g, comp = graphs.get(name), m.components.get(name)
         if g is None or comp is None or comp.kv is None or comp.num_layers is None:
@@ -24,3 +25,20 @@ def check_graphs(m: Manifest, graphs: dict) -> None:
         if missing:
             raise BundleError(f"components.{name}: the graph lacks {', '.join(missing[:4])}"
                               f"{' …' if len(missing) > 4 else ''} that the manifest's num_layers and kv name")
+
+
+def _check_shapes(name: str, comp, g) -> None:
+    """The manifest's declared inputs/outputs exist in the graph with the same rank and the same fixed dims."""
+    session = getattr(g, "session", None)
+    if session is None:
+        return
+    for which, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        actual = {a.name: a.shape for a in args}
+        for key, shape in getattr(comp, which).items():
+            if key not in actual:
+                raise BundleError(f"components.{name}.{which}: the graph has no {which[:-1]} named {key!r}")
+            got = actual[key] or []
+            if len(got) != len(shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                             for a, b in zip(shape, got)):
+                raise BundleError(f"components.{name}.{which}.{key}: the manifest says {list(shape)}, "
+                                  f"the graph {list(got)}")
