@@ -75,7 +75,7 @@ def read_header(blob: bytes) -> dict:
         raise EntryError("header length out of range")
     try:
         header = json.loads(blob[16:16 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, ints over 4300 digits
         raise EntryError("header is not JSON") from None
     if not isinstance(header, dict):
         raise EntryError("header is not an object")

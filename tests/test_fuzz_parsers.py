@@ -79,3 +79,9 @@ def test_edited_manifests_through_load_and_generate(tmp_path_factory, data):
         edgevlm.load(b, threads=1).generate(example, "What color is the star?", max_tokens=2)
     except EdgeVLMError:
         pass
+
+
+@CI
+@given(ft.entry_files())
+def test_cache_entry_files(tmp_path_factory, entry):
+    ft.target_cache_entry(*entry, tmp_path_factory.mktemp("cache"))

@@ -186,14 +186,86 @@ def target_demo_template(messages: list) -> str:
     return result
 
 
-# ---- disk cache entries (edgevlm's cache module, when present) ------------------------------------------
+# ---- disk cache entries ---------------------------------------------------------------------------------
 
-def cache_module():
-    try:
-        from edgevlm import cache  # noqa: F401
-    except ImportError:
-        return None
-    return cache
+CACHE_BUNDLE = "ab" * 32
+
+
+def _resign(body: bytes) -> bytes:
+    import hashlib
+
+    return body + hashlib.sha256(body).digest()
+
+
+@st.composite
+def entry_files(draw):
+    """(kind, name, file bytes): a valid entry, then damaged (checksum broken) or forged (changed and
+    re-signed, so the header and array-table parsers are reached)."""
+    import numpy as np
+
+    from edgevlm.diskcache import encode_entry
+
+    kind = draw(st.sampled_from(["image", "prefix"]))
+    name = ("img-" if kind == "image" else "kv-") + draw(st.sampled_from(["0" * 64, "ab" * 32, "1234" * 16]))
+    dtype = draw(st.sampled_from(["<f4", "<f2", "<i8", "<i4", "|u1"]))
+    arrays = {k: np.zeros(draw(st.lists(st.integers(0, 4), max_size=3)), dtype)
+              for k in draw(st.sampled_from([["rows"], ["k.0", "v.0"], ["k.0", "v.0", "k.1", "v.1"], []]))}
+    meta = draw(st.sampled_from([{}, {"keys": [1, 2, 3]}, {"keys": [1, ["i", "x", 0], ["f", "y", 2]]}]))
+    blob = encode_entry(CACHE_BUNDLE, kind, name, meta, arrays)
+    how = draw(st.sampled_from(["valid", "flip", "truncate", "header", "header-edit", "length", "nest", "bigint"]))
+    body = blob[:-32]
+    n = int.from_bytes(body[8:16], "little")
+    header = json.loads(body[16:16 + n])
+    if how == "flip":
+        b = bytearray(blob)
+        b[draw(st.integers(0, len(b) - 1))] ^= 1 << draw(st.integers(0, 7))
+        return kind, name, bytes(b)
+    if how == "truncate":
+        return kind, name, blob[:draw(st.integers(0, len(blob) - 1))]
+    if how == "length":
+        v = draw(st.sampled_from([0, 1, n - 1, n + 1, 2 ** 63, 2 ** 64 - 1, 64 << 20]))
+        return kind, name, _resign(body[:8] + v.to_bytes(8, "little") + body[16:])
+    if how in ("header", "header-edit", "nest", "bigint"):
+        if how == "header":
+            new = json.dumps(draw(json_values)).encode()
+        elif how == "nest":
+            d = draw(st.integers(1, 100_000))
+            new = b"[" * d + b"]" * d
+        elif how == "bigint":
+            new = b'{"format": 1' + b"0" * draw(st.integers(4000, 6000)) + b"}"
+        else:
+            key = draw(st.sampled_from(sorted(header)))
+            if key == "arrays" and header["arrays"] and draw(st.booleans()):
+                row = list(header["arrays"][0])
+                row[draw(st.integers(0, 4))] = draw(json_values | st.integers(-2 ** 65, 2 ** 65)
+                                                     | st.lists(st.integers(-2 ** 40, 2 ** 40), max_size=4))
+                header["arrays"][0] = row
+            else:
+                header[key] = draw(json_values)
+            new = json.dumps(header).encode()
+        return kind, name, _resign(body[:8] + len(new).to_bytes(8, "little") + new + body[16 + n:])
+    return kind, name, blob
+
+
+def target_cache_entry(kind: str, name: str, blob: bytes, root: Path) -> str:
+    """The entry as a file of a disk tier: headers(), get() and the prefix lookup never raise; a bad entry
+    is a miss (and removed)."""
+    from edgevlm.cache import Caches
+    from edgevlm.diskcache import SUFFIX
+
+    caches = Caches(CACHE_BUNDLE, root)
+    store = caches.disk
+    store.path(name).write_bytes(blob)
+    store.headers("kv-")
+    got = store.get(kind, name)
+    if kind == "prefix":
+        store.path(name).write_bytes(blob)
+        caches.lookup_prefix([1, 2, 3, 4, ("x", 0), ("fused", "y", 2)])
+    else:
+        caches.get_image(name[4:])
+    for p in store.root.glob("*" + SUFFIX):
+        p.unlink()
+    return "served" if got is not None else "miss"
 
 
 def here() -> Path:
