@@ -56,9 +56,12 @@ def campaigns(work: Path) -> dict:
         "template: demo template, hostile messages": ((ft.message_lists,), ft.target_demo_template, 10000),
         "load + generate: edited manifests": ((ft.manifest_edits(),), load_and_generate(work), 400),
     }
-    extra = getattr(ft, "cache_campaigns", None)
-    if extra:
-        c.update(extra(work))
+    counter = iter(range(10 ** 9))
+
+    def cache_entry(entry):
+        return ft.target_cache_entry(*entry, work / f"cache-{next(counter) % 64}")
+
+    c["cache: entry files (damaged, forged and re-signed)"] = ((ft.entry_files(),), cache_entry, 10000)
     return c
 
 
