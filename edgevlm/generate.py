@@ -68,6 +68,10 @@ def _pending_stop(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def _strings(x) -> bool:
+    return x is None or (isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x))
+
+
 class Chat:
     """A multi-turn conversation. The KV cache is kept between turns; each image is encoded once."""
 
@@ -120,8 +124,13 @@ class Chat:
             hits += bool(image_source)
             self._states[key] = state
         sampler = make_sampler(temperature, top_k, top_p, repetition_penalty, seed)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        max_tokens = m.generation.max_new_tokens if max_tokens is None else int(max_tokens)
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s] if _strings(stop) else None
+        if stops is None:
+            raise ArgumentError("stop must be a string or a list of strings")
+        try:
+            max_tokens = m.generation.max_new_tokens if max_tokens is None else int(max_tokens)
+        except (TypeError, ValueError, OverflowError):
+            raise ArgumentError(f"max_tokens must be an integer, got {max_tokens!r}") from None
         if max_tokens < 1:
             raise ArgumentError("max_tokens must be at least 1")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -30,17 +31,10 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Path, bytes, PIL image or HxWx3 uint8 array -> HxWx3 uint8 RGB array."""
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
-    if isinstance(image, Image.Image):
-        return _to_rgb(image, max_pixels)
+    if isinstance(image, Image.Image):  # may be lazily opened: its decoding is guarded like our own
+        return _guarded(lambda: _to_rgb(image, max_pixels))
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        try:
-            size = path.stat().st_size
-            if size > MAX_BYTES:
-                raise ImageError(f"image file {path.name!r} is {size} bytes; the limit is {MAX_BYTES}")
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
+        data = _read_file(image)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     else:
@@ -49,13 +43,22 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError("image is empty (0 bytes)")
     if len(data) > MAX_BYTES:
         raise ImageError(f"image is {len(data)} bytes; the limit is {MAX_BYTES}")
+    return _guarded(lambda: _open(data, max_pixels))
+
+
+def _open(data: bytes, max_pixels: int) -> np.ndarray:
+    im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    if im.format not in OPENED_FORMATS:  # a plugin may hand back a subclass of another format
+        raise ImageError(f"image format {im.format} is not accepted ({', '.join(ACCEPTED_FORMATS)})")
+    return _to_rgb(im, max_pixels)
+
+
+def _guarded(decode) -> np.ndarray:
+    """Run a decoding step; every way Pillow can fail on bad input becomes an ImageError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            if im.format not in OPENED_FORMATS:  # a plugin may hand back a subclass of another format
-                raise ImageError(f"image format {im.format} is not accepted ({', '.join(ACCEPTED_FORMATS)})")
-            return _to_rgb(im, max_pixels)
+            return decode()
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -70,6 +73,23 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"image is corrupt ({type(e).__name__}: {e})") from None
 
 
+def _read_file(image: str | os.PathLike) -> bytes:
+    """A regular file's bytes, at most MAX_BYTES + 1 of them; ImageError otherwise."""
+    path = Path(image)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, /dev/zero: nothing to read, or no end
+            raise ImageError(f"image {str(image)!r} is not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise ImageError(f"image file {path.name!r} is {st.st_size} bytes; the limit is {MAX_BYTES}")
+        with open(path, "rb") as f:
+            return f.read(MAX_BYTES + 1)  # the size may have changed since stat
+    except OSError as e:
+        raise ImageError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise ImageError(f"cannot read image {str(image)!r}: {e}") from None
+
+
 def input_digest(image) -> str | None:
     """sha256 of an image input as given (file bytes, bytes, array, or a PIL image's pixels with everything
     that changes how it decodes), or None when it cannot be told cheaply (then the pixels decide)."""
@@ -78,21 +98,22 @@ def input_digest(image) -> str | None:
         h.update(f"array {image.dtype.str} {image.shape}".encode())
         h.update(np.ascontiguousarray(image).tobytes())
     elif isinstance(image, Image.Image):
-        if getattr(image, "n_frames", 1) > 1:
+        if getattr(image, "is_animated", False) or image.size[0] * image.size[1] > MAX_PIXELS:
+            return None  # (over the cap: load_image refuses it before anything is decoded)
+        try:
+            orientation = image.getexif().get(0x0112) if hasattr(image, "getexif") else None
+            h.update(repr(("pil", image.mode, image.size, orientation, image.info.get("transparency"),
+                           image.getpalette())).encode())
+            h.update(image.tobytes())
+        except Exception:  # a lazily opened file that does not decode: load_image says what is wrong
             return None
-        orientation = image.getexif().get(0x0112) if hasattr(image, "getexif") else None
-        h.update(repr(("pil", image.mode, image.size, orientation, image.info.get("transparency"),
-                       image.getpalette())).encode())
-        h.update(image.tobytes())
     elif isinstance(image, (bytes, bytearray, memoryview)):
         h.update(b"bytes ")
         h.update(image)
     elif isinstance(image, (str, os.PathLike)):
         try:
-            if Path(image).stat().st_size > MAX_BYTES:
-                return None
-            data = Path(image).read_bytes()
-        except OSError:
+            data = _read_file(image)
+        except ImageError:
             return None  # load_image says what is wrong
         h.update(b"bytes ")
         h.update(data)

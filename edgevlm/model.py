@@ -21,7 +21,7 @@ from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
 from .cache import Caches, kv_arrays, kv_from_arrays
 from .contract import check_graphs
-from .errors import BackendError, BundleError, EdgeVLMError
+from .errors import ArgumentError, BackendError, BundleError, EdgeVLMError
 from .generate import Chat, Response
 from .image import input_digest, load_image, preprocess
 from .sampling import make_sampler
@@ -368,6 +368,10 @@ def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec
         path = DEFAULT_BUNDLE
         if not (path / "manifest.json").is_file():
             raise BundleError("this installation has no embedded default bundle; pass a bundle path")
+    if not isinstance(path, (str, os.PathLike)):
+        raise BundleError(f"a bundle is a directory path, not a {type(path).__name__}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ArgumentError(f"threads must be a non-negative integer (0: onnxruntime decides), got {threads!r}")
     return VLM(open_bundle(path), providers=providers, threads=threads, warmup=warmup, cache_dir=cache_dir,
                cache_bytes=cache_bytes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,8 +24,15 @@ def make_sampler(
     repetition_penalty follows the CTRL/transformers rule: logits of tokens already generated are divided
     by the penalty when positive and multiplied by it when negative.
     """
+    real = (int, float, np.integer, np.floating)
+    if not all(isinstance(x, real) and not isinstance(x, bool) and math.isfinite(x)
+               for x in (temperature, top_k, top_p, repetition_penalty)) or int(top_k) != top_k:
+        raise ArgumentError("temperature, top_p and repetition_penalty must be finite numbers, top_k an integer")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
         raise ArgumentError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise ArgumentError(f"seed must be a non-negative integer or None, got {seed!r}")
+    top_k = int(top_k)
     rng = np.random.default_rng(seed)
 
     def penalise(logits: np.ndarray, history: Sequence[int]) -> np.ndarray:

@@ -72,3 +72,34 @@ def test_mutated_images_sample():
             outcomes["error"] += 1
     print("mutations:", outcomes)
     assert outcomes["ok"] > 20 and outcomes["error"] > 20  # the mutations reach both outcomes
+
+
+def test_odd_image_inputs_are_image_errors(vlm, tmp_path):
+    import os
+
+    from PIL import Image
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    lazy = Image.open(CORPUS / "truncated.jpg")  # opened by the caller, decoded by us
+    for image in ["/dev/zero", fifo, tmp_path, "a\x00b.png", tmp_path / "missing.png", lazy, [1, 2, 3],
+                  np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4, 3), bool)]:
+        with pytest.raises(ImageError):
+            vlm.generate(image, "What color is the star?", max_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_tokens": "x"}, {"max_tokens": 0}, {"temperature": float("nan")}, {"temperature": "hot"},
+    {"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"top_k": 1.5}, {"repetition_penalty": float("inf")},
+    {"seed": "s", "temperature": 1.0}, {"seed": -1, "temperature": 1.0}, {"stop": 5}, {"stop": [b"x"]},
+])
+def test_bad_generation_arguments_are_argument_errors(vlm, kwargs):
+    with pytest.raises(edgevlm.ArgumentError):
+        vlm.generate(CORPUS / "cmyk.jpg", "What color is the star?", **{"max_tokens": 1, **kwargs})
+
+
+def test_bad_load_arguments_are_edgevlm_errors():
+    with pytest.raises(edgevlm.BundleError):
+        edgevlm.load(5)
+    with pytest.raises(edgevlm.ArgumentError):
+        edgevlm.load(threads="two")
