@@ -96,6 +96,8 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise TemplateError(f"chat template does not parse: {e}") from None
+    except (RecursionError, MemoryError, SyntaxError, ValueError, OverflowError) as e:  # e.g. 1000 nested "("
+        raise TemplateError(f"chat template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
 def render(source: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:

@@ -143,6 +143,8 @@ INJECTIONS = [
     "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
     "{{ lipsum(100000) }}",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{{ _exc(" + "(" * 400 + "x }}",  # found by benchmarks/fuzz_atheris.py: a RecursionError in jinja's parser
+    "{{ " + "[" * 400 + " }}",
 ]
 
 FRAGMENTS = ["{{ ", " }}", "{% ", " %}", "{%- ", " -%}", "for m in messages", "endfor", "if ", "else", "endif",
