@@ -122,6 +122,7 @@ class DiskStore:
         self.hits = self.misses = self.rejected = self.writes = 0
         self._lock = threading.Lock()
         self._headers: dict[str, tuple[float, int, dict]] = {}  # name -> (mtime, size, header) read so far
+        self._size: int | None = None  # bytes of the entries, None: to be counted
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
@@ -176,6 +177,7 @@ class DiskStore:
         log.warning("cache entry %s not served: %s; removed", name + SUFFIX, why)
         self.rejected += 1
         self._headers.pop(name, None)
+        self._size = None
         try:
             self.path(name).unlink()
         except OSError:
@@ -239,18 +241,22 @@ class DiskStore:
 
     def remove(self, name: str) -> None:
         self._headers.pop(name, None)
+        self._size = None
         try:
             self.path(name).unlink()
         except OSError:
             pass
 
     def size_bytes(self) -> int:
+        """Bytes of this bundle's entries (as of the last write or removal here; other processes may add)."""
         if self.disabled:
             return 0
-        try:
-            return sum(d.stat().st_size for d in os.scandir(self.root) if d.name.endswith(SUFFIX))
-        except OSError:
-            return 0
+        if self._size is None:
+            try:
+                self._size = sum(d.stat().st_size for d in os.scandir(self.root) if d.name.endswith(SUFFIX))
+            except OSError:
+                return 0
+        return self._size
 
     def _evict(self) -> None:
         try:
@@ -267,6 +273,7 @@ class DiskStore:
             except OSError:
                 continue
             total -= size
+        self._size = total
 
     def _sweep_temps(self) -> None:
         """Remove the temp files of writers that were killed (their pid is gone) or stalled for long."""

@@ -322,3 +322,16 @@ def test_bench_command_writes_a_table_json_and_a_plot(tmp_path, capsys):
         assert r["cold"]["prefilled_tokens"] == r["cold"]["prompt_tokens"] > r["warm"]["prefilled_tokens"]
         assert r["cold"]["stages_s"]["encode"] > 0 and r["warm"]["stages_s"]["encode"] == 0
     assert main(["bench", "--resolutions", "abc"]) == 1 and "--resolutions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["shapes-fastvlm", "shapes-fastvlm-mini"])
+def test_load_warms_every_graph_once_and_caches_nothing(name, monkeypatch):
+    from edgevlm.backends.onnx import OnnxGraph
+
+    runs = []
+    real = OnnxGraph.run
+    monkeypatch.setattr(OnnxGraph, "run", lambda self, feeds: runs.append(self.name) or real(self, feeds))
+    vlm = edgevlm.load(DEFAULT_BUNDLE.parent / name)
+    print(name, "warm-up runs:", runs)
+    assert set(runs) == set(vlm.graphs) and len(runs) <= 2 * len(vlm.graphs)
+    assert vlm.caches.stats()["image_entries"] == 0 == vlm.caches.stats()["prefix_entries"]
