@@ -242,11 +242,14 @@ class Caches:
             for kind, key, value in pending:
                 if self.disk is None or not self.disk.enabled:
                     return
-                if kind == "image":
-                    arrays = {"rows": value["rows"], **(kv_arrays(value["kv"]) if value.get("kv") else {})}
-                    self.disk.put("image", "img-" + key, {}, arrays)
-                else:
-                    self._put_prefix_disk(key, value)
+                try:
+                    if kind == "image":
+                        arrays = {"rows": value["rows"], **(kv_arrays(value["kv"]) if value.get("kv") else {})}
+                        self.disk.put("image", "img-" + key, {}, arrays)
+                    else:
+                        self._put_prefix_disk(key, value)
+                except TypeError as e:  # an array the entry format does not hold (dtype): keep it in RAM only
+                    self.disk.disable(e)
 
     def _put_prefix_disk(self, keys: tuple, arrays: dict[str, np.ndarray]) -> None:
         headers = self.disk.headers("kv-")
