@@ -215,6 +215,7 @@ class GgufText:
     def stream(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None) -> Iterator:
         from ..generate import Response
+        from ..profile import peak_rss_bytes
         from ..sampling import make_sampler
         from ..template import render
 
@@ -240,6 +241,7 @@ class GgufText:
             now = time.perf_counter()
             if len(generated) == 1:
                 ttft, t_first = now - t0, now
+                rss = peak_rss_bytes()
             finish = "stop" if L.llama_vocab_is_eog(dec.vocab, tok) else None
             if finish is None and (len(generated) >= max_tokens or len(dec.keys) + 1 >= dec.n_ctx):
                 finish = "length"
@@ -250,7 +252,9 @@ class GgufText:
             yield Response(text=out.decode("utf-8", errors="ignore")[len(before):], token=tok, finish_reason=finish,
                            ttft_s=ttft, stages=dict(stages), prompt_tokens=len(ids), prefilled_tokens=len(ids) - reuse,
                            prompt_tps=(len(ids) - reuse) / max(stages["prefill"], 1e-9), generated_tokens=n,
-                           decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0)
+                           decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, backend="gguf",
+                           prefix_cache_hit_tokens=reuse, prefix_cache_source="decoder" if reuse else "",
+                           peak_rss_bytes=rss)
             if finish:
                 break
             dec.eval_tokens(np.asarray([tok]), [tok])
