@@ -196,7 +196,7 @@ class VLM:
             n, arrays, where, _ = self.caches.lookup_prefix(keys, at_least=reuse)
             if arrays is not None:
                 return n, kv_from_arrays(arrays), where  # _prefill keeps its first n positions
-        elif hasattr(self.lm, "restore"):
+        elif hasattr(self.lm, "state_variant"):
             held = min(self.lm.common_prefix(keys), len(keys) - 1)
             n, arrays, where, stored = self.caches.lookup_prefix(keys, at_least=max(reuse, held))
             if arrays is not None and self.lm.restore(arrays["state"], stored):
@@ -208,7 +208,7 @@ class VLM:
         """Offer a decoder KV (the positions `keys`) to the prefix cache, then write pending disk entries."""
         if keys and self.lm is None:
             self.caches.put_prefix(keys, kv_arrays(kv))
-        elif keys and hasattr(self.lm, "state") and self.lm.keys == keys:
+        elif keys and hasattr(self.lm, "state_variant") and self.lm.keys == keys:  # GGUF (CoreML keeps none)
             self.caches.put_prefix(keys, {"state": self.lm.state()})
         self.caches.flush()
 
