@@ -315,12 +315,13 @@ def test_bench_command_writes_a_table_json_and_a_plot(tmp_path, capsys):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["bench", "--resolutions", "64,256", "--repeats", "1", "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "| demo | 256 | 128x128 |" in text and "resize" in text and "cache" in text
+    assert "| demo | 256 | 128x128 |" in text and "resize" in text and "cache" in text and "turn 2" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["resolution"] for r in rows] == [64, 256] and png.stat().st_size > 10_000
     for r in rows:
         assert r["cold"]["prefilled_tokens"] == r["cold"]["prompt_tokens"] > r["warm"]["prefilled_tokens"]
         assert r["cold"]["stages_s"]["encode"] > 0 and r["warm"]["stages_s"]["encode"] == 0
+        assert r["chat_turn2"]["prefilled_tokens"] < r["chat_turn2"]["prompt_tokens"]
     assert main(["bench", "--resolutions", "abc"]) == 1 and "--resolutions" in capsys.readouterr().err
 
 
