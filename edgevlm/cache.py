@@ -41,12 +41,14 @@ def nbytes(value: Any) -> int:
 
 
 class LRU:
-    """An ordered map bounded in bytes (numpy arrays counted); the least recently used entries go first."""
+    """An ordered map bounded in bytes (numpy arrays counted); the least recently used entries go first.
+    Thread-safe: a server's worker threads share one VLM."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self._d: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._d)
@@ -55,35 +57,44 @@ class LRU:
         return key in self._d
 
     def get(self, key, default=None):
-        if key not in self._d:
-            return default
-        self._d.move_to_end(key)
-        return self._d[key][0]
+        with self._lock:
+            item = self._d.get(key)
+            if item is None:
+                return default
+            self._d.move_to_end(key)
+            return item[0]
 
     def put(self, key, value) -> bool:
         """Insert (or refresh); False when the value alone exceeds the bound (then it is not kept)."""
         size = nbytes(value)
-        self.pop(key)
-        if size > self.max_bytes:
-            return False
-        self._d[key] = (value, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, s) = self._d.popitem(last=False)
-            self.bytes -= s
-        return True
+        with self._lock:
+            self._pop(key)
+            if size > self.max_bytes:
+                return False
+            self._d[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, s) = self._d.popitem(last=False)
+                self.bytes -= s
+            return True
 
     def pop(self, key) -> None:
+        with self._lock:
+            self._pop(key)
+
+    def _pop(self, key) -> None:
         item = self._d.pop(key, None)
         if item is not None:
             self.bytes -= item[1]
 
     def items(self):
-        return [(k, v) for k, (v, _) in self._d.items()]
+        with self._lock:
+            return [(k, v) for k, (v, _) in self._d.items()]
 
     def clear(self) -> None:
-        self._d.clear()
-        self.bytes = 0
+        with self._lock:
+            self._d.clear()
+            self.bytes = 0
 
 
 # ---- cache keys as JSON (entry headers): ints stay ints, (image, row) -> ["i", image, row], fused -> ["f", ...]

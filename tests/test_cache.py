@@ -336,3 +336,18 @@ def test_load_warms_every_graph_once_and_caches_nothing(name, monkeypatch):
     print(name, "warm-up runs:", runs)
     assert set(runs) == set(vlm.graphs) and len(runs) <= 2 * len(vlm.graphs)
     assert vlm.caches.stats()["image_entries"] == 0 == vlm.caches.stats()["prefix_entries"]
+
+
+def test_caches_are_shared_safely_by_threads(fresh, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import scene
+
+    vlm = fresh(tmp_path, image_bytes=3 * 12288, prefix_bytes=200_000)
+    want = {k: reference(vlm, Q1, np.asarray(scene(k)), n=3) for k in range(4)}
+    jobs = [(k % 4, q) for k in range(24) for q in (Q1,)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: [r.token for r in ask(vlm, job[1], np.asarray(scene(job[0])), n=3)], jobs))
+    assert got == [want[k] for k, _ in jobs]
+    s = vlm.caches.stats()
+    assert s["image_ram_bytes"] <= 3 * 12288 and s["prefix_ram_bytes"] <= 200_000 and s["disk_enabled"] == 1
