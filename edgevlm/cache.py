@@ -170,7 +170,10 @@ class Caches:
             if entry is None:
                 return None, ""
             _, arrays = entry
+            layout = arrays.pop("layout", None)  # tiled images: [tile rows, tile cols, rows per tile]
             state = {"rows": arrays.pop("rows", None), "kv": kv_from_arrays(arrays) if arrays else None}
+            if layout is not None:
+                state["layout"] = layout
             if state["rows"] is None or not self.check_image(state):
                 self.disk.reject("img-" + key, "arrays do not fit this model")
                 return None, ""
@@ -256,6 +259,8 @@ class Caches:
                 try:
                     if kind == "image":
                         arrays = {"rows": value["rows"], **(kv_arrays(value["kv"]) if value.get("kv") else {})}
+                        if "layout" in value:  # tiled images: [tile rows, tile cols, rows per tile]
+                            arrays["layout"] = value["layout"]
                         self.disk.put("image", "img-" + key, {}, arrays)
                     else:
                         self._put_prefix_disk(key, value)

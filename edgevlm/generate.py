@@ -87,12 +87,12 @@ class Chat:
         self._keys: list = []  # what the KV cache holds: token ids, or (image key, row) at image positions
         self._kv = self.vlm._empty_kv()
 
-    def add_turn(self, text: str, answer: str, image=None) -> None:
+    def add_turn(self, text: str, answer: str, image=None, max_image_tokens: int | None = None) -> None:
         """Record a past exchange without generating (e.g. the history an API request carries); the next
         `stream` prefills it, reusing cached image embeds and KV where it can."""
         content = [{"type": "text", "text": text}]
         if image is not None:
-            key, state, _, _ = self.vlm._image_embeds(image)
+            key, state, _, _ = self.vlm._image_embeds(image, max_image_tokens)
             self._states[key] = state
             self._images = self._images + [key]
             content.insert(0, {"type": "image"})
@@ -113,13 +113,14 @@ class Chat:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        max_image_tokens: int | None = None,
     ) -> Iterator[Response]:
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
         hits, image_source = 0, ""
         if image is not None:
-            key, state, image_source, img_stages = vlm._image_embeds(image)
+            key, state, image_source, img_stages = vlm._image_embeds(image, max_image_tokens)
             stages.update(img_stages)
             hits += bool(image_source)
             self._states[key] = state
@@ -138,14 +139,15 @@ class Chat:
         messages = self.messages + [{"role": "user", "content": content}]
         images = self._images + ([key] if image is not None else [])
         t = time.perf_counter()
-        ids = vlm._prompt_ids(messages, len(images))
+        image_states = [self._states[k] for k in images]
+        ids = vlm._prompt_ids(messages, len(images), image_states)
         ctx = vlm.context_length
         if len(ids) >= ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten the prompt, "
                 "start a new chat, or use fewer images"
             )
-        keys = vlm._keys_for(ids, images)
+        keys = vlm._keys_for(ids, images, image_states)
         t_ids = time.perf_counter() - t  # template + tokenizer: counted in the embed stage
         t = time.perf_counter()
         reuse, kv, source = vlm._find_prefix(keys, self._keys, self._kv)  # at least one position runs (logits)

@@ -81,6 +81,25 @@ class Generation:
     eos_token_ids: tuple[int, ...]
     context_length: int
     max_new_tokens: int = 256
+    max_image_tokens: int | None = None  # default image-token budget per image (None: all); see edgevlm/budget.py
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How one image becomes vision-graph inputs and prompt rows (edgevlm/tiling.py reads it)."""
+
+    grid: tuple[int, int] | None = None  # the vision graph's rows for one tile form this (h, w) raster grid
+    tiling: str = "none"  # "none" | "split" (tiles + a global image, Idefics3) | "anyres" (best grid, LLaVA-NeXT)
+    tile_size: int = 0  # pixels per tile side (the vision graph's input)
+    longest_edge: int = 0  # split: the image's longest edge is resized to this before splitting
+    pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: candidate (height, width) resolutions
+    global_tile: str = "last"  # where the whole image, resized to one tile, goes among the tiles: first | last
+    unpad: bool = False  # anyres: drop feature rows/columns that fall in the letterbox padding
+    max_tiles_area: int = 0  # anyres: grid features beyond this many tiles' worth are bilinearly shrunk (0: never)
+    row_end: bool = False  # anyres: the vision graph's `row_end` output follows every feature row of the grid
+    # one image's placeholder text (jinja, sandboxed): image, rows, cols (tile grid; 0, 0 if not split),
+    # tile_tokens (rows per tile), tokens (all rows of the image)
+    prompt: str = "{{ image * tokens }}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,7 @@ class Manifest:
     generation: Generation
     special_tokens: dict[str, str] = field(default_factory=dict)
     fusion: str = "splice"  # "splice": image embeds replace placeholders; "prefusion": LLaVA-Mini
+    image_layout: ImageLayout | None = None  # tiles, marker tokens, feature grid; None: one tile, image_tokens rows
     quant: Quant = field(default_factory=Quant)
     source: Source = field(default_factory=Source)
 
@@ -181,6 +201,7 @@ def _check(m: Manifest) -> None:
         raise BundleError("manifest: preprocess.resize_kernel must be 'torchvision' or 'pil'")
     if any(s == 0 for s in p.std):
         raise BundleError("manifest: preprocess.std must not contain 0")
+    _check_layout(m)
     if m.image_tokens < 0 or m.generation.context_length <= 0:
         raise BundleError("manifest: image_tokens and generation.context_length must be positive")
     _check_ranges(m)
@@ -258,6 +279,29 @@ def _check_static(m: Manifest, kv_parts: list[str]) -> None:
             for t, shape in shapes.items():
                 if c.backend == "onnx" and not all(isinstance(d, int) for d in shape):
                     raise BundleError(f"manifest: components.{name}.{io}.{t} of a static bundle has a dynamic dim")
+
+
+def _check_layout(m: Manifest) -> None:
+    budget = m.generation.max_image_tokens
+    if budget is not None and budget < 1:
+        raise BundleError("manifest: generation.max_image_tokens must be at least 1")
+    lay = m.image_layout
+    if lay is None:
+        return
+    if lay.tiling not in ("none", "split", "anyres") or lay.global_tile not in ("first", "last"):
+        raise BundleError("manifest: image_layout.tiling must be none|split|anyres and global_tile first|last")
+    if lay.grid is not None and (min(lay.grid) < 1 or lay.grid[0] * lay.grid[1] != m.image_tokens):
+        raise BundleError("manifest: image_layout.grid must be positive and hold image_tokens rows")
+    if lay.tiling != "none" and lay.tile_size < 1:
+        raise BundleError("manifest: a tiled image_layout needs tile_size")
+    if lay.tiling == "split" and lay.longest_edge < lay.tile_size:
+        raise BundleError("manifest: image_layout.longest_edge must be at least tile_size")
+    if lay.tiling == "anyres" and (not lay.pinpoints or lay.grid is None
+                                   or any(min(p) < 1 or p[0] % lay.tile_size or p[1] % lay.tile_size
+                                          for p in lay.pinpoints)):
+        raise BundleError("manifest: anyres needs a grid and pinpoints that are multiples of tile_size")
+    if m.fusion != "splice" and lay.tiling != "none":
+        raise BundleError("manifest: tiled images need fusion 'splice'")
 
 
 def _read(tp: Any, value: Any, where: str) -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from . import pipeline, template
+from . import budget, pipeline, template, tiling
 from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
@@ -81,6 +81,9 @@ class VLM:
 
             bind(self)
         self._pre_key = json.dumps(dataclasses.asdict(m.preprocess), sort_keys=True) + m.components["vision"].sha256
+        if m.image_layout is not None:
+            self._pre_key += json.dumps(dataclasses.asdict(m.image_layout), sort_keys=True)
+        self.budget_method = "stratified"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
         if warmup:
@@ -118,10 +121,13 @@ class VLM:
 
     # ---- stages used by Chat -----------------------------------------------------------------------
 
-    def _image_embeds(self, image) -> tuple[str, dict, str, dict[str, float]]:
+    def _image_embeds(self, image, max_image_tokens: int | None = None) -> tuple[str, dict, str, dict[str, float]]:
         """-> (cache key, image state, where it was cached: "ram", "disk" or "" (computed now), stage seconds).
-        The state is all that depends only on the image: {"rows": embeds for the placeholders
-        [image_tokens, D], "kv": the pre-fusion KV of the image prefix (pre-fusion bundles) or None}."""
+        The state is all that depends only on the image: {"rows": embeds for the placeholders [N, D],
+        "kv": the pre-fusion KV of the image prefix (pre-fusion bundles) or None, and for tiled images
+        "layout": [tile rows, tile cols, rows per tile]}. With a token budget (max_image_tokens, else the
+        bundle's), the reduced rows are an image of their own for the caches."""
+        m = self.manifest
         t = time.perf_counter()
         raw = input_digest(image)  # the same input bytes always preprocess to the same pixels: skip that
         key = self.caches.aliases.get(raw) if raw else None
@@ -129,27 +135,47 @@ class VLM:
         t = time.perf_counter()
         state, where = self.caches.get_image(key) if key else (None, "")
         stages["cache"] = time.perf_counter() - t
-        if state is not None:
-            return key, state, where, stages
-        t = time.perf_counter()
-        pixels = preprocess(load_image(image), self.manifest.preprocess)
-        key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()  # the content address
-        stages["preprocess"] += time.perf_counter() - t
-        if raw:
-            self.caches.aliases.put(raw, key)
-        t = time.perf_counter()
-        state, where = self.caches.get_image(key)
-        stages["cache"] += time.perf_counter() - t
         if state is None:
-            state = self._encode(pixels, stages)
-            self.caches.put_image(key, state)
-        return key, state, where, stages
+            t = time.perf_counter()
+            rgb = load_image(image)
+            lay = m.image_layout
+            tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
+            pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess)
+            key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()  # the content address
+            stages["preprocess"] += time.perf_counter() - t
+            if raw:
+                self.caches.aliases.put(raw, key)
+            t = time.perf_counter()
+            state, where = self.caches.get_image(key)
+            stages["cache"] += time.perf_counter() - t
+            if state is None:
+                state = self._encode(pixels, stages, tiles)
+                self.caches.put_image(key, state)
+        limit = m.generation.max_image_tokens if max_image_tokens is None else int(max_image_tokens)
+        if limit is None or m.fusion != "splice" or limit >= state["rows"].shape[0]:
+            if limit is not None and limit < 1:
+                budget.reduce(state["rows"], limit)  # the same error as a real reduction
+            return key, state, where, stages
+        small = hashlib.sha256(f"{key}:{limit}:{self.budget_method}".encode()).hexdigest()
+        reduced, _ = self.caches.get_image(small)
+        if reduced is None:
+            reduced = self._reduce_image(state, limit)
+            self.caches.put_image(small, reduced)
+        return small, reduced, where, stages
 
-    def _encode(self, pixels: np.ndarray, stages: dict[str, float]) -> dict:
+    def _encode(self, pixels: np.ndarray, stages: dict[str, float], tiles=None) -> dict:
         t = time.perf_counter()
-        embeds = pipeline.encode(self.vision, pixels)  # the projector is inside the vision graph
+        feats, row_end = [], None
+        for tile in pixels:  # [3, S, S]: the vision graph (+ projector) takes one tile at a time
+            out = self.vision.run({self.vision.input_names[0]: tile[None]})
+            feats.append(out[self.vision.output_names[0]][0])
+            row_end = out.get("row_end")
+        feats = np.stack(feats)  # [T, n, D]
+        embeds = tiling.assemble(feats, tiles, self.manifest.image_layout, row_end) if tiles else feats[0]
         stages["encode"] = time.perf_counter() - t
         state = {"rows": embeds, "kv": None}
+        if tiles is not None and self.manifest.image_layout.tiling == "split":
+            state["layout"] = np.asarray([tiles.rows, tiles.cols, feats.shape[1]], np.int64)
         if self.manifest.fusion == "prefusion":
             t = time.perf_counter()
             state["rows"] = pipeline.compress(self.compressor, embeds)
@@ -158,16 +184,41 @@ class VLM:
             empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
             state["kv"] = pipeline.run(self.prefusion, self.prefusion_kv, embeds, empty)[1]
             stages["prefusion"] = time.perf_counter() - t
-        if state["rows"].shape[0] != self.manifest.image_tokens:
+        if tiles is None and state["rows"].shape[0] != self.manifest.image_tokens:
             raise BackendError(f"the image gave {state['rows'].shape[0]} rows, manifest says {self.manifest.image_tokens}")
         self._row_shape = state["rows"].shape
         return state
 
+    def _reduce_image(self, state: dict, limit: int) -> dict:
+        """The image's rows cut to at most `limit` (edgevlm.budget), spread over the picture."""
+        lay = self.manifest.image_layout
+        grid = lay.grid if lay else None
+        rows = state["rows"]
+        if "layout" in state:  # split tiles: every tile keeps the same share, marker tokens stay
+            r, c, n = (int(x) for x in state["layout"])
+            tiles = rows.reshape(-1, n, rows.shape[-1])
+            per = max(1, limit // len(tiles))
+            kept = [budget.reduce(f, per, grid, self.budget_method) for f in tiles]
+            return {"rows": np.concatenate(kept), "kv": None,
+                    "layout": np.asarray([r, c, kept[0].shape[0]], np.int64)}
+        tiled = lay is not None and lay.tiling != "none"  # a stitched anyres map: the rows as a sequence
+        return {"rows": budget.reduce(rows, limit, None if tiled else grid, self.budget_method), "kv": None}
+
+    def _placeholder(self, state: dict) -> str:
+        """The image's placeholder text in the prompt (marker tokens and all, for tiled layouts)."""
+        m, n = self.manifest, state["rows"].shape[0]
+        if m.image_layout is None:
+            return m.image_token * n
+        rows, cols, per = (int(x) for x in state["layout"]) if "layout" in state else (0, 0, n)
+        return tiling.placeholder(m.image_layout, m.image_token, rows, cols, per, n)
+
     def _image_fits(self, state: dict) -> bool:  # arrays read from the disk cache
         m = self.manifest
         rows = state["rows"]
-        if rows.shape != self._row_shape or rows.dtype != np.float32:
+        if self._row_shape is None or rows.ndim != 2 or rows.shape[1] != self._row_shape[1] or rows.dtype != np.float32:
             return False  # (before any image was encoded here, nothing is taken from disk)
+        if m.image_layout is None and rows.shape[0] > m.image_tokens:
+            return False
         if m.fusion == "prefusion":
             kv = state.get("kv")
             return kv is not None and len(kv) == self.prefusion_layers and _kv_ok(kv, self.prefusion_kv, None)
@@ -231,21 +282,26 @@ class VLM:
             x = pipeline.splice(x, rows, np.stack(picked))
         return x
 
-    def _prompt_ids(self, messages: list[dict], n_images: int) -> np.ndarray:
+    def _prompt_ids(self, messages: list[dict], n_images: int, states: list[dict] | None = None) -> np.ndarray:
+        """Token ids of the rendered prompt, each image marker expanded to its image's placeholder text
+        (from states[i]; without states, image_tokens placeholders)."""
         m = self.manifest
         text = template.render(m.chat_template, messages, add_generation_prompt=True, **m.special_tokens)
         if text.count(m.image_token) != n_images:
             raise EdgeVLMError(
                 f"the chat template placed {text.count(m.image_token)} image markers for {n_images} image(s)")
-        text = text.replace(m.image_token, m.image_token * m.image_tokens)
+        fills = [self._placeholder(s) for s in states] if states else [m.image_token * m.image_tokens] * n_images
+        parts = text.split(m.image_token)
+        text = parts[0] + "".join(f + p for f, p in zip(fills, parts[1:]))
         bos = m.special_tokens.get("bos_token")
         add_special = not (bos and text.startswith(bos))  # as HF processors' apply_chat_template decides
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special).ids, np.int64)
-        if int((ids == m.image_token_id).sum()) != n_images * m.image_tokens:
+        rows = sum(s["rows"].shape[0] for s in states) if states else n_images * m.image_tokens
+        if int((ids == m.image_token_id).sum()) != rows:
             raise BundleError("the tokenizer does not map the image token to image_token_id")
         return ids
 
-    def _keys_for(self, ids: np.ndarray, images: list[str]) -> list:
+    def _keys_for(self, ids: np.ndarray, images: list[str], states: list[dict] | None = None) -> list:
         # image placeholders become (image key, row): two images never share a cached prefix; with pre-fusion
         # the text depends on the image too, so its positions become ("fused", image key, id)
         m = self.manifest
@@ -254,8 +310,11 @@ class VLM:
         keys, rows = ids.tolist(), np.nonzero(ids == m.image_token_id)[0]
         if m.fusion == "prefusion" and images:
             keys = [("fused", images[0], k) for k in keys]
+        counts = [s["rows"].shape[0] for s in states] if states else [m.image_tokens] * len(images)
+        owner = np.repeat(np.arange(len(images)), counts)  # placeholder j belongs to image owner[j]
+        starts = np.cumsum([0] + counts[:-1])
         for j, r in enumerate(rows):
-            keys[r] = (images[j // m.image_tokens], j % m.image_tokens)
+            keys[r] = (images[owner[j]], int(j - starts[owner[j]]))
         return keys
 
     def _embed_one(self, token: int) -> np.ndarray:
@@ -313,15 +372,15 @@ class VLM:
         self.lm.eval_tokens(np.asarray([token]), [token])
         return self.lm.logits(), None
 
-    def prompt_logits(self, image, prompt: str) -> np.ndarray:
+    def prompt_logits(self, image, prompt: str, max_image_tokens: int | None = None) -> np.ndarray:
         """Logits [V] after a fresh one-turn prompt (parity checks)."""
         images, states = [], {}
         if image is not None:
-            key, state, _, _ = self._image_embeds(image)
+            key, state, _, _ = self._image_embeds(image, max_image_tokens)
             images, states = [key], {key: state}
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-        ids = self._prompt_ids([{"role": "user", "content": content}], len(images))
-        keys = self._keys_for(ids, images)
+        ids = self._prompt_ids([{"role": "user", "content": content}], len(images), list(states.values()))
+        keys = self._keys_for(ids, images, list(states.values()))
         if self.lm:
             self.lm.trim(0)
         return self._prefill(ids, keys, states, 0, self._empty_kv(), {})[0]
