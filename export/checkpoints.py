@@ -67,6 +67,9 @@ class VisionDims:
     patch: int = 8
     feature_layer: int = -1
     select: str = "default"  # llava: "default" drops CLS, "full" keeps it
+    tiles: int = 3  # smolvlm: longest edge = tiles * image_size; llava_onevision: grids up to tiles x tiles
+    scale: int = 2  # smolvlm: pixel-shuffle factor
+    projector: str = "ldpv2"  # mobilevlm: ldp | ldpv2
 
 
 @dataclass
@@ -79,8 +82,9 @@ class CheckpointSpec:
     std: tuple = (1.0, 1.0, 1.0)
 
 
-def train_tokenizer(arch: str, vocab: int, corpus: str = CORPUS):
-    """A BPE tokenizer trained here: byte-level like Qwen2, or metaspace + BOS like Llama."""
+def train_tokenizer(arch: str, vocab: int, corpus: str = CORPUS, extra: tuple[str, ...] = (), eos: str = "<|im_end|>"):
+    """A BPE tokenizer trained here: byte-level like Qwen2 (with `extra` special tokens), or metaspace + BOS
+    like Llama."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,14 +99,14 @@ def train_tokenizer(arch: str, vocab: int, corpus: str = CORPUS):
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", *extra]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([corpus] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>",
                                    extra_special_tokens={"image_token": "<image>"})
 
 
@@ -152,37 +156,39 @@ def build_model(spec: CheckpointSpec, tok):
 
 
 @torch.no_grad()
-def make_image_matter(model, spec: CheckpointSpec) -> None:
+def make_image_matter(model, spec: CheckpointSpec, tower=None, linears=None, run=None) -> None:
     """Random towers barely react to their input (FastViT's layer scales start near 0): re-draw them with a
-    fan-in scale, then centre and scale the projector's input so that the image decides the answer."""
+    fan-in scale, then centre and scale the projector's input so that the image decides the answer.
+    tower / linears (projector Linears, first one first) / run (pixels -> forward) default to LLaVA's."""
     g = torch.Generator().manual_seed(spec.seed + 1)
-    tower = model.model.vision_tower
+    tower = model.model.vision_tower if tower is None else tower
+    if linears is None:
+        linears = [model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2]
+    run = run or (lambda px: model.model.get_image_features(pixel_values=px))
     for name, p in tower.named_parameters():
         if "layer_scale" in name or name.endswith("gamma"):
             p.fill_(1.0)
         elif p.ndim >= 2:
             fan_in = p[0].numel()
             p.copy_(torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-    proj = model.model.multi_modal_projector
-    for lin in (proj.linear_1, proj.linear_2):
+    for lin in linears:
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.weight.shape[1] ** 0.5)
     size = spec.vision.image_size
     probe = torch.rand((4, 3, size, size), generator=g)
     probe = (probe - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
-    feats = _projector_input(model, probe)  # [B, N, C]
-    mean, std = feats.mean(dim=(0, 1)), feats.std() + 1e-6  # one scale: no channel blown up
-    lin = model.model.multi_modal_projector.linear_1
+    lin = linears[0]
+    feats = _projector_input(lin, run, probe).flatten(0, -2)  # [B * N, C]
+    mean, std = feats.mean(dim=0), feats.std() + 1e-6  # one scale: no channel blown up
     lin.weight.div_(std)
     if lin.bias is not None:
         lin.bias.sub_(lin.weight @ mean)
 
 
-def _projector_input(model, pixels):
+def _projector_input(linear, run, pixels):
     captured = {}
-    hook = model.model.multi_modal_projector.linear_1.register_forward_pre_hook(
-        lambda mod, args: captured.setdefault("x", args[0].detach().clone()))
+    hook = linear.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0].detach().clone()))
     try:
-        model.model.get_image_features(pixel_values=pixels)
+        run(pixels)
     finally:
         hook.remove()
     return captured["x"]
@@ -190,6 +196,10 @@ def _projector_input(model, pixels):
 
 def build_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
     """Write a complete random-weight checkpoint directory (model, tokenizer, processor, template)."""
+    if spec.family not in ("fast_vlm", "llava"):
+        from .family_checkpoints import build_family_checkpoint
+
+        return build_family_checkpoint(spec, out_dir)
     from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
 
     out = Path(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -74,8 +75,6 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     With `static`, every graph has fixed shapes (NPU-ready; see StaticOptions). The bundle appears at out_dir
     only once it is complete and its parity check has passed; a failure leaves nothing behind.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
     hf_dir, out = Path(hf_dir), Path(out_dir)
     check_target(out, overwrite)
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress, file=sys.stderr)
@@ -86,14 +85,14 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     try:
         step(STAGES[0])
         try:
-            config = AutoConfig.from_pretrained(hf_dir)
-        except (OSError, ValueError) as e:
+            model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
-        adapter = adapter_for(config.model_type)
+        adapter = adapter_for(model_type)
         mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
-        model = mini.base if mini else AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
+        model = mini.base if mini else adapter.load_model(hf_dir)
         model.eval()
-        processor = AutoProcessor.from_pretrained(hf_dir)
+        processor = adapter.load_processor(hf_dir)
         text_config = adapter.text_config(model)
         pre = adapter.preprocess(processor)
         probe = parity.probe_image()
@@ -109,7 +108,12 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             step(STAGES[1])
             vision_files = graphs.export_vision(adapter, model, pixel_shape, tmp / "vision.onnx")
             with torch.no_grad():
-                n_img, dim = adapter.image_features(model, torch.zeros(pixel_shape)).shape[1:]
+                vis_out = adapter.image_features(model, torch.zeros(pixel_shape))
+            vis_out = vis_out if isinstance(vis_out, tuple) else (vis_out,)
+            n_img, dim = vis_out[0].shape[1:]
+            vision_outputs = {name: list(t.shape) for name, t in zip(adapter.vision_outputs, vis_out)}
+            layout = None if mini else adapter.image_layout(model, processor, int(n_img))
+            tiled = layout is not None and layout.tiling != "none"
             bar.update()
             step(STAGES[2])
             body, embed_tokens, lm_head = adapter.language_parts(model)
@@ -130,7 +134,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             image_token_id = int(tok.convert_tokens_to_ids(image_token))
             counted = int((parity.hf_inputs(processor, probe, "hi")["input_ids"] == image_token_id).sum())
             n_tokens = 1 if mini else int(n_img)
-            if counted != n_tokens:
+            if counted != n_tokens and not tiled:  # tiled: the count depends on the image; parity checks it
                 raise ExportError(f"processor expands the image to {counted} tokens; the model takes {n_tokens}")
             if static and static.kv_capacity <= n_tokens + 1:
                 raise ExportError(f"--kv-capacity {static.kv_capacity} cannot hold the image's {n_tokens} tokens "
@@ -146,7 +150,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             kv = KVSpec(past=graphs.PAST, present=graphs.PRESENT, heads=heads, head_dim=head_dim)
             io = {} if static else {  # a static bundle's shapes are read back from its graph files
                 "vision": {"inputs": {"pixel_values": list(pixel_shape)},
-                           "outputs": {"image_embeds": [1, int(n_img), int(dim)]}},
+                           "outputs": vision_outputs},
                 "embed": {"inputs": {"input_ids": [1, "seq"]}, "outputs": {"inputs_embeds": [1, "seq", int(dim)]}},
                 "decoder": {"inputs": {"inputs_embeds": [1, "seq", int(dim)], "attention_mask": [1, "past+seq"],
                                        "position_ids": [1, "seq"], **{graphs.PAST % (0, "key"): kv_shape}},
@@ -163,6 +167,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                     **extra,
                 },
                 fusion="prefusion" if mini else "splice",
+                image_layout=layout,
                 preprocess=pre,
                 tokenizer=FileRef("tokenizer.json", sha256_file(tmp / "tokenizer.json")),
                 chat_template=processor.chat_template,

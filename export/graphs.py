@@ -118,7 +118,8 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output
 
 def export_vision(adapter, model, pixel_shape, path: Path) -> list[str]:
     x = torch.zeros(pixel_shape, dtype=torch.float32)
-    return export_graph(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], ["image_embeds"], None)
+    outputs = list(getattr(adapter, "vision_outputs", ("image_embeds",)))
+    return export_graph(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], outputs, None)
 
 
 def export_embed(embed_tokens, path: Path, static_len: int | None = None) -> list[str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 import edgevlm
-from edgevlm import pipeline
+from edgevlm import pipeline, tiling
 from edgevlm.image import load_image, preprocess
 
 PROMPT = "What is in the image?"
@@ -52,22 +54,33 @@ def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image
     inputs = hf_inputs(processor, image, prompt)
     ids = inputs["input_ids"][0].numpy()
 
-    pixels = preprocess(load_image(image), vlm.manifest.preprocess)
-    pixel_diff = float(np.abs(pixels - inputs["pixel_values"].numpy()).max())
-    our_ids = vlm._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], 1)
+    m, lay = vlm.manifest, vlm.manifest.image_layout
+    rgb = load_image(image)
+    tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
+    pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess)
+    hf_pixels = adapter.hf_pixels(inputs).numpy()
+    pixel_diff = float(np.abs(pixels - hf_pixels).max()) if pixels.shape == hf_pixels.shape else float("inf")
+    _, state, _, _ = vlm._image_embeds(image)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    our_ids = vlm._prompt_ids(msgs, 1, [state])
     ids_match = bool(our_ids.shape == ids.shape and (our_ids == ids).all())
 
-    ref_img = adapter.image_features(model, inputs["pixel_values"])[0].numpy()
-    our_img = pipeline.encode(vlm.vision, inputs["pixel_values"].numpy())
-    vision_diff = float(np.abs(ref_img - our_img).max())
+    # the vision graph (and tile assembly) on the processor's own pixels, against the PyTorch model
+    ref_img = adapter.reference_rows(model, inputs).numpy()
+    if tiles:
+        tiles = dataclasses.replace(tiles, pixels=hf_pixels)
+    our_img = vlm._encode_image(hf_pixels, tiles, {})["rows"]
+    vision_diff = float(np.abs(ref_img - our_img).max()) if ref_img.shape == our_img.shape else float("inf")
     _, embed_tokens, _ = adapter.language_parts(model)
     embed_diff = float(np.abs(embed_tokens(inputs["input_ids"])[0].numpy() - pipeline.embed(vlm.embedder, ids)).max())
 
     ref_logits = model(**inputs).logits[0, -1].numpy()
     rows = np.nonzero(ids == vlm.manifest.image_token_id)[0]
-    x = pipeline.splice(pipeline.embed(vlm.embedder, ids), rows, our_img)
-    logits = first_logits(vlm, x)
-    logit_diff = float(np.abs(logits - ref_logits).max())
+    logit_diff = float("inf")
+    if len(rows) == len(our_img):
+        x = pipeline.splice(pipeline.embed(vlm.embedder, ids), rows, our_img)
+        logits = first_logits(vlm, x)
+        logit_diff = float(np.abs(logits - ref_logits).max())
 
     ref_tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()
     our_tokens = [r.token for r in vlm.stream(image, prompt, max_tokens=max_new_tokens)]

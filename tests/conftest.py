@@ -29,6 +29,17 @@ SPECS = {
                                          VisionDims(tower="siglip", image_size=48, patch=12, hidden=32,
                                                     select="full", feature_layer=-2),
                                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=2),
+    # SmolVLM: 32 px tiles (4 x 4 patches, pixel shuffle 2 -> 4 rows a tile), up to 3 x 3 tiles + the global one
+    "smolvlm-llama": CheckpointSpec("smolvlm", TextDims(arch="llama", hidden=64, heads=4, kv_heads=2),
+                                    VisionDims(tower="siglip", image_size=32, patch=8, hidden=32, tiles=3),
+                                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=4),
+    # MobileVLM (our PyTorch model, published parameter names): CLIP 4 x 4 patches -> LDPv2 / LDP -> 2 x 2 rows
+    "mobilevlm-v2": CheckpointSpec("mobilevlm", TextDims(arch="llama", hidden=64, heads=4, kv_heads=4),
+                                   VisionDims(tower="clip", image_size=32, patch=8, hidden=32, feature_layer=-2,
+                                              projector="ldpv2"), mean=CLIP_MEAN, std=CLIP_STD, seed=5),
+    "mobilevlm-v1": CheckpointSpec("mobilevlm", TextDims(arch="llama", hidden=48, heads=3, kv_heads=1, layers=2),
+                                   VisionDims(tower="clip", image_size=48, patch=12, hidden=24, feature_layer=-2,
+                                              projector="ldp"), mean=CLIP_MEAN, std=CLIP_STD, seed=6),
 }
 
 

@@ -10,7 +10,6 @@ import torch
 
 import edgevlm
 from conftest import SPECS
-from edgevlm import pipeline
 
 PROMPT = "what color is the circle?"
 
@@ -39,11 +38,7 @@ def test_logits_and_greedy_tokens_match_transformers(name, checkpoint, bundle, i
         with torch.no_grad():
             ref_logits = model(**inputs).logits[0, -1].numpy()
             ref = model.generate(**inputs, max_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        ids = inputs["input_ids"][0].numpy()
-        img_embeds = pipeline.encode(vlm.vision, inputs["pixel_values"].numpy())
-        rows = np.nonzero(ids == vlm.manifest.image_token_id)[0]
-        x = pipeline.splice(pipeline.embed(vlm.embedder, ids), rows, img_embeds)
-        logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
+        logits = vlm.prompt_logits(image, PROMPT)  # our pixels, tiles, prompt ids and graphs end to end
         maxdiff = float(np.abs(logits - ref_logits).max())
         print(f"{name}: LOGITS OK, maxdiff = {maxdiff:.3g}")
         assert maxdiff <= 1e-4

@@ -3,8 +3,10 @@
 from .base import Adapter
 from .fast_vlm import FastVlmAdapter
 from .llava import LlavaAdapter
+from .mobilevlm import MobileVlmAdapter
+from .smolvlm import SmolVlmAdapter
 
-ADAPTERS: list[Adapter] = [FastVlmAdapter(), LlavaAdapter()]
+ADAPTERS: list[Adapter] = [FastVlmAdapter(), LlavaAdapter(), SmolVlmAdapter(), MobileVlmAdapter()]
 
 
 def adapter_for(model_type: str) -> Adapter:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from edgevlm.manifest import Preprocess
+from edgevlm.manifest import ImageLayout, Preprocess
 
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL / HF PILImageResampling codes
 
@@ -16,6 +16,17 @@ class Adapter:
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    vision_outputs: tuple[str, ...] = ("image_embeds",)  # the vision graph's outputs, image rows first
+
+    def load_model(self, hf_dir):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
+
+    def load_processor(self, hf_dir):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(hf_dir)
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [1, 3, H, W] -> image embeds [1, N, D] ready for the language model."""
@@ -30,6 +41,21 @@ class Adapter:
 
     def preprocess(self, processor) -> Preprocess:
         return preprocess_from_hf(processor.image_processor)
+
+    def image_layout(self, model, processor, tile_rows: int) -> ImageLayout | None:
+        """How images become tiles and prompt rows; the default: one tile whose rows are a square grid
+        when they can be (no CLS row), else a plain sequence."""
+        side = int(round(tile_rows ** 0.5))
+        return ImageLayout(grid=(side, side) if side * side == tile_rows else None)
+
+    def hf_pixels(self, inputs) -> torch.Tensor:
+        """The processor's pixel_values as tiles [T, 3, S, S]."""
+        pv = inputs["pixel_values"]
+        return pv.reshape(-1, *pv.shape[-3:])
+
+    def reference_rows(self, model, inputs) -> torch.Tensor:
+        """The rows the PyTorch model puts in the placeholders for the (one) image in inputs: [N, D]."""
+        return self.image_features(model, inputs["pixel_values"])[0]
 
 
 def _get(obj, key):

@@ -1,0 +1,55 @@
+"""SmolVLM / Idefics3 (transformers `smolvlm`, `idefics3`): SigLIP tower per tile, pixel-shuffle connector
+(in the vision graph), Llama. Images are split into tiles plus a global image, with row/column markers."""
+
+from __future__ import annotations
+
+import torch
+
+from edgevlm.errors import ExportError
+from edgevlm.manifest import ImageLayout, Preprocess
+
+from .base import _RESAMPLE, Adapter
+
+
+class SmolVlmAdapter(Adapter):
+    family = "smolvlm"
+    model_types = ("smolvlm", "idefics3")
+
+    def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:  # [1, 3, S, S] -> [1, n, D]
+        hidden = model.model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        return model.model.connector(hidden)  # pixel shuffle (n / scale^2 rows) + projection
+
+    def language_parts(self, model):
+        lm = model.model.text_model
+        return lm, lm.get_input_embeddings(), model.lm_head
+
+    def preprocess(self, processor) -> Preprocess:
+        ip = processor.image_processor
+        if not (ip.do_resize and getattr(ip, "do_image_splitting", True)):
+            raise ExportError("SmolVLM/Idefics3 processors without resizing or image splitting are not supported")
+        tile = int(ip.max_image_size["longest_edge"])
+        resample = ip.resample.value if hasattr(ip.resample, "value") else ip.resample
+        return Preprocess(
+            resample=_RESAMPLE[int(resample)], size=(tile, tile),
+            rescale=float(ip.rescale_factor) if ip.do_rescale else 1.0,
+            mean=tuple(float(x) for x in ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0),
+            std=tuple(float(x) for x in ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0),
+            resize_kernel="pil" if getattr(ip, "backend", "torchvision") == "pil" else "torchvision")
+
+    def image_layout(self, model, processor, tile_rows: int) -> ImageLayout:
+        ip = processor.image_processor
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        side //= model.config.scale_factor
+        fake, glob = processor.fake_image_token, processor.global_image_token
+        whole = f"{fake}{glob}{{{{ image * tile_tokens }}}}{fake}"
+        prompt = (  # exactly the processor's expansion; "\n" as expressions (templates trim block newlines)
+            f"{{% if rows == 0 %}}{whole}{{% else %}}{{% for r in range(rows) %}}{{% for c in range(cols) %}}"
+            f"{fake}<row_{{{{ r + 1 }}}}_col_{{{{ c + 1 }}}}>{{{{ image * tile_tokens }}}}{{% endfor %}}"
+            f"{{{{ '\\n' }}}}{{% endfor %}}{{{{ '\\n' }}}}{whole}{{% endif %}}")
+        return ImageLayout(grid=(side, side), tiling="split", tile_size=int(ip.max_image_size["longest_edge"]),
+                           longest_edge=int(ip.size["longest_edge"]), global_tile="last", prompt=prompt)
+
+    def reference_rows(self, model, inputs) -> torch.Tensor:
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                             pixel_attention_mask=inputs.get("pixel_attention_mask"))
+        return out.pooler_output[0]

@@ -1,0 +1,87 @@
+"""Random-weight checkpoints of the families beyond FastVLM and LLaVA: SmolVLM, LLaVA-OneVision, MobileVLM.
+
+Same contract as checkpoints.py: a real checkpoint directory (config, safetensors, tokenizer, processor
+files, chat template) that the exporter reads as it would read a downloaded one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointSpec, _text_config, make_image_matter, train_tokenizer
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_family_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    builders = {"smolvlm": _smolvlm, "mobilevlm": _mobilevlm}
+    builders[spec.family](spec, out)
+    return out
+
+
+def _vision_dims(v, cls, **extra):
+    return cls(hidden_size=v.hidden, intermediate_size=v.hidden * 2, num_hidden_layers=v.vit_layers,
+               num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch, **extra)
+
+
+def _smolvlm(spec: CheckpointSpec, out: Path) -> None:
+    from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
+                              SmolVLMProcessor, SmolVLMVideoProcessor, SmolVLMVisionConfig)
+
+    v = spec.vision
+    markers = [f"<row_{r}_col_{c}>" for r in range(1, v.tiles + 1) for c in range(1, v.tiles + 1)]
+    tok = train_tokenizer("qwen2", spec.text.vocab, eos="<end_of_utterance>",
+                          extra=("<end_of_utterance>", "<fake_token_around_image>", "<global-img>", *markers))
+    text_cfg = _text_config(spec.text, len(tok), tok)
+    cfg = SmolVLMConfig(vision_config=_vision_dims(v, SmolVLMVisionConfig), text_config=text_cfg,
+                        scale_factor=v.scale, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(spec.seed)
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    model.config.tie_word_embeddings = spec.text.tie_embeddings
+    make_image_matter(model, spec, tower=model.model.vision_model, linears=[model.model.connector.modality_projection.proj],
+                      run=lambda px: model.model.get_image_features(pixel_values=px[:, None]))
+    model.save_pretrained(out)
+    ip = SmolVLMImageProcessor(size={"longest_edge": v.tiles * v.image_size},
+                               max_image_size={"longest_edge": v.image_size},
+                               image_mean=list(spec.mean), image_std=list(spec.std))
+    per_tile = (v.image_size // v.patch) ** 2 // v.scale ** 2
+    proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
+                            image_seq_len=per_tile, chat_template=SMOLVLM_TEMPLATE)
+    proc.save_pretrained(out)
+
+
+def _mobilevlm(spec: CheckpointSpec, out: Path) -> None:
+    """Laid out like a published MobileVLM checkpoint: config.json + weights + tokenizer, no processor files."""
+    from .mobilevlm import MobileVlmConfig, MobileVlmForCausalLM
+
+    v, t = spec.vision, spec.text
+    tok = train_tokenizer(t.arch, t.vocab)
+    text = _text_config(t, len(tok), tok).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        text.pop(key, None)
+    tower = dict(hidden_size=v.hidden, intermediate_size=v.hidden * 2, num_hidden_layers=v.vit_layers,
+                 num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch)
+    cfg = MobileVlmConfig(**text, mm_vision_tower="tiny-clip", mm_vision_config=tower, mm_hidden_size=v.hidden,
+                          mm_projector_type="ldpnetv2" if v.projector == "ldpv2" else "ldpnet",
+                          mm_projector_grid=v.image_size // v.patch // 2, mm_vision_select_layer=v.feature_layer,
+                          mm_vision_select_feature="patch", image_aspect_ratio="pad",
+                          image_token_index=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(spec.seed)
+    model = MobileVlmForCausalLM(cfg).eval()
+    proj = model.model.mm_projector
+    mlp = proj.mlp.mlp if v.projector == "ldpv2" else proj.model.mlp
+    linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
+    make_image_matter(model, spec, tower=model.model.vision_tower, linears=linears, run=model.image_features)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
