@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the image and prefix KV caches on disk here too: a later run with the same image "
                         "and prompt prefix skips the encoder and the shared part of the prefill")
+    p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
+                   help="image-token budget per image: keep at most K image rows, spread over the picture "
+                        "(default: the bundle's generation.max_image_tokens, else all)")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
     return p
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     err = Console(stderr=True, highlight=False)
     providers = args.providers.split(",") if args.providers else None
     gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-               seed=args.seed, stop=args.stop)
+               seed=args.seed, stop=args.stop, max_image_tokens=args.max_image_tokens)
     vlm, load_s = load(args.bundle, providers, err, args.cache_dir)
     chat = vlm.chat(system=args.system)
     if args.prompt is not None:

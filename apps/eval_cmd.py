@@ -18,6 +18,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="dataset seed (default: the project's test seed)")
     p.add_argument("--n", type=int, default=500, help="number of questions (default 500)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
+                   help="image-token budget per image (default: the bundle's, else all rows)")
     return p
 
 
@@ -35,7 +37,8 @@ def main(argv=None) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=args.n, desc="eval", unit="q", file=sys.stderr)
-    result = evaluate(vlm, args.dataset, seed, args.n, progress=bar.update if bar else None)
+    result = evaluate(vlm, args.dataset, seed, args.n, progress=bar.update if bar else None,
+                      max_image_tokens=args.max_image_tokens)
     if bar:
         bar.close()
     if args.json:

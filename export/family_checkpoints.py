@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointSpec, _text_config, make_image_matter, train_tokenizer
+from .checkpoints import QWEN_TEMPLATE, CheckpointSpec, _text_config, make_image_matter, train_tokenizer
 
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
@@ -25,7 +25,7 @@ SMOLVLM_TEMPLATE = (
 def build_family_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    builders = {"smolvlm": _smolvlm, "mobilevlm": _mobilevlm}
+    builders = {"smolvlm": _smolvlm, "mobilevlm": _mobilevlm, "llava_onevision": _onevision}
     builders[spec.family](spec, out)
     return out
 
@@ -63,7 +63,7 @@ def _smolvlm(spec: CheckpointSpec, out: Path) -> None:
 
 def _mobilevlm(spec: CheckpointSpec, out: Path) -> None:
     """Laid out like a published MobileVLM checkpoint: config.json + weights + tokenizer, no processor files."""
-    from .mobilevlm import MobileVlmConfig, MobileVlmForCausalLM
+    from .mobilevlm import MobileVlmConfig, MobileVlmForCausalLM, save
 
     v, t = spec.vision, spec.text
     tok = train_tokenizer(t.arch, t.vocab)
@@ -83,5 +83,35 @@ def _mobilevlm(spec: CheckpointSpec, out: Path) -> None:
     mlp = proj.mlp.mlp if v.projector == "ldpv2" else proj.model.mlp
     linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
     make_image_matter(model, spec, tower=model.model.vision_tower, linears=linears, run=model.image_features)
-    model.save_pretrained(out)
+    save(model, out)
     tok.save_pretrained(out)
+
+
+def _onevision(spec: CheckpointSpec, out: Path) -> None:
+    """Grids of up to tiles x tiles tiles; a small anyres_max so that large grids are shrunk (bilinear)."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+                              SiglipVisionConfig)
+
+    v, s = spec.vision, spec.vision.image_size
+    tok = train_tokenizer(spec.text.arch, spec.text.vocab)
+    pins = [[s * r, s * c] for r in range(1, v.tiles + 1) for c in range(1, v.tiles + 1)]
+    ratio = f"anyres_max_{max(1, v.tiles * v.tiles // 2)}"
+    cfg = LlavaOnevisionConfig(vision_config=_vision_dims(v, SiglipVisionConfig),
+                               text_config=_text_config(spec.text, len(tok), tok),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pins,
+                               vision_feature_select_strategy="full", vision_feature_layer=v.feature_layer,
+                               vision_aspect_ratio=ratio)
+    torch.manual_seed(spec.seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.config.tie_word_embeddings = spec.text.tie_embeddings
+    adapter_rows = lambda px: model.model.multi_modal_projector(  # noqa: E731
+        model.model.vision_tower(px, output_hidden_states=True).hidden_states[v.feature_layer])
+    make_image_matter(model, spec, run=adapter_rows)
+    model.save_pretrained(out)
+    ip = LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=pins,
+                                      image_mean=list(spec.mean), image_std=list(spec.std))
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(),
+                                   num_image_tokens=(s // v.patch) ** 2, vision_feature_select_strategy="full",
+                                   chat_template=QWEN_TEMPLATE, vision_aspect_ratio=ratio)
+    proc.save_pretrained(out)

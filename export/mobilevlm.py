@@ -170,8 +170,51 @@ class MobileVlmForCausalLM(LlamaForCausalLM):
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
 
+TOWER = "model.vision_tower.vision_tower."
+PUBLISHED_TOWER = TOWER + "vision_model."  # transformers 5 dropped CLIPVisionModel's `vision_model` level
+IGNORED = ("position_ids", "rotary_emb.inv_freq")  # buffers older checkpoints carry
+
+
+def published_names(state: dict) -> dict:
+    return {(PUBLISHED_TOWER + k[len(TOWER):] if k.startswith(TOWER) else k): v for k, v in state.items()}
+
+
+def read_weights(hf_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: safetensors, else PyTorch .bin files (tensors only)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if files:
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+    files = sorted(Path(hf_dir).glob("pytorch_model*.bin"))
+    if not files:
+        raise ExportError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights")
+    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+
+
 def load(hf_dir) -> MobileVlmForCausalLM:
+    """A published MobileVLM checkpoint directory -> the model in fp32; every parameter must be found."""
     config = MobileVlmConfig.from_pretrained(hf_dir)
     if getattr(config, "image_token_index", None) is None:
         config.image_token_index = config.vocab_size  # the `<image>` token the exporter adds after the vocabulary
-    return MobileVlmForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32)
+    model = MobileVlmForCausalLM(config).float().eval()
+    state = {(TOWER + k[len(PUBLISHED_TOWER):] if k.startswith(PUBLISHED_TOWER) else k): v
+             for k, v in read_weights(hf_dir).items() if not k.endswith(IGNORED)}
+    if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(IGNORED)]
+    if missing or unexpected:
+        raise ExportError(f"MobileVLM weights do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+def save(model: MobileVlmForCausalLM, out_dir) -> None:
+    """Write a checkpoint laid out like the published ones (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in published_names(model.state_dict()).items() if not k.endswith(IGNORED)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # one tensor, as tied checkpoints store it
+    save_file(state, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)

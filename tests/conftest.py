@@ -40,6 +40,10 @@ SPECS = {
     "mobilevlm-v1": CheckpointSpec("mobilevlm", TextDims(arch="llama", hidden=48, heads=3, kv_heads=1, layers=2),
                                    VisionDims(tower="clip", image_size=48, patch=12, hidden=24, feature_layer=-2,
                                               projector="ldp"), mean=CLIP_MEAN, std=CLIP_STD, seed=6),
+    # LLaVA-OneVision: 24 px tiles (4 x 4 rows), grids up to 3 x 3, anyres_max_4 (larger maps are shrunk)
+    "onevision-qwen2": CheckpointSpec("llava_onevision", TextDims(hidden=64, heads=4, kv_heads=2),
+                                      VisionDims(tower="siglip", image_size=24, patch=6, hidden=32, tiles=3),
+                                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=7),
 }
 
 

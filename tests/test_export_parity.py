@@ -14,10 +14,11 @@ from conftest import SPECS
 PROMPT = "what color is the circle?"
 
 
-def _hf(ckpt):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _hf(ckpt):  # the PyTorch reference, loaded as the exporter loads it (MobileVLM is not in transformers)
+    from edgevlm.export.adapters import adapter_for
 
-    return AutoModelForImageTextToText.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
+    adapter = adapter_for(json.loads((ckpt / "config.json").read_text())["model_type"])
+    return adapter.load_model(ckpt).eval(), adapter.load_processor(ckpt)
 
 
 def _hf_inputs(processor, image, prompt):

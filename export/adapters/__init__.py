@@ -3,10 +3,12 @@
 from .base import Adapter
 from .fast_vlm import FastVlmAdapter
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .mobilevlm import MobileVlmAdapter
 from .smolvlm import SmolVlmAdapter
 
-ADAPTERS: list[Adapter] = [FastVlmAdapter(), LlavaAdapter(), SmolVlmAdapter(), MobileVlmAdapter()]
+ADAPTERS: list[Adapter] = [FastVlmAdapter(), LlavaAdapter(), SmolVlmAdapter(), MobileVlmAdapter(),
+                           LlavaOnevisionAdapter()]
 
 
 def adapter_for(model_type: str) -> Adapter:
