@@ -26,7 +26,7 @@ UNUSED_SEED = 9_000_017  # not training (< 1e6), validation, the test seed, nor 
 def ttft_ms(vlm, seed: int, n: int, k: int) -> float:
     times = []
     for ex in shapes.examples(seed, n, split="eval"):
-        vlm._image_cache.clear()
+        vlm.caches.clear()
         times.append(next(iter(vlm.stream(ex.image, ex.question, max_tokens=1, max_image_tokens=k))).ttft_s)
     return 1000 * statistics.median(times)
 

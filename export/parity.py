@@ -69,7 +69,7 @@ def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image
     ref_img = adapter.reference_rows(model, inputs).numpy()
     if tiles:
         tiles = dataclasses.replace(tiles, pixels=hf_pixels)
-    our_img = vlm._encode_image(hf_pixels, tiles, {})["rows"]
+    our_img = vlm._encode(hf_pixels, {}, tiles)["rows"]
     vision_diff = float(np.abs(ref_img - our_img).max()) if ref_img.shape == our_img.shape else float("inf")
     _, embed_tokens, _ = adapter.language_parts(model)
     embed_diff = float(np.abs(embed_tokens(inputs["input_ids"])[0].numpy() - pipeline.embed(vlm.embedder, ids)).max())

@@ -85,8 +85,9 @@ def test_smolvlm_budget_is_shared_by_the_tiles(bundle):
     vlm = edgevlm.load(bundle("smolvlm-llama"))
     arr = np.random.default_rng(3).integers(0, 256, (20, 90, 3), dtype=np.uint8)  # 1 x 3 tiles + global
     _, state, _, _ = vlm._image_embeds(arr, 8)
-    assert len(state["rows"]) == 8 and state["text"].count("<image>") == 8
-    assert state["text"].count("<fake_token_around_image>") == 5  # marker tokens untouched
+    text = vlm._placeholder(state)
+    assert len(state["rows"]) == 8 and text.count("<image>") == 8
+    assert text.count("<fake_token_around_image>") == 5  # marker tokens untouched
     assert vlm.generate(arr, "what color is the circle?", max_tokens=4, max_image_tokens=8) is not None
 
 

@@ -76,7 +76,7 @@ def test_onevision_large_grids_are_shrunk(bundle):
 def test_smolvlm_marker_tokens_in_the_prompt(bundle):
     vlm = edgevlm.load(bundle("smolvlm-llama"))
     _, state, _, _ = vlm._image_embeds(np.zeros((20, 90, 3), np.uint8))  # wide: 1 x 3 tiles + the global one
-    text = state["text"]
+    text = vlm._placeholder(state)
     assert text.count("<fake_token_around_image>") == 5 and "<row_1_col_3>" in text and "<global-img>" in text
     assert text.count("<image>") == len(state["rows"]) == 4 * 4
 
