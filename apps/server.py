@@ -285,8 +285,10 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
             {"id": model_id, "object": "model", "created": 0, "owned_by": "edgevlm"}]})
 
     async def health(request: Request):
+        caches = await asyncio.get_running_loop().run_in_executor(None, vlm.caches.stats)  # may list the disk tier
         return JSONResponse({"status": "ok", "model": model_id, "running": engine.active, "waiting": engine.waiting,
-                             "parallel": parallel, "queue": queue, **engine.counts, "auth": api_key is not None})
+                             "parallel": parallel, "queue": queue, **engine.counts, "auth": api_key is not None,
+                             "caches": caches})
 
     def static(name: str):
         async def page(request: Request):

@@ -186,6 +186,13 @@ def _get(host, port, path) -> str:
     return body
 
 
+def _caches(r: dict) -> str:
+    c = r["server_counters"].get("caches", {})
+    return (f"{c.get('image_entries')} images ({c.get('image_ram_bytes', 0) / 2**20:.2f} MB) and "
+            f"{c.get('prefix_entries')} prefix KV entries ({c.get('prefix_ram_bytes', 0) / 2**20:.2f} MB), both "
+            "LRUs bounded in bytes")
+
+
 def markdown(r: dict) -> str:
     lat, rss, b = r["latency_ms"], r["rss_mb"], r["burst"]
     return (
@@ -198,7 +205,7 @@ def markdown(r: dict) -> str:
         f"Overload burst: {b['requests']} requests at concurrency {b['concurrency']} against a queue of {b['queue']}: "
         f"statuses {b['statuses']}, server errors **{b['server_errors']}** (the excess is refused with 429).\n\n"
         f"RSS before any request {rss['start']} MB, after {r['warmup']} warm-up requests {rss['after_warmup']} MB, "
-        f"max {rss['max']} MB. Wall time of the main run {r['wall_s']} s on 2 cores shared with other jobs. Latency "
+        f"max {rss['max']} MB; at the end the server's caches held {_caches(r)}. Wall time of the main run {r['wall_s']} s on 2 cores shared with other jobs. Latency "
         f"includes the wait in the queue ({r['concurrency']} clients share 1 worker); TTFT is the runtime's own figure "
         "(from the start of generation), accuracy is exact match on the held-out questions.\n")
 

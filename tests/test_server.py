@@ -147,6 +147,7 @@ def test_models_and_health(client, demo):
     wait_for(lambda: health(demo)["running"] == 0)  # the worker thread hands its slot back just after the reply
     h = health(demo)
     assert h["status"] == "ok" and h["auth"] is True and h["model"] == "shapes-fastvlm"
+    assert h["caches"]["image_entries"] >= 1 and h["caches"]["prefix_entries"] >= 1  # shared by every request
 
 
 def test_security_refusals(demo):
