@@ -49,6 +49,7 @@ class TextDims:
     kv_heads: int = 2
     intermediate: int = 128
     vocab: int = 384  # trained BPE size; special tokens come on top
+    vocab_size: int | None = None  # embedding rows (real-size benchmarks); None: the tokenizer's size
     max_positions: int = 1024
     tie_embeddings: bool = False
     init_range: float = 0.1  # sharper than HF's 0.02, so that a random model's attention can tell tokens apart
@@ -58,6 +59,8 @@ class TextDims:
 class VisionDims:
     tower: str = "fastvit"  # fastvit | clip | siglip
     image_size: int = 64
+    timm_arch: str = "fastvit_t8"  # fastvit: the timm architecture (fastvit_mci3: FastVLM's FastViTHD)
+    stride: int = 32  # fastvit: pixels per image token along a side (t8: 32; mci3, one more stage: 64)
     # fastvit: timm model args; clip/siglip: ViT dims
     embed_dims: tuple = (16, 32, 64, 128)
     layers: tuple = (1, 1, 1, 1)
@@ -115,7 +118,7 @@ def _text_config(d: TextDims, vocab_size: int, tok):
 
     cls = LlamaConfig if d.arch == "llama" else Qwen2Config
     extra = {"bos_token_id": tok.bos_token_id} if tok.bos_token_id is not None else {}
-    return cls(vocab_size=vocab_size, hidden_size=d.hidden, intermediate_size=d.intermediate,
+    return cls(vocab_size=d.vocab_size or vocab_size, hidden_size=d.hidden, intermediate_size=d.intermediate,
                num_hidden_layers=d.layers, num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
                max_position_embeddings=d.max_positions, tie_word_embeddings=d.tie_embeddings,
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=d.init_range, **extra)
@@ -125,7 +128,7 @@ def _vision_config(v: VisionDims):
     from transformers import CLIPVisionConfig, SiglipVisionConfig, TimmWrapperConfig
 
     if v.tower == "fastvit":
-        return TimmWrapperConfig(architecture="fastvit_t8", hidden_size=v.embed_dims[-1] * 2, do_pooling=False,
+        return TimmWrapperConfig(architecture=v.timm_arch, hidden_size=v.embed_dims[-1] * 2, do_pooling=False,
                                  model_args={"inference_mode": True, "embed_dims": tuple(v.embed_dims),
                                              "layers": tuple(v.layers)})
     cls = CLIPVisionConfig if v.tower == "clip" else SiglipVisionConfig
@@ -143,7 +146,7 @@ def build_model(spec: CheckpointSpec, tok):
     torch.manual_seed(spec.seed)
     if spec.family == "fast_vlm":
         cfg = FastVlmConfig(vision_config=vis_cfg, text_config=text_cfg, image_token_index=image_id,
-                            image_seq_length=(spec.vision.image_size // 32) ** 2)
+                            image_seq_length=(spec.vision.image_size // spec.vision.stride) ** 2)
         model = FastVlmForConditionalGeneration(cfg)
     else:
         cfg = LlavaConfig(vision_config=vis_cfg, text_config=text_cfg, image_token_index=image_id,
@@ -216,7 +219,7 @@ def build_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
         ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                 image_mean=list(spec.mean), image_std=list(spec.std))
     if spec.family == "fast_vlm":
-        patch, select, extra = 32, "full", 0
+        patch, select, extra = v.stride, "full", 0
     else:
         patch, select, extra = v.patch, v.select, 1 if v.tower == "clip" else 0
     template = LLAMA_TEMPLATE if spec.text.arch == "llama" else QWEN_TEMPLATE

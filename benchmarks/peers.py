@@ -1,0 +1,346 @@
+"""edgevlm against its peers, side by side in one run, on a FastVLM-0.5B-shaped model with RANDOM weights.
+
+    python benchmarks/peers.py [--reps 3] [--decode-tokens 48] [--out benchmarks/results/peers]
+
+Builds (once; cached in a gitignored work directory, see benchmarks/peers_build.py) a random-weight
+checkpoint of FastVLM-0.5B's shape — timm `fastvit_mci3` tower + Qwen2-0.5B dimensions — and its bundles:
+ONNX fp32 / int8 / int4 (`edgevlm export`, `edgevlm quant`; the vision tower stays fp32) with one vision graph
+per resolution, and the language model as GGUF (`edgevlm export --format gguf`: Q4_K_M, Q8_0, F32). Then,
+in one process, with 2 threads everywhere:
+
+1. memory read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads, best of several),
+   measured before and after the decode phase; decode's bound = bandwidth / bytes read per token;
+2. cold TTFT at 256/512/768/1024 px: transformers (PyTorch eager, fp32, sdpa attention, logits_to_keep=1)
+   vs our fp32/int8/int4 bundles, same image and prompt, interleaved; a new image every repetition;
+3. warm TTFT on the fp32 bundles: the same image with a new question (new chat), and a chat's second turn;
+4. decode tokens/s after the same ~300-token prompt (same token ids): ours fp32/int8/int4 (ONNX Runtime)
+   vs llama.cpp (llama-cpp-python, greedy) on Q4_K_M / Q8_0 / F32 GGUF of the same weights, and
+   transformers eager fp32; each as a fraction of the bandwidth bound.
+
+Writes JSON, a markdown table and a PNG. Random weights: only speed is meant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers_build  # noqa: E402
+
+THREADS = 2
+PROMPT = "What is in the image?"
+QUESTIONS = ["How many objects are there?", "What colour is the largest shape?"]
+GOALS = {"cold_ttft_1024_vs_transformers": 0.25, "decode_vs_llama_cpp": 1.0, "decode_fraction_of_bound": 0.70,
+         "warm_over_cold": 0.05}
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ---- the machine ---------------------------------------------------------------------------------------
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 3) -> dict:
+    """Streaming read GB/s of a buffer far larger than the caches: max-reduce and 64-bit or-reduce, 1 and 2
+    threads (numpy releases the GIL in both); the best figure is the bound."""
+    a = np.ones(int(gib * (1 << 30)) // 8, np.uint64)
+    kernels = {"max": lambda c: c.view(np.float32).max(), "or": lambda c: np.bitwise_or.reduce(c)}
+    out = {}
+    for name, f in kernels.items():
+        for parts in (1, THREADS):
+            chunks = np.array_split(a, parts)
+            best = 0.0
+            for _ in range(reps):
+                ts = [threading.Thread(target=f, args=(c,)) for c in chunks]
+                t = time.perf_counter()
+                for th in ts:
+                    th.start()
+                for th in ts:
+                    th.join()
+                best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+            out[f"{name}_{parts}t"] = round(best, 2)
+    out["best_GBps"] = max(out.values())
+    return out
+
+
+def gemm_gflops(n: int = 1024, reps: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ a
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return round(best, 1)
+
+
+# ---- bytes a decode step reads -------------------------------------------------------------------------
+
+
+def onnx_weight_bytes(bundle: Path) -> int:
+    """Bytes of the decoder graph's initializers (weights, scales, zero points), external data included."""
+    import onnx
+
+    from edgevlm.bundle import open_bundle
+
+    comp = open_bundle(bundle).manifest.components["decoder"]
+    model = onnx.load(str(bundle / comp.file), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in t.external_data}["length"])
+        else:
+            total += onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+def gguf_weight_bytes(bundle: Path) -> int:
+    """Bytes of the GGUF's tensors read per token: all but the token embedding, which is read as the output
+    matrix too when there is no `output.weight` (tied, as Qwen2-0.5B)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(bundle / "decoder.gguf"))
+    names = {t.name: int(t.n_bytes) for t in r.tensors}
+    return sum(v for k, v in names.items() if k != "token_embd.weight" or "output.weight" not in names)
+
+
+def kv_bytes(context: int, bytes_per: int) -> int:  # the KV cache read per decode step
+    s = peers_build.spec().text
+    return 2 * s.layers * s.kv_heads * (s.hidden // s.heads) * context * bytes_per
+
+
+# ---- transformers --------------------------------------------------------------------------------------
+
+
+class Transformers:
+    """The peer: transformers `fast_vlm` on the same checkpoint, PyTorch eager fp32."""
+
+    def __init__(self, ckpts: dict[int, Path]):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        torch.set_num_threads(THREADS)
+        self.torch = torch
+        self.model = AutoModelForImageTextToText.from_pretrained(ckpts[min(ckpts)], dtype=torch.float32).eval()
+        self.processors = {r: AutoProcessor.from_pretrained(d) for r, d in ckpts.items()}
+        self.marks = {}
+        mm = self.model.model
+        mm.vision_tower.register_forward_pre_hook(lambda *a: self.marks.__setitem__("v0", time.perf_counter()))
+        mm.multi_modal_projector.register_forward_hook(lambda *a: self.marks.__setitem__("v1", time.perf_counter()))
+
+    def ttft(self, image, prompt: str, res: int) -> dict:
+        from edgevlm.export.parity import hf_inputs
+
+        t0 = time.perf_counter()
+        inputs = hf_inputs(self.processors[res], image, prompt)
+        t1 = time.perf_counter()
+        with self.torch.no_grad():
+            logits = self.model(**inputs, logits_to_keep=1).logits
+            int(logits[0, -1].argmax())
+        t2 = time.perf_counter()
+        v = self.marks["v1"] - self.marks["v0"]
+        return {"ttft_s": t2 - t0, "stages": {"preprocess": t1 - t0, "encode": v, "prefill": t2 - t1 - v},
+                "prompt_tokens": int(inputs["input_ids"].shape[1])}
+
+    def decode_tps(self, ids: list[int], n: int) -> float:
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            t = time.perf_counter()
+            for _ in range(n - 1):
+                out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        return (n - 1) / (time.perf_counter() - t)
+
+
+# ---- ours ----------------------------------------------------------------------------------------------
+
+
+def our_ttft(vlm, image, prompt: str) -> dict:
+    r = next(iter(vlm.chat().stream(prompt, image=image, max_tokens=1)))
+    return {"ttft_s": r.ttft_s, "stages": dict(r.stages), "prompt_tokens": r.prompt_tokens,
+            "prefilled_tokens": r.prefilled_tokens}
+
+
+def warm(vlm, image) -> dict:
+    """Cold (new image, new chat), same image with a new question (new chat), second turn of the first chat."""
+    def fields(r):
+        return {"ttft_s": r.ttft_s, "stages": dict(r.stages), "prefilled_tokens": r.prefilled_tokens,
+                "image_cache_hits": r.image_cache_hits}
+
+    chat = vlm.chat()
+    rs = list(chat.stream(PROMPT, image=image, max_tokens=4))
+    out = {"cold": fields(rs[0])}
+    out["new_question"] = fields(next(iter(vlm.chat().stream(QUESTIONS[0], image=image, max_tokens=1))))
+    out["second_turn"] = fields(next(iter(chat.stream(QUESTIONS[1], max_tokens=1))))
+    return out
+
+
+def our_decode(vlm, prompt: str, n: int) -> dict:
+    rs = list(vlm.chat().stream(prompt, max_tokens=n))
+    return {"tps": rs[-1].decode_tps, "tokens": rs[-1].generated_tokens, "context": rs[-1].prompt_tokens + n}
+
+
+# ---- llama.cpp -----------------------------------------------------------------------------------------
+
+
+class LlamaCpp:
+    def __init__(self, bundle: Path, n_ctx: int = 1024):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(str(bundle / "decoder.gguf"), n_ctx=n_ctx, n_threads=THREADS,
+                                   n_threads_batch=THREADS, verbose=False)
+
+    def decode(self, ids: list[int], n: int) -> dict:
+        """Greedy generation after the prompt: wall-clock tokens/s through llama-cpp-python, and llama.cpp's
+        own eval-only figure (llama_perf_context)."""
+        lc, llm = self.llama_cpp, self.llm
+        llm.reset()
+        lc.llama_perf_context_reset(llm._ctx.ctx)
+        gen = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        next(gen)  # the prompt is evaluated and the first token sampled
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            next(gen)
+        tps = (n - 1) / (time.perf_counter() - t)
+        gen.close()
+        perf = lc.llama_perf_context(llm._ctx.ctx)
+        return {"tps": tps, "eval_only_tps": 1000 * perf.n_eval / max(perf.t_eval_ms, 1e-9), "tokens": n,
+                "context": len(ids) + n}
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
+    import edgevlm
+    from edgevlm.export.parity import probe_image
+
+    out = {}
+    for res in peers_build.RESOLUTIONS:
+        vlms = {p: edgevlm.load(built["onnx"][p][res], threads=THREADS) for p in precisions}
+        runs = {k: [] for k in ["transformers", *vlms]}
+        hf.ttft(probe_image(640, 480, seed=999), PROMPT, res)  # first-call overheads, untimed
+        for rep in range(reps):
+            image = probe_image(640, 480, seed=1000 * res + rep)  # new image: nothing cached
+            runs["transformers"].append(hf.ttft(image, PROMPT, res))
+            for p, vlm in vlms.items():
+                runs[p].append(our_ttft(vlm, image, PROMPT))
+        warm_runs = [warm(vlms["fp32"], probe_image(640, 480, seed=5000 * res + rep)) for rep in range(reps)]
+        row = {}
+        for k, rs in runs.items():
+            stages = sorted({s for r in rs for s in r["stages"]})
+            row[k] = {"ttft_s": med([r["ttft_s"] for r in rs]), "runs": [r["ttft_s"] for r in rs],
+                      "stages_s": {s: med([r["stages"].get(s, 0.0) for r in rs]) for s in stages},
+                      "prompt_tokens": rs[0]["prompt_tokens"]}
+        for p in vlms:
+            row[p]["vs_transformers"] = row[p]["ttft_s"] / row["transformers"]["ttft_s"]
+        row["warm_fp32"] = {kind: {"ttft_s": med([w[kind]["ttft_s"] for w in warm_runs]),
+                                   "prefilled_tokens": warm_runs[0][kind]["prefilled_tokens"],
+                                   "image_cache_hits": warm_runs[0][kind]["image_cache_hits"],
+                                   "stages_s": {s: med([w[kind]["stages"].get(s, 0.0) for w in warm_runs])
+                                                for s in warm_runs[0][kind]["stages"]}}
+                            for kind in ("cold", "new_question", "second_turn")}
+        for kind in ("new_question", "second_turn"):
+            row["warm_fp32"][kind]["over_cold"] = row["warm_fp32"][kind]["ttft_s"] / row["warm_fp32"]["cold"]["ttft_s"]
+        out[str(res)] = row
+        print(f"[peers] TTFT {res} px: " + ", ".join(f"{k} {1000 * v['ttft_s']:.0f} ms" for k, v in row.items()
+                                                     if "ttft_s" in v), file=sys.stderr, flush=True)
+        del vlms
+        gc.collect()
+    return out
+
+
+def decode_phase(built: dict, hf: Transformers | None, reps: int, n: int, precisions, gguf_quants) -> dict:
+    import edgevlm
+
+    from edgevlm.export.checkpoints import CORPUS
+
+    prompt = (CORPUS * 3)[:1400]  # ~300 tokens, like a 1024 px image (256 tokens) and a question
+    res = peers_build.RESOLUTIONS[0]
+    ours = {p: edgevlm.load(built["onnx"][p][res], threads=THREADS) for p in precisions}
+    first = ours[precisions[0]]
+    ids = first._prompt_ids([{"role": "user", "content": [{"type": "text", "text": prompt}]}], 0).tolist()
+    peers = {q: LlamaCpp(built["gguf"][q]) for q in gguf_quants}
+    runs = {**{f"edgevlm {p}": [] for p in ours}, **{f"llama.cpp {q}": [] for q in peers}}
+    for name, vlm in ours.items():
+        our_decode(vlm, prompt, 4)  # warm
+    for q, lc in peers.items():
+        lc.decode(ids, 4)
+    for _ in range(reps):  # interleaved: each round measures every decoder once
+        for p, vlm in ours.items():
+            runs[f"edgevlm {p}"].append(our_decode(vlm, prompt, n))
+        for q, lc in peers.items():
+            runs[f"llama.cpp {q}"].append(lc.decode(ids, n))
+    out = {"prompt_tokens": len(ids), "new_tokens": n, "decoders": {}}
+    for name, rs in runs.items():
+        out["decoders"][name] = {"tps": med([r["tps"] for r in rs]), "runs": [r["tps"] for r in rs],
+                                 "context": rs[0]["context"]}
+        if "eval_only_tps" in rs[0]:
+            out["decoders"][name]["eval_only_tps"] = med([r["eval_only_tps"] for r in rs])
+    if hf is not None:
+        out["decoders"]["transformers fp32"] = {"tps": med([hf.decode_tps(ids, max(8, n // 4)) for _ in range(reps)]),
+                                                "context": len(ids) + n}
+    ctx = len(ids) + n // 2  # mean context over the measured tokens
+    for p in ours:
+        out["decoders"][f"edgevlm {p}"]["bytes_per_token"] = onnx_weight_bytes(built["onnx"][p][res]) + kv_bytes(ctx, 4)
+    for q in peers:
+        out["decoders"][f"llama.cpp {q}"]["bytes_per_token"] = (gguf_weight_bytes(built["gguf"][q])
+                                                                + kv_bytes(ctx, 4 if q == "F32" else 2))
+    out["decoders"]["transformers fp32"]["bytes_per_token"] = out["decoders"]["edgevlm fp32"]["bytes_per_token"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache" / "peers",
+                   help="where the built checkpoint and bundles are cached (gitignored)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--precisions", default=",".join(peers_build.PRECISIONS))
+    p.add_argument("--gguf", default=",".join(peers_build.GGUF_QUANTS))
+    args = p.parse_args()
+    precisions, gguf_quants = args.precisions.split(","), args.gguf.split(",")
+    t_start = time.perf_counter()
+    built = peers_build.build(args.work, gguf_quants)
+    t_built = time.perf_counter()
+    result = {"model": "FastVLM-0.5B shape, RANDOM weights: timm fastvit_mci3 (FastViTHD) tower + Qwen2-0.5B "
+                       "dimensions (896 x 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied)",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} threads for every runtime",
+              "reps": args.reps, "goals": GOALS}
+    result["bandwidth_before"] = read_bandwidth()
+    result["gemm_fp32_gflops"] = gemm_gflops()
+    hf = Transformers(built["ckpt"])
+    result["ttft"] = ttft_phase(built, hf, args.reps, precisions)
+    result["decode"] = decode_phase(built, hf, args.reps, args.decode_tokens, precisions, gguf_quants)
+    del hf
+    gc.collect()
+    result["bandwidth_after"] = read_bandwidth()
+    bw = max(result["bandwidth_before"]["best_GBps"], result["bandwidth_after"]["best_GBps"])
+    result["bandwidth_GBps"] = bw
+    for d in result["decode"]["decoders"].values():
+        d["bound_tps"] = bw * 1e9 / d["bytes_per_token"]
+        d["fraction_of_bound"] = d["tps"] / d["bound_tps"]
+    result["seconds"] = {"build": round(t_built - t_start, 1), "measure": round(time.perf_counter() - t_built, 1)}
+    import peers_report
+
+    peers_report.write(result, args.out)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The artefacts `benchmarks/peers.py` measures, built once and cached (a gitignored work directory).
+
+A FastVLM-0.5B-shaped checkpoint with RANDOM weights: timm `fastvit_mci3` (the FastViTHD tower that
+transformers' `fast_vlm` config names: 5 stages, stride 64, 3072 output channels) + MLP projector + a Qwen2
+language model of Qwen2-0.5B's dimensions (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab
+151936, tied embeddings). The tokenizer is a small BPE trained here; the embedding and output matrices keep
+the real vocabulary size, which is what decides decode speed.
+
+    ckpt-256/            the checkpoint (export/checkpoints.py builder; processor at 256 px)
+    ckpt-R/              the same weights (hard links), processor and image_seq_length at R px
+    onnx-fp32-256/       `edgevlm export --from ckpt-256`  (parity vs PyTorch)
+    onnx-int8-256/       `edgevlm quant --scheme int8 --vision fp32`
+    onnx-int4-256/       `edgevlm quant --scheme int4 --vision fp32`
+    vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch
+    onnx-P-R/            bundle P with vision-R's graph: the other files are hard links into onnx-P-256
+    gguf-Q/              `edgevlm export --format gguf --gguf-quant Q --bundle onnx-fp32-256`
+
+The fixed-size vision graph is why there is one bundle per resolution: the manifest gives the vision graph
+one input shape and a fixed number of image tokens, as FastVLM's processor resizes every image to the
+tower's size. Every artefact appears atomically (temp name, rename), so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+RESOLUTIONS = (256, 512, 768, 1024)
+PRECISIONS = ("fp32", "int8", "int4")
+GGUF_QUANTS = ("Q4_K_M", "Q8_0", "F32")
+MAX_LOGIT_DIFF = "1e-2"  # random 24-layer weights: logits of a few units; fp32 ONNX vs PyTorch is ~1e-5
+
+
+def spec():
+    from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims
+
+    text = TextDims(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab_size=151936,
+                    tie_embeddings=True, init_range=0.02, max_positions=32768)
+    vision = VisionDims(image_size=RESOLUTIONS[0], timm_arch="fastvit_mci3", stride=64,
+                        embed_dims=(96, 192, 384, 768, 1536), layers=(2, 12, 24, 4, 2))
+    return CheckpointSpec("fast_vlm", text, vision, seed=0)
+
+
+def log(msg: str) -> None:
+    print(f"[peers build] {msg}", file=sys.stderr, flush=True)
+
+
+def edgevlm_cli(*args: str) -> None:
+    """The `edgevlm` command in a child process (frees the exporter's memory when it ends)."""
+    subprocess.run([sys.executable, "-m", "edgevlm.apps.cli", *args], check=True)
+
+
+def _fresh(path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
+    for f in src.rglob("*"):
+        rel = f.relative_to(src)
+        if f.is_file() and str(rel) not in skip:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, dst / rel)
+
+
+def checkpoints(work: Path) -> dict[int, Path]:
+    from edgevlm.export.checkpoints import build_checkpoint
+
+    base = work / f"ckpt-{RESOLUTIONS[0]}"
+    if not base.exists():
+        log(f"building the random-weight checkpoint -> {base.name}")
+        tmp = _fresh(base)
+        build_checkpoint(spec(), tmp)
+        os.replace(tmp, base)
+    out = {RESOLUTIONS[0]: base}
+    for r in RESOLUTIONS[1:]:
+        d = work / f"ckpt-{r}"
+        if not d.exists():
+            tmp = _fresh(d)
+            _link_tree(base, tmp, skip={"config.json", "processor_config.json"})
+            cfg = json.loads((base / "config.json").read_text())
+            cfg["image_seq_length"] = (r // spec().vision.stride) ** 2
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            proc = json.loads((base / "processor_config.json").read_text())
+            proc["image_processor"]["size"] = {"shortest_edge": r}
+            proc["image_processor"]["crop_size"] = {"height": r, "width": r}
+            (tmp / "processor_config.json").write_text(json.dumps(proc, indent=2))
+            os.replace(tmp, d)
+        out[r] = d
+    return out
+
+
+def base_bundles(work: Path, ckpt: Path) -> dict[str, Path]:
+    r0 = RESOLUTIONS[0]
+    fp32 = work / f"onnx-fp32-{r0}"
+    if not fp32.exists():
+        log(f"edgevlm export -> {fp32.name}")
+        edgevlm_cli("export", "--from", str(ckpt), "--to", str(fp32), "--parity-tokens", "4",
+                    "--max-logit-diff", MAX_LOGIT_DIFF)
+    out = {"fp32": fp32}
+    for p in PRECISIONS[1:]:
+        b = work / f"onnx-{p}-{r0}"
+        if not b.exists():  # the vision tower stays fp32: ConvInteger is slower than fp32 Conv on this CPU
+            log(f"edgevlm quant --scheme {p} -> {b.name}")
+            edgevlm_cli("quant", "--bundle", str(fp32), "--to", str(b), "--scheme", p, "--vision", "fp32",
+                        "--calib-n", "4", "--dataset", "none")
+        out[p] = b
+    return out
+
+
+def vision_graphs(work: Path, ckpts: dict[int, Path]) -> dict[int, Path]:
+    """The vision graph at every other resolution, exported with the exporter's own function."""
+    todo = [r for r in RESOLUTIONS[1:] if not (work / f"vision-{r}").exists()]
+    out = {r: work / f"vision-{r}" for r in RESOLUTIONS[1:]}
+    if not todo:
+        return out
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from edgevlm.export import graphs, parity
+    from edgevlm.export.adapters import adapter_for
+    from edgevlm.image import preprocess
+
+    model = AutoModelForImageTextToText.from_pretrained(ckpts[RESOLUTIONS[0]], dtype=torch.float32).eval()
+    adapter = adapter_for("fast_vlm")
+    for r in todo:
+        log(f"vision graph at {r} px -> vision-{r}")
+        tmp = _fresh(out[r])
+        processor = AutoProcessor.from_pretrained(ckpts[r])
+        pre = adapter.preprocess(processor)
+        probe = parity.probe_image()
+        pixels = preprocess(np.asarray(probe), pre)
+        files = graphs.export_vision(adapter, model, pixels.shape, tmp / "vision.onnx")
+        if files != ["vision.onnx"]:
+            raise RuntimeError(f"unexpected vision files {files}")
+        import onnxruntime as ort
+
+        hf_pixels = processor.image_processor(probe, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            ref = adapter.image_features(model, hf_pixels)[0].numpy()
+        sess = ort.InferenceSession(str(tmp / "vision.onnx"), providers=["CPUExecutionProvider"])
+        ours = sess.run(None, {sess.get_inputs()[0].name: pixels})[0][0]
+        meta = {"resolution": r, "pixel_shape": list(pixels.shape), "image_tokens": int(ours.shape[0]),
+                "dim": int(ours.shape[1]), "preprocess": dataclasses.asdict(pre),
+                "max_abs_pixel_diff": float(np.abs(pixels - hf_pixels.numpy()).max()),
+                "max_abs_vision_diff": float(np.abs(ours - ref).max()), "max_abs_vision_ref": float(np.abs(ref).max())}
+        log(f"  vision {r} px: {meta['image_tokens']} tokens, maxdiff vs PyTorch {meta['max_abs_vision_diff']:.3g} "
+            f"(|ref| max {meta['max_abs_vision_ref']:.3g}), pixels maxdiff {meta['max_abs_pixel_diff']:.3g}")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out[r])
+    return out
+
+
+def variant(base: Path, vision: Path, dst: Path) -> Path:
+    """Bundle `base` with the vision graph (and preprocessing, image-token count) of `vision`."""
+    from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
+    from edgevlm.manifest import Preprocess
+
+    if dst.exists():
+        return dst
+    m = open_bundle(base).manifest
+    meta = json.loads((vision / "meta.json").read_text())
+    vis = m.components["vision"]
+    if vis.data_files or vis.precision != "fp32":
+        raise RuntimeError(f"{base.name}: expected a one-file fp32 vision graph")
+    tmp = _fresh(dst)
+    _link_tree(base, tmp, skip={vis.file, MANIFEST})
+    os.link(vision / "vision.onnx", tmp / vis.file)
+    pre = meta["preprocess"]
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()})
+    n, d = meta["image_tokens"], meta["dim"]
+    comp = dataclasses.replace(vis, sha256=sha256_file(tmp / vis.file), inputs={"pixel_values": meta["pixel_shape"]},
+                               outputs={"image_embeds": [1, n, d]})
+    parity = {**m.source.parity, "max_abs_pixel_diff": meta["max_abs_pixel_diff"],
+              "max_abs_vision_diff": meta["max_abs_vision_diff"], "vision_resolution": meta["resolution"]}
+    new = dataclasses.replace(m, components={**m.components, "vision": comp}, preprocess=pre, image_tokens=n,
+                              source=dataclasses.replace(m.source, parity=parity))
+    (tmp / MANIFEST).write_text(new.to_json(), encoding="utf-8")
+    open_bundle(tmp)  # every sha256 holds
+    os.replace(tmp, dst)
+    return dst
+
+
+def gguf_bundles(work: Path, ckpt: Path, fp32: Path, quants=GGUF_QUANTS) -> dict[str, Path]:
+    out = {}
+    for q in quants:
+        b = work / f"gguf-{q.lower()}"
+        if not b.exists():
+            log(f"edgevlm export --format gguf --gguf-quant {q} -> {b.name}")
+            edgevlm_cli("export", "--from", str(ckpt), "--to", str(b), "--format", "gguf", "--gguf-quant", q,
+                        "--bundle", str(fp32), "--parity-tokens", "4", "--max-logit-diff", MAX_LOGIT_DIFF)
+        out[q] = b
+    return out
+
+
+def build(work: Path, gguf_quants=GGUF_QUANTS) -> dict:
+    """Everything, cached under work/; returns {"ckpt": {R: dir}, "onnx": {P: {R: bundle}}, "gguf": {Q: bundle}}."""
+    work.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoints(work)
+    bases = base_bundles(work, ckpts[RESOLUTIONS[0]])
+    visions = vision_graphs(work, ckpts)
+    onnx = {p: {RESOLUTIONS[0]: bases[p]} for p in PRECISIONS}
+    for p in PRECISIONS:
+        for r in RESOLUTIONS[1:]:
+            onnx[p][r] = variant(bases[p], visions[r], work / f"onnx-{p}-{r}")
+    gguf = gguf_bundles(work, ckpts[RESOLUTIONS[0]], bases["fp32"], gguf_quants)
+    return {"ckpt": ckpts, "onnx": onnx, "gguf": gguf}
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / ".cache" / "peers"
+    print(json.dumps(build(root), default=str, indent=1))

@@ -1,0 +1,142 @@
+"""JSON, markdown table and PNG of `benchmarks/peers.py`'s result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RANDOM = "random weights"
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def goals(result: dict) -> dict:
+    """Each goal of the issue with the measured figure."""
+    g = result["goals"]
+    t = result["ttft"]["1024"]
+    dec = result["decode"]["decoders"]
+    best_ours = max((k for k in dec if k.startswith("edgevlm")), key=lambda k: dec[k]["tps"])
+    q4 = dec.get("llama.cpp Q4_K_M", {}).get("tps")
+    warm = [t["warm_fp32"][k]["over_cold"] for k in ("new_question", "second_turn")]
+    ttft_best = min((k for k in t if k not in ("transformers", "warm_fp32")), key=lambda k: t[k]["ttft_s"])
+    out = {
+        "cold_ttft_1024_vs_transformers": {"fp32": t["fp32"]["vs_transformers"],
+                                           "best": [ttft_best, t[ttft_best]["vs_transformers"]]},
+        "decode_vs_llama_cpp_q4_k_m": {k: dec[k]["tps"] / q4 for k in dec if k.startswith("edgevlm") and q4},
+        "decode_fraction_of_bound": {k: dec[k]["fraction_of_bound"] for k in dec},
+        "warm_over_cold_1024": {"new_question": warm[0], "second_turn": warm[1]},
+    }
+    out["met"] = {
+        "cold_ttft_1024_vs_transformers": t[ttft_best]["vs_transformers"] <= g["cold_ttft_1024_vs_transformers"],
+        "decode_vs_llama_cpp": bool(q4) and dec[best_ours]["tps"] / q4 >= g["decode_vs_llama_cpp"],
+        "decode_fraction_of_bound": any(dec[k]["fraction_of_bound"] >= g["decode_fraction_of_bound"]
+                                        for k in dec if k.startswith("edgevlm")),
+        "warm_over_cold": max(warm) <= g["warm_over_cold"],
+    }
+    return out
+
+
+def markdown(result: dict) -> str:
+    res = list(result["ttft"])
+    lines = [f"Model: {result['model']}. Machine: {result['machine']}. Median of {result['reps']} repetitions.", ""]
+    lines += ["**Cold TTFT** (new image, new chat; ms; ratio to transformers in parentheses; " + RANDOM + ")", ""]
+    systems = [k for k in result["ttft"][res[0]] if k != "warm_fp32"]
+    lines.append("| px | image tokens | prompt tokens | " + " | ".join(systems) + " |")
+    lines.append("|---" * (3 + len(systems)) + "|")
+    for r in res:
+        row = result["ttft"][r]
+        cells = []
+        for s in systems:
+            v = row[s]
+            ratio = f" ({v['vs_transformers']:.2f}x)" if "vs_transformers" in v else ""
+            cells.append(f"{1000 * v['ttft_s']:.0f}{ratio}")
+        n_img = (int(r) // 64) ** 2
+        lines.append(f"| {r} | {n_img} | {row['transformers']['prompt_tokens']} | " + " | ".join(cells) + " |")
+    lines += ["", "Stages at 1024 px (median ms): "]
+    t = result["ttft"][res[-1]]
+    for s in systems:
+        st = ", ".join(f"{k} {1000 * v:.0f}" for k, v in t[s]["stages_s"].items() if v > 0.0005)
+        lines.append(f"- {s}: {st}")
+    lines += ["", "**Warm TTFT** (fp32 bundle; ms, ratio to cold; " + RANDOM + ")", "",
+              "| px | cold | same image, new question | second turn of the chat | prefilled tokens (cold / new q / 2nd) |",
+              "|---|---|---|---|---|"]
+    for r in res:
+        w = result["ttft"][r]["warm_fp32"]
+        lines.append(f"| {r} | {1000 * w['cold']['ttft_s']:.0f} | {1000 * w['new_question']['ttft_s']:.0f} "
+                     f"({w['new_question']['over_cold']:.3f}x) | {1000 * w['second_turn']['ttft_s']:.0f} "
+                     f"({w['second_turn']['over_cold']:.3f}x) | {w['cold']['prefilled_tokens']} / "
+                     f"{w['new_question']['prefilled_tokens']} / {w['second_turn']['prefilled_tokens']} |")
+    d = result["decode"]
+    bw = result["bandwidth_GBps"]
+    lines += ["", f"**Decode** ({d['new_tokens']} greedy tokens after the same {d['prompt_tokens']}-token prompt; "
+              f"{RANDOM}). Read bandwidth measured in this run: **{bw:.1f} GB/s** (numpy streaming reads, best of "
+              f"before {result['bandwidth_before']['best_GBps']:.1f} / after {result['bandwidth_after']['best_GBps']:.1f}); "
+              "bound = bandwidth / bytes read per token (weights + KV cache).", "",
+              "| decoder | tokens/s | vs llama.cpp Q4_K_M | MB read per token | bound tokens/s | fraction of bound |",
+              "|---|---|---|---|---|---|"]
+    q4 = d["decoders"].get("llama.cpp Q4_K_M", {}).get("tps")
+    for name, v in d["decoders"].items():
+        extra = f" (eval only {v['eval_only_tps']:.1f})" if "eval_only_tps" in v else ""
+        vs = f"{v['tps'] / q4:.2f}x" if q4 else "-"
+        lines.append(f"| {name} | {v['tps']:.1f}{extra} | {vs} | {v['bytes_per_token'] / 1e6:.0f} | "
+                     f"{v['bound_tps']:.1f} | {v['fraction_of_bound']:.2f} |")
+    g = goals(result)
+    m = g["met"]
+    lines += ["", "**Goals** (issue 6):", "",
+              f"- cold TTFT at 1024 px <= 0.25x transformers: {_verdict(m['cold_ttft_1024_vs_transformers'])} "
+              f"(fp32 {g['cold_ttft_1024_vs_transformers']['fp32']:.2f}x; best {g['cold_ttft_1024_vs_transformers']['best'][0]} "
+              f"{g['cold_ttft_1024_vs_transformers']['best'][1]:.2f}x)",
+              f"- decode >= 1.0x llama.cpp (Q4_K_M): {_verdict(m['decode_vs_llama_cpp'])} ("
+              + ", ".join(f"{k} {v:.2f}x" for k, v in g["decode_vs_llama_cpp_q4_k_m"].items()) + ")",
+              f"- decode >= 70% of the bandwidth bound: {_verdict(m['decode_fraction_of_bound'])} ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in g["decode_fraction_of_bound"].items()) + ")",
+              f"- warm TTFT <= 0.05x cold (1024 px): {_verdict(m['warm_over_cold'])} (new question "
+              f"{g['warm_over_cold_1024']['new_question']:.3f}x, second turn {g['warm_over_cold_1024']['second_turn']:.3f}x)"]
+    lines += ["", f"Run time: build {result['seconds']['build']:.0f} s (cached after the first run), "
+              f"measurement {result['seconds']['measure']:.0f} s. fp32 GEMM on this machine in this run: "
+              f"{result['gemm_fp32_gflops']:.0f} GFLOP/s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = list(result["ttft"])
+    systems = [k for k in result["ttft"][res[0]] if k != "warm_fp32"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / (len(systems) + 1)
+    for i, s in enumerate(systems):
+        a.bar([j + i * width for j in range(len(res))], [result["ttft"][r][s]["ttft_s"] for r in res], width, label=s)
+    a.bar([j + len(systems) * width for j in range(len(res))],
+          [result["ttft"][r]["warm_fp32"]["new_question"]["ttft_s"] for r in res], width,
+          label="fp32 warm (same image, new question)")
+    a.set_xticks([j + 0.4 - width / 2 for j in range(len(res))], [f"{r} px" for r in res])
+    a.set_ylabel("TTFT, s (median)")
+    a.set_title("Cold TTFT: transformers eager fp32 vs edgevlm")
+    a.legend(fontsize=7)
+    dec = result["decode"]["decoders"]
+    names = list(dec)
+    y = range(len(names))
+    b.barh(y, [dec[n]["bound_tps"] for n in names], color="#ddd", label="bandwidth bound")
+    b.barh(y, [dec[n]["tps"] for n in names], color=["C0" if n.startswith("edgevlm") else "C1" for n in names],
+           label="measured")
+    b.set_yticks(list(y), names, fontsize=8)
+    b.set_xlabel("decode tokens/s")
+    b.set_title(f"Decode vs bound ({result['bandwidth_GBps']:.0f} GB/s read)")
+    b.legend(fontsize=7)
+    fig.suptitle("FastVLM-0.5B shape, RANDOM weights (speed only), 2 threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["goals_measured"] = goals(result)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
