@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import peers_build  # noqa: E402
 
-THREADS = 2
+THREADS = int(__import__("os").environ.get("PEERS_THREADS", "2"))
 PROMPT = "What is in the image?"
 QUESTIONS = ["How many objects are there?", "What colour is the largest shape?"]
 GOALS = {"cold_ttft_1024_vs_transformers": 0.25, "decode_vs_llama_cpp": 1.0, "decode_fraction_of_bound": 0.70,
@@ -197,12 +197,12 @@ def our_decode(vlm, prompt: str, n: int) -> dict:
 
 
 class LlamaCpp:
-    def __init__(self, bundle: Path, n_ctx: int = 1024):
+    def __init__(self, bundle: Path, n_ctx: int = 1024, threads: int = THREADS):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(str(bundle / "decoder.gguf"), n_ctx=n_ctx, n_threads=THREADS,
-                                   n_threads_batch=THREADS, verbose=False)
+        self.llm = llama_cpp.Llama(str(bundle / "decoder.gguf"), n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
 
     def decode(self, ids: list[int], n: int) -> dict:
         """Greedy generation after the prompt: wall-clock tokens/s through llama-cpp-python, and llama.cpp's
@@ -226,81 +226,112 @@ class LlamaCpp:
 
 
 def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
+    """Per resolution: transformers and each bundle on the same new images (one bundle loaded at a time:
+    this shared machine has no room for all of them next to transformers). fp32 alternates with
+    transformers image by image; int8 and int4 follow on the same images."""
     import edgevlm
     from edgevlm.export.parity import probe_image
 
     out = {}
     for res in peers_build.RESOLUTIONS:
-        vlms = {p: edgevlm.load(built["onnx"][p][res], threads=THREADS) for p in precisions}
-        runs = {k: [] for k in ["transformers", *vlms]}
+        images = [probe_image(640, 480, seed=1000 * res + rep) for rep in range(reps)]  # new: nothing cached
+        runs = {"transformers": []}
         hf.ttft(probe_image(640, 480, seed=999), PROMPT, res)  # first-call overheads, untimed
-        for rep in range(reps):
-            image = probe_image(640, 480, seed=1000 * res + rep)  # new image: nothing cached
-            runs["transformers"].append(hf.ttft(image, PROMPT, res))
-            for p, vlm in vlms.items():
+        warm_runs = []
+        for p in precisions:
+            vlm = edgevlm.load(built["onnx"][p][res], threads=THREADS)
+            runs[p] = []
+            for image in images:
+                if p == precisions[0]:
+                    runs["transformers"].append(hf.ttft(image, PROMPT, res))
                 runs[p].append(our_ttft(vlm, image, PROMPT))
-        warm_runs = [warm(vlms["fp32"], probe_image(640, 480, seed=5000 * res + rep)) for rep in range(reps)]
+            if p == "fp32":
+                warm_runs = [warm(vlm, probe_image(640, 480, seed=5000 * res + rep)) for rep in range(reps)]
+            del vlm
+            gc.collect()
         row = {}
         for k, rs in runs.items():
             stages = sorted({s for r in rs for s in r["stages"]})
             row[k] = {"ttft_s": med([r["ttft_s"] for r in rs]), "runs": [r["ttft_s"] for r in rs],
                       "stages_s": {s: med([r["stages"].get(s, 0.0) for r in rs]) for s in stages},
                       "prompt_tokens": rs[0]["prompt_tokens"]}
-        for p in vlms:
+        for p in precisions:
             row[p]["vs_transformers"] = row[p]["ttft_s"] / row["transformers"]["ttft_s"]
-        row["warm_fp32"] = {kind: {"ttft_s": med([w[kind]["ttft_s"] for w in warm_runs]),
-                                   "prefilled_tokens": warm_runs[0][kind]["prefilled_tokens"],
-                                   "image_cache_hits": warm_runs[0][kind]["image_cache_hits"],
-                                   "stages_s": {s: med([w[kind]["stages"].get(s, 0.0) for w in warm_runs])
-                                                for s in warm_runs[0][kind]["stages"]}}
-                            for kind in ("cold", "new_question", "second_turn")}
-        for kind in ("new_question", "second_turn"):
-            row["warm_fp32"][kind]["over_cold"] = row["warm_fp32"][kind]["ttft_s"] / row["warm_fp32"]["cold"]["ttft_s"]
+        if warm_runs:
+            row["warm_fp32"] = {kind: {"ttft_s": med([w[kind]["ttft_s"] for w in warm_runs]),
+                                       "prefilled_tokens": warm_runs[0][kind]["prefilled_tokens"],
+                                       "image_cache_hits": warm_runs[0][kind]["image_cache_hits"],
+                                       "stages_s": {s: med([w[kind]["stages"].get(s, 0.0) for w in warm_runs])
+                                                    for s in warm_runs[0][kind]["stages"]}}
+                                for kind in ("cold", "new_question", "second_turn")}
+            for kind in ("new_question", "second_turn"):
+                w = row["warm_fp32"]
+                w[kind]["over_cold"] = w[kind]["ttft_s"] / w["cold"]["ttft_s"]
         out[str(res)] = row
         print(f"[peers] TTFT {res} px: " + ", ".join(f"{k} {1000 * v['ttft_s']:.0f} ms" for k, v in row.items()
                                                      if "ttft_s" in v), file=sys.stderr, flush=True)
-        del vlms
-        gc.collect()
     return out
 
 
-def decode_phase(built: dict, hf: Transformers | None, reps: int, n: int, precisions, gguf_quants) -> dict:
+def prompt_ids(bundle: Path, prompt: str) -> list[int]:
+    """The token ids our runtime prefills for a text-only prompt (what every decoder gets)."""
+    from tokenizers import Tokenizer
+
+    from edgevlm import template
+    from edgevlm.bundle import open_bundle
+
+    m = open_bundle(bundle).manifest
+    text = template.render(m.chat_template, [{"role": "user", "content": [{"type": "text", "text": prompt}]}],
+                           add_generation_prompt=True, **m.special_tokens)
+    return Tokenizer.from_file(str(bundle / m.tokenizer.file)).encode(text).ids
+
+
+def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread_counts) -> dict:
+    """One decoder loaded at a time (memory), in pairs of like precision: llama.cpp Q4_K_M then our int4,
+    Q8_0 then int8, F32 then fp32, at each thread count; the read bandwidth is measured next to each pair.
+    A decoder's figure is its best thread count (on a shared, oversubscribed machine 1 can beat 2)."""
     import edgevlm
 
     from edgevlm.export.checkpoints import CORPUS
 
-    prompt = (CORPUS * 3)[:1400]  # ~300 tokens, like a 1024 px image (256 tokens) and a question
+    prompt = (CORPUS * 2)[:760]  # ~300 tokens with the template, like a 1024 px image (256 tokens) + a question
     res = peers_build.RESOLUTIONS[0]
-    ours = {p: edgevlm.load(built["onnx"][p][res], threads=THREADS) for p in precisions}
-    first = ours[precisions[0]]
-    ids = first._prompt_ids([{"role": "user", "content": [{"type": "text", "text": prompt}]}], 0).tolist()
-    peers = {q: LlamaCpp(built["gguf"][q]) for q in gguf_quants}
-    runs = {**{f"edgevlm {p}": [] for p in ours}, **{f"llama.cpp {q}": [] for q in peers}}
-    for name, vlm in ours.items():
-        our_decode(vlm, prompt, 4)  # warm
-    for q, lc in peers.items():
-        lc.decode(ids, 4)
-    for _ in range(reps):  # interleaved: each round measures every decoder once
-        for p, vlm in ours.items():
-            runs[f"edgevlm {p}"].append(our_decode(vlm, prompt, n))
-        for q, lc in peers.items():
-            runs[f"llama.cpp {q}"].append(lc.decode(ids, n))
-    out = {"prompt_tokens": len(ids), "new_tokens": n, "decoders": {}}
-    for name, rs in runs.items():
-        out["decoders"][name] = {"tps": med([r["tps"] for r in rs]), "runs": [r["tps"] for r in rs],
-                                 "context": rs[0]["context"]}
-        if "eval_only_tps" in rs[0]:
-            out["decoders"][name]["eval_only_tps"] = med([r["eval_only_tps"] for r in rs])
-    if hf is not None:
-        out["decoders"]["transformers fp32"] = {"tps": med([hf.decode_tps(ids, max(8, n // 4)) for _ in range(reps)]),
-                                                "context": len(ids) + n}
+    ids = prompt_ids(built["onnx"]["fp32"][res], prompt)
+    out = {"new_tokens": n, "prompt_tokens": len(ids), "ids": ids, "decoders": {}, "bandwidth": []}
+    pairs = {"int4": "Q4_K_M", "int8": "Q8_0", "fp32": "F32"}
+    order = []
+    for p in ("int4", "int8", "fp32"):
+        order += [("llama.cpp", pairs[p])] if pairs[p] in gguf_quants else []
+        order += [("edgevlm", p)] if p in precisions else []
     ctx = len(ids) + n // 2  # mean context over the measured tokens
-    for p in ours:
-        out["decoders"][f"edgevlm {p}"]["bytes_per_token"] = onnx_weight_bytes(built["onnx"][p][res]) + kv_bytes(ctx, 4)
-    for q in peers:
-        out["decoders"][f"llama.cpp {q}"]["bytes_per_token"] = (gguf_weight_bytes(built["gguf"][q])
-                                                                + kv_bytes(ctx, 4 if q == "F32" else 2))
-    out["decoders"]["transformers fp32"]["bytes_per_token"] = out["decoders"]["edgevlm fp32"]["bytes_per_token"]
+    for kind, what in order:
+        name = f"{kind} {what}"
+        by_threads = {}
+        for t in thread_counts:
+            if kind == "edgevlm":
+                vlm = edgevlm.load(built["onnx"][what][res], threads=t)
+                our_decode(vlm, prompt, 2)  # warm
+                rs = [our_decode(vlm, prompt, n) for _ in range(reps)]
+                nbytes = onnx_weight_bytes(built["onnx"][what][res]) + kv_bytes(ctx, 4)
+                del vlm
+            else:
+                lc = LlamaCpp(built["gguf"][what], threads=t)
+                lc.decode(ids, 2)
+                rs = [lc.decode(ids, n) for _ in range(reps)]
+                nbytes = gguf_weight_bytes(built["gguf"][what]) + kv_bytes(ctx, 4 if what == "F32" else 2)
+                del lc
+            gc.collect()
+            by_threads[str(t)] = {"tps": med([r["tps"] for r in rs]), "runs": [r["tps"] for r in rs],
+                                  "load": os.getloadavg()[0]}
+            if "eval_only_tps" in rs[0]:
+                by_threads[str(t)]["eval_only_tps"] = med([r["eval_only_tps"] for r in rs])
+            print(f"[peers] decode {name}, {t} thread(s): {by_threads[str(t)]['tps']:.2f} tok/s "
+                  f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        best = max(by_threads, key=lambda k: by_threads[k]["tps"])
+        out["decoders"][name] = {**by_threads[best], "threads": int(best), "by_threads": by_threads,
+                                 "context": len(ids) + n, "bytes_per_token": nbytes}
+        if kind == "edgevlm":
+            out["bandwidth"].append(read_bandwidth())
     return out
 
 
@@ -309,8 +340,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache" / "peers",
                    help="where the built checkpoint and bundles are cached (gitignored)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--decode-threads", default=f"1,{THREADS}", help="thread counts tried for every decoder")
     p.add_argument("--precisions", default=",".join(peers_build.PRECISIONS))
     p.add_argument("--gguf", default=",".join(peers_build.GGUF_QUANTS))
     args = p.parse_args()
@@ -322,15 +354,29 @@ def main() -> None:
                        "dimensions (896 x 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied)",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} threads for every runtime",
               "reps": args.reps, "goals": GOALS}
+    result["loadavg"] = {"start": os.getloadavg()[0]}
     result["bandwidth_before"] = read_bandwidth()
     result["gemm_fp32_gflops"] = gemm_gflops()
     hf = Transformers(built["ckpt"])
     result["ttft"] = ttft_phase(built, hf, args.reps, precisions)
-    result["decode"] = decode_phase(built, hf, args.reps, args.decode_tokens, precisions, gguf_quants)
+    result["loadavg"]["after_ttft"] = os.getloadavg()[0]
+    del hf  # memory: decode loads one decoder at a time, transformers' last
+    gc.collect()
+    result["decode"] = decode_phase(built, args.reps, args.decode_tokens, precisions, gguf_quants,
+                                    [int(t) for t in args.decode_threads.split(",")])
+    hf = Transformers(built["ckpt"])
+    d = result["decode"]
+    d["decoders"]["transformers fp32"] = {
+        "tps": med([hf.decode_tps(d["ids"], max(8, args.decode_tokens // 4)) for _ in range(args.reps)]),
+        "context": d["prompt_tokens"] + args.decode_tokens,
+        "bytes_per_token": d["decoders"].get("edgevlm fp32", {}).get("bytes_per_token", 0)}
+    d.pop("ids")
     del hf
     gc.collect()
+    result["loadavg"]["end"] = os.getloadavg()[0]
     result["bandwidth_after"] = read_bandwidth()
-    bw = max(result["bandwidth_before"]["best_GBps"], result["bandwidth_after"]["best_GBps"])
+    bw = max([result["bandwidth_before"]["best_GBps"], result["bandwidth_after"]["best_GBps"]]
+             + [b["best_GBps"] for b in d["bandwidth"]])
     result["bandwidth_GBps"] = bw
     for d in result["decode"]["decoders"].values():
         d["bound_tps"] = bw * 1e9 / d["bytes_per_token"]

@@ -9,8 +9,8 @@ the real vocabulary size, which is what decides decode speed.
     ckpt-256/            the checkpoint (export/checkpoints.py builder; processor at 256 px)
     ckpt-R/              the same weights (hard links), processor and image_seq_length at R px
     onnx-fp32-256/       `edgevlm export --from ckpt-256`  (parity vs PyTorch)
-    onnx-int8-256/       `edgevlm quant --scheme int8 --vision fp32`
-    onnx-int4-256/       `edgevlm quant --scheme int4 --vision fp32`
+    onnx-int8-256/       int8 dynamic language model, fp32 vision (what `edgevlm quant --scheme int8 --vision
+    onnx-int4-256/       fp32` / `--scheme int4` write, same quantizers and settings; see `quantized`)
     vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch
     onnx-P-R/            bundle P with vision-R's graph: the other files are hard links into onnx-P-256
     gguf-Q/              `edgevlm export --format gguf --gguf-quant Q --bundle onnx-fp32-256`
@@ -107,12 +107,88 @@ def base_bundles(work: Path, ckpt: Path) -> dict[str, Path]:
     out = {"fp32": fp32}
     for p in PRECISIONS[1:]:
         b = work / f"onnx-{p}-{r0}"
-        if not b.exists():  # the vision tower stays fp32: ConvInteger is slower than fp32 Conv on this CPU
-            log(f"edgevlm quant --scheme {p} -> {b.name}")
-            edgevlm_cli("quant", "--bundle", str(fp32), "--to", str(b), "--scheme", p, "--vision", "fp32",
-                        "--calib-n", "4", "--dataset", "none")
+        if not b.exists():
+            log(f"quantize {p} (vision stays fp32) -> {b.name}")
+            quantized(fp32, b, p, reference_logits(work, fp32))
         out[p] = b
     return out
+
+
+def reference_logits(work: Path, fp32: Path):
+    """The fp32 bundle's first-token logits on the parity prompt (cached): the quantized bundles' yardstick."""
+    import numpy as np
+
+    path = work / "fp32-logits.npy"
+    if not path.exists():
+        import edgevlm
+        from edgevlm.export import parity
+
+        logits = edgevlm.load(fp32, threads=2).prompt_logits(parity.probe_image(), parity.PROMPT)
+        np.save(work / "fp32-logits.tmp.npy", logits)
+        os.replace(work / "fp32-logits.tmp.npy", path)
+    return np.load(path)
+
+
+def quantized(src: Path, dst: Path, level: str, ref_logits) -> Path:
+    """What `edgevlm quant --scheme LEVEL --vision fp32` writes, with the same onnxruntime quantizers and
+    settings (quant/graphs.py), applied component by component from the files: the command itself holds the
+    fp32 model several times over (~17 GB for this model), more than this shared machine has free."""
+    import gc
+
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    import edgevlm
+    from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
+    from edgevlm.export import parity
+    from edgevlm.manifest import Quant
+    from edgevlm.quant.api import component_quant
+    from edgevlm.quant.graphs import Options, quiet, weight_nodes
+
+    m = open_bundle(src).manifest
+    opts = Options()
+    tmp = _fresh(dst)
+    comps = {"vision": m.components["vision"]}
+    os.link(src / m.components["vision"].file, tmp / m.components["vision"].file)
+    for name in ("embed", "decoder"):
+        comp = m.components[name]
+        nodes = weight_nodes(onnx.load(str(src / comp.file), load_external_data=False))
+        names = [n.name for n in nodes]
+        ops = tuple(sorted({n.op for n in nodes}))
+        with quiet():
+            if level == "int8":
+                quantize_dynamic(src / comp.file, tmp / comp.file, weight_type=QuantType.QInt8,
+                                 nodes_to_quantize=names, op_types_to_quantize=list(ops))
+                model = onnx.load(str(tmp / comp.file))
+            else:
+                q = MatMulNBitsQuantizer(onnx.load(str(src / comp.file)), bits=4, block_size=opts.block_size,
+                                         is_symmetric=opts.symmetric, accuracy_level=opts.accuracy_level,
+                                         op_types_to_quantize=ops)
+                q.process()
+                model = q.model.model
+                del q
+                onnx.save(model, str(tmp / comp.file))
+        section = component_quant(model, names, {n: level for n in names}, level, opts, (tmp / comp.file).stat().st_size)
+        comps[name] = dataclasses.replace(comp, sha256=sha256_file(tmp / comp.file), data_files=(), precision=level,
+                                          quant=section)
+        del model
+        gc.collect()
+    os.link(src / m.tokenizer.file, tmp / m.tokenizer.file)
+    details = {"components": {k: c.precision for k, c in comps.items()}, "options": dataclasses.asdict(opts),
+               "how": "onnxruntime quantize_dynamic / MatMulNBitsQuantizer per component (benchmarks/peers_build.py)"}
+    new = dataclasses.replace(m, components=comps, quant=Quant(scheme=level, details=details))
+    (tmp / MANIFEST).write_text(new.to_json(), encoding="utf-8")
+    logits = edgevlm.load(tmp, threads=2).prompt_logits(parity.probe_image(), parity.PROMPT)
+    details["fidelity"] = {"prompts": 1, "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
+                           "same_first_token": bool(logits.argmax() == ref_logits.argmax())}
+    log(f"  {level}: first-token logits max |diff| vs fp32 {details['fidelity']['max_abs_logit_diff']:.3g}")
+    (tmp / MANIFEST).write_text(dataclasses.replace(new, quant=Quant(scheme=level, details=details)).to_json(),
+                                encoding="utf-8")
+    open_bundle(tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def vision_graphs(work: Path, ckpts: dict[int, Path]) -> dict[int, Path]:

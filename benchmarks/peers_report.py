@@ -40,7 +40,11 @@ def goals(result: dict) -> dict:
 
 def markdown(result: dict) -> str:
     res = list(result["ttft"])
-    lines = [f"Model: {result['model']}. Machine: {result['machine']}. Median of {result['reps']} repetitions.", ""]
+    la = result.get("loadavg", {})
+    lines = [f"Model: {result['model']}. Machine: {result['machine']}. Median of {result['reps']} repetitions. "
+             "The machine was shared with other sessions' jobs: 1-minute load average "
+             + ", ".join(f"{k} {v:.1f}" for k, v in la.items()) + " (2 cores), so absolute times are inflated "
+             "and noisy; read the ratios.", ""]
     lines += ["**Cold TTFT** (new image, new chat; ms; ratio to transformers in parentheses; " + RANDOM + ")", ""]
     systems = [k for k in result["ttft"][res[0]] if k != "warm_fp32"]
     lines.append("| px | image tokens | prompt tokens | " + " | ".join(systems) + " |")
@@ -72,16 +76,19 @@ def markdown(result: dict) -> str:
     bw = result["bandwidth_GBps"]
     lines += ["", f"**Decode** ({d['new_tokens']} greedy tokens after the same {d['prompt_tokens']}-token prompt; "
               f"{RANDOM}). Read bandwidth measured in this run: **{bw:.1f} GB/s** (numpy streaming reads, best of "
-              f"before {result['bandwidth_before']['best_GBps']:.1f} / after {result['bandwidth_after']['best_GBps']:.1f}); "
+              f"{2 + len(d.get('bandwidth', []))} measurements: "
+              + ", ".join(f"{b['best_GBps']:.1f}" for b in [result["bandwidth_before"], *d.get("bandwidth", []),
+                                                            result["bandwidth_after"]]) + "); "
               "bound = bandwidth / bytes read per token (weights + KV cache).", "",
-              "| decoder | tokens/s | vs llama.cpp Q4_K_M | MB read per token | bound tokens/s | fraction of bound |",
-              "|---|---|---|---|---|---|"]
+              "| decoder | best threads | tokens/s | vs llama.cpp Q4_K_M | tokens/s at 1 / 2 threads | MB read per token "
+              "| bound tokens/s | fraction of bound |", "|---|---|---|---|---|---|---|---|"]
     q4 = d["decoders"].get("llama.cpp Q4_K_M", {}).get("tps")
     for name, v in d["decoders"].items():
         extra = f" (eval only {v['eval_only_tps']:.1f})" if "eval_only_tps" in v else ""
         vs = f"{v['tps'] / q4:.2f}x" if q4 else "-"
-        lines.append(f"| {name} | {v['tps']:.1f}{extra} | {vs} | {v['bytes_per_token'] / 1e6:.0f} | "
-                     f"{v['bound_tps']:.1f} | {v['fraction_of_bound']:.2f} |")
+        bt = " / ".join(f"{x['tps']:.2f}" for x in v.get("by_threads", {}).values()) or "-"
+        lines.append(f"| {name} | {v.get('threads', 2)} | {v['tps']:.2f}{extra} | {vs} | {bt} | "
+                     f"{v['bytes_per_token'] / 1e6:.0f} | {v['bound_tps']:.1f} | {v['fraction_of_bound']:.2f} |")
     g = goals(result)
     m = g["met"]
     lines += ["", "**Goals** (issue 6):", "",
@@ -136,6 +143,7 @@ def plot(result: dict, path: Path) -> None:
 
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))  # kept if the rest fails
     result["goals_measured"] = goals(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     out.with_suffix(".md").write_text(markdown(result))
