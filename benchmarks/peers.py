@@ -1,21 +1,22 @@
 """edgevlm against its peers, side by side in one run, on a FastVLM-0.5B-shaped model with RANDOM weights.
 
-    python benchmarks/peers.py [--reps 3] [--decode-tokens 48] [--out benchmarks/results/peers]
+    python benchmarks/peers.py [--reps 2] [--decode-tokens 16] [--out benchmarks/results/peers]
 
 Builds (once; cached in a gitignored work directory, see benchmarks/peers_build.py) a random-weight
 checkpoint of FastVLM-0.5B's shape — timm `fastvit_mci3` tower + Qwen2-0.5B dimensions — and its bundles:
-ONNX fp32 / int8 / int4 (`edgevlm export`, `edgevlm quant`; the vision tower stays fp32) with one vision graph
-per resolution, and the language model as GGUF (`edgevlm export --format gguf`: Q4_K_M, Q8_0, F32). Then,
-in one process, with 2 threads everywhere:
+ONNX fp32 (`edgevlm export`), int8 / int4 language model with the vision tower fp32 (onnxruntime's
+quantizers with `edgevlm quant`'s settings), one vision graph per resolution, and the language model as GGUF
+(`edgevlm export --format gguf`: Q4_K_M, Q8_0, F32). Then, in one process:
 
-1. memory read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads, best of several),
-   measured before and after the decode phase; decode's bound = bandwidth / bytes read per token;
-2. cold TTFT at 256/512/768/1024 px: transformers (PyTorch eager, fp32, sdpa attention, logits_to_keep=1)
-   vs our fp32/int8/int4 bundles, same image and prompt, interleaved; a new image every repetition;
+1. memory read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads), measured five times
+   between the phases; decode's bound = the best bandwidth / bytes read per token;
+2. cold TTFT at 256/512/768/1024 px, 2 threads: transformers (PyTorch eager, fp32, sdpa attention,
+   logits_to_keep=1) vs our fp32/int8/int4 bundles, same new images and prompt; then transformers and our
+   fp32 at 1 thread each (on an oversubscribed machine a second spinning thread can cost more than it gives);
 3. warm TTFT on the fp32 bundles: the same image with a new question (new chat), and a chat's second turn;
-4. decode tokens/s after the same ~300-token prompt (same token ids): ours fp32/int8/int4 (ONNX Runtime)
-   vs llama.cpp (llama-cpp-python, greedy) on Q4_K_M / Q8_0 / F32 GGUF of the same weights, and
-   transformers eager fp32; each as a fraction of the bandwidth bound.
+4. decode tokens/s after the same ~300-token prompt (same token ids), each decoder at 1 and 2 threads:
+   ours fp32/int8/int4 (ONNX Runtime) vs llama.cpp (llama-cpp-python, greedy) on Q4_K_M / Q8_0 / F32 GGUF
+   of the same weights, and transformers eager fp32; each as a fraction of the bandwidth bound.
 
 Writes JSON, a markdown table and a PNG. Random weights: only speed is meant.
 """
@@ -178,7 +179,8 @@ def warm(vlm, image) -> dict:
     """Cold (new image, new chat), same image with a new question (new chat), second turn of the first chat."""
     def fields(r):
         return {"ttft_s": r.ttft_s, "stages": dict(r.stages), "prefilled_tokens": r.prefilled_tokens,
-                "image_cache_hits": r.image_cache_hits}
+                "image_cache_hits": r.image_cache_hits, "prefix_cache_hit_tokens": r.prefix_cache_hit_tokens,
+                "prefix_cache_source": r.prefix_cache_source, "peak_rss_bytes": r.peak_rss_bytes}
 
     chat = vlm.chat()
     rs = list(chat.stream(PROMPT, image=image, max_tokens=4))
@@ -261,6 +263,8 @@ def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
             row["warm_fp32"] = {kind: {"ttft_s": med([w[kind]["ttft_s"] for w in warm_runs]),
                                        "prefilled_tokens": warm_runs[0][kind]["prefilled_tokens"],
                                        "image_cache_hits": warm_runs[0][kind]["image_cache_hits"],
+                                       "prefix_cache": [warm_runs[0][kind]["prefix_cache_source"],
+                                                        warm_runs[0][kind]["prefix_cache_hit_tokens"]],
                                        "stages_s": {s: med([w[kind]["stages"].get(s, 0.0) for w in warm_runs])
                                                     for s in warm_runs[0][kind]["stages"]}}
                                 for kind in ("cold", "new_question", "second_turn")}
@@ -270,6 +274,32 @@ def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
         out[str(res)] = row
         print(f"[peers] TTFT {res} px: " + ", ".join(f"{k} {1000 * v['ttft_s']:.0f} ms" for k, v in row.items()
                                                      if "ttft_s" in v), file=sys.stderr, flush=True)
+    return out
+
+
+def threads_phase(built: dict, hf: Transformers, reps: int, resolutions=(256, 1024)) -> dict:
+    """Cold TTFT at 1 thread (transformers and our fp32, same new images): on an oversubscribed machine a
+    second intra-op thread can cost more than it gives (OpenMP and ORT threads spin at their barriers)."""
+    import edgevlm
+    from edgevlm.export.parity import probe_image
+
+    out = {}
+    hf.torch.set_num_threads(1)
+    try:
+        for res in resolutions:
+            vlm = edgevlm.load(built["onnx"]["fp32"][res], threads=1)
+            images = [probe_image(640, 480, seed=7000 * res + rep) for rep in range(reps)]
+            h, o = [], []
+            for image in images:
+                h.append(hf.ttft(image, PROMPT, res)["ttft_s"])
+                o.append(our_ttft(vlm, image, PROMPT)["ttft_s"])
+            del vlm
+            gc.collect()
+            out[str(res)] = {"transformers": med(h), "fp32": med(o), "ratio": med(o) / med(h), "load": os.getloadavg()[0]}
+            print(f"[peers] 1-thread TTFT {res} px: transformers {1000 * med(h):.0f} ms, fp32 {1000 * med(o):.0f} ms",
+                  file=sys.stderr, flush=True)
+    finally:
+        hf.torch.set_num_threads(THREADS)
     return out
 
 
@@ -345,20 +375,33 @@ def main() -> None:
     p.add_argument("--decode-threads", default=f"1,{THREADS}", help="thread counts tried for every decoder")
     p.add_argument("--precisions", default=",".join(peers_build.PRECISIONS))
     p.add_argument("--gguf", default=",".join(peers_build.GGUF_QUANTS))
+    p.add_argument("--only-threads", action="store_true",
+                   help="add the 1-thread TTFT check to an existing OUT.json and rewrite the report")
     args = p.parse_args()
+    if args.only_threads:
+        import peers_report
+
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result.pop("goals_measured", None)
+        built = peers_build.build(args.work, args.gguf.split(","))
+        result["ttft_1_thread"] = threads_phase(built, Transformers(built["ckpt"]), args.reps)
+        peers_report.write(result, args.out)
+        print(args.out.with_suffix(".md").read_text())
+        return
     precisions, gguf_quants = args.precisions.split(","), args.gguf.split(",")
     t_start = time.perf_counter()
     built = peers_build.build(args.work, gguf_quants)
     t_built = time.perf_counter()
     result = {"model": "FastVLM-0.5B shape, RANDOM weights: timm fastvit_mci3 (FastViTHD) tower + Qwen2-0.5B "
                        "dimensions (896 x 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied)",
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} threads for every runtime",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, TTFT at {THREADS} threads unless said",
               "reps": args.reps, "goals": GOALS}
     result["loadavg"] = {"start": os.getloadavg()[0]}
     result["bandwidth_before"] = read_bandwidth()
     result["gemm_fp32_gflops"] = gemm_gflops()
     hf = Transformers(built["ckpt"])
     result["ttft"] = ttft_phase(built, hf, args.reps, precisions)
+    result["ttft_1_thread"] = threads_phase(built, hf, args.reps)
     result["loadavg"]["after_ttft"] = os.getloadavg()[0]
     del hf  # memory: decode loads one decoder at a time, transformers' last
     gc.collect()

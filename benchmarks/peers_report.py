@@ -28,8 +28,12 @@ def goals(result: dict) -> dict:
         "decode_fraction_of_bound": {k: dec[k]["fraction_of_bound"] for k in dec},
         "warm_over_cold_1024": {"new_question": warm[0], "second_turn": warm[1]},
     }
+    one = result.get("ttft_1_thread", {}).get("1024")
+    if one:  # the verdict holds only if it also holds with both at 1 thread
+        out["cold_ttft_1024_vs_transformers"]["fp32_1_thread"] = one["ratio"]
     out["met"] = {
-        "cold_ttft_1024_vs_transformers": t[ttft_best]["vs_transformers"] <= g["cold_ttft_1024_vs_transformers"],
+        "cold_ttft_1024_vs_transformers": t[ttft_best]["vs_transformers"] <= g["cold_ttft_1024_vs_transformers"]
+        and (not one or one["ratio"] <= g["cold_ttft_1024_vs_transformers"]),
         "decode_vs_llama_cpp": bool(q4) and dec[best_ours]["tps"] / q4 >= g["decode_vs_llama_cpp"],
         "decode_fraction_of_bound": any(dec[k]["fraction_of_bound"] >= g["decode_fraction_of_bound"]
                                         for k in dec if k.startswith("edgevlm")),
@@ -58,6 +62,11 @@ def markdown(result: dict) -> str:
             cells.append(f"{1000 * v['ttft_s']:.0f}{ratio}")
         n_img = (int(r) // 64) ** 2
         lines.append(f"| {r} | {n_img} | {row['transformers']['prompt_tokens']} | " + " | ".join(cells) + " |")
+    if "ttft_1_thread" in result:
+        lines += ["", "The same at **1 thread** each (transformers `torch.set_num_threads(1)`, ours `threads=1`; "
+                  "new images): " + "; ".join(f"{r} px: transformers {1000 * v['transformers']:.0f} ms, fp32 "
+                                              f"{1000 * v['fp32']:.0f} ms (**{v['ratio']:.2f}x**)"
+                                              for r, v in result["ttft_1_thread"].items())]
     lines += ["", "Stages at 1024 px (median ms): "]
     t = result["ttft"][res[-1]]
     for s in systems:
@@ -94,7 +103,9 @@ def markdown(result: dict) -> str:
     lines += ["", "**Goals** (issue 6):", "",
               f"- cold TTFT at 1024 px <= 0.25x transformers: {_verdict(m['cold_ttft_1024_vs_transformers'])} "
               f"(fp32 {g['cold_ttft_1024_vs_transformers']['fp32']:.2f}x; best {g['cold_ttft_1024_vs_transformers']['best'][0]} "
-              f"{g['cold_ttft_1024_vs_transformers']['best'][1]:.2f}x)",
+              f"{g['cold_ttft_1024_vs_transformers']['best'][1]:.2f}x"
+              + (f"; fp32 at 1 thread each {g['cold_ttft_1024_vs_transformers']['fp32_1_thread']:.2f}x"
+                 if "fp32_1_thread" in g["cold_ttft_1024_vs_transformers"] else "") + ")",
               f"- decode >= 1.0x llama.cpp (Q4_K_M): {_verdict(m['decode_vs_llama_cpp'])} ("
               + ", ".join(f"{k} {v:.2f}x" for k, v in g["decode_vs_llama_cpp_q4_k_m"].items()) + ")",
               f"- decode >= 70% of the bandwidth bound: {_verdict(m['decode_fraction_of_bound'])} ("
@@ -130,13 +141,15 @@ def plot(result: dict, path: Path) -> None:
     names = list(dec)
     y = range(len(names))
     b.barh(y, [dec[n]["bound_tps"] for n in names], color="#ddd", label="bandwidth bound")
-    b.barh(y, [dec[n]["tps"] for n in names], color=["C0" if n.startswith("edgevlm") else "C1" for n in names],
-           label="measured")
+    colours = {"edgevlm": "C0", "llama.cpp": "C1", "transformers": "C2"}
+    b.barh(y, [dec[n]["tps"] for n in names], color=[colours[n.split()[0]] for n in names],
+           label="measured (blue: edgevlm, orange: llama.cpp, green: transformers)")
     b.set_yticks(list(y), names, fontsize=8)
     b.set_xlabel("decode tokens/s")
-    b.set_title(f"Decode vs bound ({result['bandwidth_GBps']:.0f} GB/s read)")
+    b.set_title(f"Decode (best of 1/2 threads) vs bound ({result['bandwidth_GBps']:.0f} GB/s read)")
     b.legend(fontsize=7)
-    fig.suptitle("FastVLM-0.5B shape, RANDOM weights (speed only), 2 threads", fontsize=10)
+    fig.suptitle("FastVLM-0.5B shape, RANDOM weights (speed only); shared 2-core machine, "
+                 f"load average {max(result.get('loadavg', {0: 0}).values()):.0f} at its peak", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
