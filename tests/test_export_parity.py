@@ -102,3 +102,17 @@ def test_export_refuses_unknown_family_and_leaves_nothing(tmp_path):
         export(tmp_path / "hf", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_checkpoint_builder_takes_real_size_dimensions():
+    # benchmarks/peers.py builds FastVLM-0.5B's shape: FastViTHD tower (stride 64) and the real vocabulary size
+    from edgevlm.export.checkpoints import TextDims, VisionDims, _text_config, _vision_config, train_tokenizer
+
+    tok = train_tokenizer("qwen2", 300)
+    text = _text_config(TextDims(vocab_size=151936), len(tok), tok)
+    assert text.vocab_size == 151936 and len(tok) < 400
+    assert _text_config(TextDims(), len(tok), tok).vocab_size == len(tok)
+    vis = _vision_config(VisionDims(timm_arch="fastvit_mci3", stride=64, embed_dims=(96, 192, 384, 768, 1536),
+                                    layers=(2, 12, 24, 4, 2)))
+    assert vis.architecture == "fastvit_mci3" and vis.hidden_size == 3072
+    assert _vision_config(VisionDims()).architecture == "fastvit_t8"
