@@ -212,11 +212,21 @@ class VLM:
         rows, cols, per = (int(x) for x in state["layout"]) if "layout" in state else (0, 0, n)
         return tiling.placeholder(m.image_layout, m.image_token, rows, cols, per, n)
 
+    def _blank_pixels(self) -> np.ndarray:  # [1, 3, H, W] zeros of the tower's input size
+        m = self.manifest
+        shape = list(m.components["vision"].inputs.get("pixel_values") or [])
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape):  # dynamic: the preprocess's size
+            h, w = m.preprocess.crop or m.preprocess.size or (m.preprocess.shortest_edge,) * 2
+            shape = [1, 3, h, w]
+        return np.zeros(shape, np.float32)
+
     def _image_fits(self, state: dict) -> bool:  # arrays read from the disk cache
         m = self.manifest
         rows = state["rows"]
-        if self._row_shape is None or rows.ndim != 2 or rows.shape[1] != self._row_shape[1] or rows.dtype != np.float32:
-            return False  # (before any image was encoded here, nothing is taken from disk)
+        if self._row_shape is None:  # loaded without warm-up, nothing encoded yet: learn the shape once
+            self._encode(self._blank_pixels(), {})
+        if rows.ndim != 2 or rows.shape[1] != self._row_shape[1] or rows.dtype != np.float32:
+            return False
         if m.image_layout is None and rows.shape[0] > m.image_tokens:
             return False
         if m.fusion == "prefusion":
@@ -387,13 +397,7 @@ class VLM:
 
     def _warmup(self) -> None:
         """Run every graph once (ONNX Runtime and llama.cpp allocate on a graph's first run), caching nothing."""
-        m = self.manifest
-        shape = list(m.components["vision"].inputs.get("pixel_values") or [])
-        if len(shape) == 4 and not all(isinstance(d, int) for d in shape):  # dynamic: the preprocess's size
-            h, w = m.preprocess.crop or m.preprocess.size or (m.preprocess.shortest_edge,) * 2
-            shape = [1, 3, h, w]
-        if shape:
-            self._encode(np.zeros(shape, np.float32), {})  # vision (+ compressor and pre-fusion prefix)
+        self._encode(self._blank_pixels(), {})  # vision (+ compressor and pre-fusion prefix)
         make_sampler(temperature=1.0, seed=0)  # host-side first calls: numpy.random's import, Pillow's format
         png = io.BytesIO()  # plugins, the chat template's compilation
         Image.new("RGB", (8, 8)).save(png, "PNG")

@@ -351,3 +351,10 @@ def test_caches_are_shared_safely_by_threads(fresh, tmp_path):
     assert got == [want[k] for k, _ in jobs]
     s = vlm.caches.stats()
     assert s["image_ram_bytes"] <= 3 * 12288 and s["prefix_ram_bytes"] <= 200_000 and s["disk_enabled"] == 1
+
+
+def test_a_process_loaded_without_warm_up_still_reads_the_disk_tier(tmp_path):
+    ask(edgevlm.load(cache_dir=tmp_path), Q1)
+    cold_start = edgevlm.load(cache_dir=tmp_path, warmup=False)
+    r = ask(cold_start, Q2)[-1]
+    assert r.image_cache_source == "disk" and r.prefix_cache_source == "disk" and cold_start.caches.disk.rejected == 0
