@@ -5,8 +5,10 @@ They are put in Z order (Morton: nearby cells stay nearby) and cut into `k` runs
 so every part of the picture keeps a representative ("Feather the Throttle": pruning that ranks tokens
 globally drops whole regions, often the top of the image). Per run:
 
-- "stratified" (default): keep the row with the largest L2 norm — the saliency proxy FasterVLM/HiRED-style
+- "stratified": keep the row with the largest L2 norm — the saliency proxy FasterVLM/HiRED-style
   pruning uses when the tower's [CLS] attention is not at hand (our vision graphs emit features only);
+- "hybrid" (default): a coverage floor plus saliency — k // 2 runs keep their strongest row, the other slots go to
+  the strongest rows left anywhere;
 - "merge": the run's mean (AIM-style merging of neighbours, here of spatial neighbours);
 - "topk": no runs — the k largest norms anywhere (a global ranking, for comparison);
 - "first": the first k rows in raster order (plain truncation, for comparison).
@@ -20,7 +22,7 @@ import numpy as np
 
 from .errors import ArgumentError
 
-METHODS = ("stratified", "merge", "topk", "first")
+METHODS = ("stratified", "hybrid", "merge", "topk", "first")
 
 
 def _interleave(v: np.ndarray) -> np.ndarray:
@@ -38,7 +40,7 @@ def z_order(grid: tuple[int, int] | None, n: int) -> np.ndarray:
     return np.argsort(_interleave(r) << 1 | _interleave(c), kind="stable")
 
 
-def reduce(rows: np.ndarray, k: int, grid: tuple[int, int] | None = None, method: str = "stratified") -> np.ndarray:
+def reduce(rows: np.ndarray, k: int, grid: tuple[int, int] | None = None, method: str = "hybrid") -> np.ndarray:
     """rows [n, D] -> [min(k, n), D]."""
     n = rows.shape[0]
     if method not in METHODS:
@@ -53,6 +55,10 @@ def reduce(rows: np.ndarray, k: int, grid: tuple[int, int] | None = None, method
     if method == "topk":
         return rows[np.sort(np.argsort(-norms, kind="stable")[:k])]
     order = z_order(grid, n)
+    if method == "hybrid":
+        floor = [run[np.argmax(norms[run])] for run in np.array_split(order, max(1, k // 2))]
+        rest = [i for i in np.argsort(-norms, kind="stable") if i not in set(floor)][:k - len(floor)]
+        return rows[np.sort(np.asarray(floor + rest))]
     runs = np.array_split(order, k)
     if method == "merge":
         runs = sorted(runs, key=lambda run: int(run.min()))  # raster order of the groups

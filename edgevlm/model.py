@@ -83,7 +83,7 @@ class VLM:
         self._pre_key = json.dumps(dataclasses.asdict(m.preprocess), sort_keys=True) + m.components["vision"].sha256
         if m.image_layout is not None:
             self._pre_key += json.dumps(dataclasses.asdict(m.image_layout), sort_keys=True)
-        self.budget_method = "stratified"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
+        self.budget_method = "hybrid"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
         if warmup:

@@ -19,7 +19,7 @@ QUESTION = "What color is the star?"
 def test_every_quadrant_keeps_its_strongest_row():
     rng = np.random.default_rng(7)
     rows = rng.normal(size=(16, 8)).astype(np.float32)
-    kept = budget.reduce(rows, 4, (4, 4))
+    kept = budget.reduce(rows, 4, (4, 4), "stratified")
     norms = np.linalg.norm(rows, axis=1).reshape(4, 4)
     quads = [norms[r:r + 2, c:c + 2] for r in (0, 2) for c in (0, 2)]
     expected = sorted(int(np.argwhere(norms == q.max())[0] @ [4, 1]) for q in quads)
@@ -97,3 +97,11 @@ def test_cli_flag(capsys):
     assert main(["--image", IMAGE, "--prompt", QUESTION, "--max-image-tokens", "4", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
     assert main(["--image", IMAGE, "--prompt", QUESTION, "--max-image-tokens", "0"]) != 0
+
+
+def test_hybrid_keeps_a_coverage_floor_and_the_strongest_rows():
+    rows = np.ones((16, 4), np.float32)
+    rows[:8] *= 10  # the top half is "salient"
+    kept = budget.reduce(rows, 4, (4, 4), "hybrid")
+    assert kept.shape == (4, 4)
+    assert (np.linalg.norm(kept, axis=1) < 5).sum() == 1  # the bottom half keeps one row (floor of 2 runs)
