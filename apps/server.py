@@ -26,12 +26,10 @@ from starlette.routing import Route
 
 from edgevlm.errors import ArgumentError, ContextOverflowError, EdgeVLMError, ImageError, TemplateError
 
-from .guard import Guard, security_headers
+from .guard import Guard
 from .openai_api import ApiError, ChatRequest, Limits, parse_request
 
 log = logging.getLogger("edgevlm.serve")
-STAT_FIELDS = ("ttft_s", "stages", "prompt_tokens", "prefilled_tokens", "prompt_tps", "generated_tokens",
-               "decode_tps", "image_cache_hits")
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -341,5 +339,3 @@ async def collect(first, events, cancel, deadline, model_id) -> JSONResponse:
                                         "finish_reason": last.finish_reason, "logprobs": None}],
         "usage": usage, "edgevlm": stats(last)})
 
-
-__all__ = ["create_app", "Engine", "Limits", "security_headers"]

@@ -16,7 +16,6 @@ import http.client
 import io
 import json
 import re
-import statistics
 import subprocess
 import sys
 import threading
