@@ -123,7 +123,17 @@ def _sampling(req: dict, limits: Limits, default_max_tokens: int) -> dict:
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
         raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+    bias = _typed(req, "logit_bias", dict, None)
+    if bias is not None:  # OpenAI's form: {"token id": number in [-100, 100]}
+        try:
+            bias = {int(k): v for k, v in bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+        if len(bias) > 300 or not all(k >= 0 and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and -100 <= v <= 100 for k, v in bias.items()):
+            raise ApiError(400, "logit_bias maps up to 300 token ids to numbers in [-100, 100]", param="logit_bias")
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                logit_bias=bias)
 
 
 def _conversation(messages, limits: Limits) -> tuple[str | None, list[Turn], Turn]:

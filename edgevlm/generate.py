@@ -114,6 +114,7 @@ class Chat:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         max_image_tokens: int | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> Iterator[Response]:
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
@@ -124,7 +125,10 @@ class Chat:
             stages.update(img_stages)
             hits += bool(image_source)
             self._states[key] = state
-        sampler = make_sampler(temperature, top_k, top_p, repetition_penalty, seed)
+        sampler = make_sampler(temperature, top_k, top_p, repetition_penalty, seed, logit_bias)
+        vocab = int(m.components["decoder"].outputs["logits"][-1])
+        if logit_bias and max(logit_bias) >= vocab:  # keys are checked to be ints by make_sampler
+            raise ArgumentError(f"logit_bias names token {max(logit_bias)}; the vocabulary has {vocab}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s] if _strings(stop) else None
         if stops is None:
             raise ArgumentError("stop must be a string or a list of strings")

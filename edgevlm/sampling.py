@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -18,11 +18,13 @@ def make_sampler(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Sampler:
     """Greedy when temperature == 0; otherwise temperature, top-k, top-p (nucleus) sampling.
 
     repetition_penalty follows the CTRL/transformers rule: logits of tokens already generated are divided
-    by the penalty when positive and multiplied by it when negative.
+    by the penalty when positive and multiplied by it when negative. logit_bias (OpenAI's): token id ->
+    a number in [-100, 100] added to that token's logit before anything else (-100 bans it in practice).
     """
     real = (int, float, np.integer, np.floating)
     if not all(isinstance(x, real) and not isinstance(x, bool) and math.isfinite(x)
@@ -34,6 +36,7 @@ def make_sampler(
         raise ArgumentError(f"seed must be a non-negative integer or None, got {seed!r}")
     top_k = int(top_k)
     rng = np.random.default_rng(seed)
+    bias_ids, bias = _bias_arrays(logit_bias)
 
     def penalise(logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         if repetition_penalty == 1.0 or not len(history):
@@ -45,6 +48,11 @@ def make_sampler(
         return logits
 
     def sample(logits: np.ndarray, history: Sequence[int] = ()) -> int:  # logits: [vocab]
+        if bias_ids.size:
+            if bias_ids[-1] >= logits.size:
+                raise ArgumentError(f"logit_bias names token {int(bias_ids[-1])}; the vocabulary has {logits.size}")
+            logits = logits.astype(np.float32, copy=True)
+            logits[bias_ids] += bias
         logits = penalise(logits, history)
         if temperature == 0:
             return int(np.argmax(logits))
@@ -64,3 +72,18 @@ def make_sampler(
         return int(rng.choice(p.size, p=p))
 
     return sample
+
+
+def _bias_arrays(logit_bias: Mapping[int, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validated logit_bias -> (sorted token ids, their biases)."""
+    if not logit_bias:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if not isinstance(logit_bias, Mapping):
+        raise ArgumentError("logit_bias must map token ids to numbers")
+    items = sorted(logit_bias.items())
+    for tok, b in items:
+        if not isinstance(tok, (int, np.integer)) or isinstance(tok, bool) or tok < 0:
+            raise ArgumentError(f"logit_bias keys must be non-negative token ids, got {tok!r}")
+        if not isinstance(b, (int, float, np.integer, np.floating)) or isinstance(b, bool) or not -100 <= b <= 100:
+            raise ArgumentError(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
+    return np.array([t for t, _ in items], np.int64), np.array([b for _, b in items], np.float32)

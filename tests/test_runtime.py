@@ -44,6 +44,21 @@ def test_samplers():
         make_sampler(top_p=0.0)
 
 
+def test_logit_bias_moves_and_bans_tokens():
+    logits = np.array([2.0, 1.8, -1.0, 0.5], np.float32)
+    before = logits.copy()
+    assert make_sampler(logit_bias={0: -100})(logits) == 1  # banned: the runner-up wins
+    assert make_sampler(logit_bias={2: 3.5})(logits) == 2   # 2.5 beats 2.0
+    s = make_sampler(temperature=1.0, seed=0, logit_bias={0: -100, 1: -100})
+    assert 0 not in {s(logits) for _ in range(200)} and 1 not in {s(logits) for _ in range(200)}
+    assert np.array_equal(logits, before)  # the caller's logits are not modified
+    for bad in ({0: 101}, {-1: 1}, {"a": 1}, {0: float("nan")}, [0, 1]):
+        with pytest.raises(ValueError):
+            make_sampler(logit_bias=bad)
+    with pytest.raises(ValueError):  # a token the vocabulary does not have
+        make_sampler(logit_bias={4: 1.0})(logits)
+
+
 def test_repetition_penalty_matches_transformers():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
