@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                   + (f"  FINDING {r['finding']}" if r["finding"] else ""), flush=True)
     total = sum(r["cases"] for r in results.values())
     findings = {k: r["finding"] for k, r in results.items() if r["finding"]}
-    summary = {"total_cases": total, "findings": findings, "seed": args.seed, "campaigns": results,
+    summary = {"total_cases": total, "findings": findings, "seed": args.seed, "scale": args.scale, "campaigns": results,
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "seconds": round(time.perf_counter() - t0, 1),
                "machine": {"python": platform.python_version(), "platform": platform.platform()}}
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["# Parser fuzzing (hypothesis, seeded)", "",
-             f"`python benchmarks/fuzz_parsers.py --seed {args.seed}`: {total} cases in {summary['seconds']:.0f} s "
+             f"`python benchmarks/fuzz_parsers.py --scale {args.scale} --seed {args.seed}`: {total} cases in {summary['seconds']:.0f} s "
              f"on 2 shared cores, {len(findings)} findings (a finding = an exception that is not an edgevlm error), "
              f"peak RSS {summary['peak_rss_mb']:.0f} MB.", "",
              "| campaign | cases | outcomes | findings | seconds |", "|---|---|---|---|---|"]
