@@ -110,6 +110,12 @@ def keys_to_json(keys: Sequence) -> list:
     return out
 
 
+def _meta(header: dict) -> dict:
+    """An entry header's metadata; headers read for lookups are not verified yet, so anything may be there."""
+    meta = header.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
 def keys_from_json(raw: Any) -> list | None:
     if not isinstance(raw, list):
         return None
@@ -206,7 +212,7 @@ class Caches:
                 return 0, None, "", ()
             candidates = []
             for name, header in self.disk.headers("kv-").items():
-                stored = keys_from_json((header.get("meta") or {}).get("keys"))
+                stored = keys_from_json(_meta(header).get("keys"))
                 if stored is not None:
                     candidates.append((min(common_prefix(stored, keys), limit), name))
             for n, name in sorted(candidates, reverse=True):
@@ -270,7 +276,7 @@ class Caches:
     def _put_prefix_disk(self, keys: tuple, arrays: dict[str, np.ndarray]) -> None:
         headers = self.disk.headers("kv-")
         for name, header in headers.items():
-            stored = keys_from_json((header.get("meta") or {}).get("keys"))
+            stored = keys_from_json(_meta(header).get("keys"))
             if stored is None:
                 continue
             if len(stored) >= len(keys) and tuple(stored[:len(keys)]) == keys:
@@ -278,7 +284,7 @@ class Caches:
         meta = {"keys": keys_to_json(keys), "variant": self.variant}
         if self.disk.put("prefix", "kv-" + keys_digest(keys), meta, arrays):
             for name, header in headers.items():  # drop the entries the new one extends
-                stored = keys_from_json((header.get("meta") or {}).get("keys"))
+                stored = keys_from_json(_meta(header).get("keys"))
                 if stored is not None and len(stored) < len(keys) and tuple(stored) == keys[:len(stored)]:
                     self.disk.remove(name)
 

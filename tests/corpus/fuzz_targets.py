@@ -190,7 +190,17 @@ def target_demo_template(messages: list) -> str:
 
 # ---- disk cache entries ---------------------------------------------------------------------------------
 
-CACHE_BUNDLE = "ab" * 32
+CACHE_BUNDLE = __import__("hashlib").sha256(DEMO_RAW).hexdigest()  # entries as the demo bundle writes them
+_VLM = []
+
+
+def demo_vlm():
+    """The demo model, loaded once: its caches check what disk entries hold, as in real use."""
+    if not _VLM:
+        import edgevlm
+
+        _VLM.append(edgevlm.load(threads=1))
+    return _VLM[0]
 
 
 def _resign(body: bytes) -> bytes:
@@ -212,7 +222,8 @@ def entry_files(draw):
     dtype = draw(st.sampled_from(["<f4", "<f2", "<i8", "<i4", "|u1"]))
     arrays = {k: np.zeros(draw(st.lists(st.integers(0, 4), max_size=3)), dtype)
               for k in draw(st.sampled_from([["rows"], ["k.0", "v.0"], ["k.0", "v.0", "k.1", "v.1"], []]))}
-    meta = draw(st.sampled_from([{}, {"keys": [1, 2, 3]}, {"keys": [1, ["i", "x", 0], ["f", "y", 2]]}]))
+    meta = draw(st.sampled_from([{}, {"keys": [1, 2, 3]}, {"keys": [1, 2, 3], "variant": "onnx-kv"},
+                                 {"keys": [1, ["i", "x", 0], ["f", "y", 2]], "variant": "onnx-kv"}]))
     blob = encode_entry(CACHE_BUNDLE, kind, name, meta, arrays)
     how = draw(st.sampled_from(["valid", "flip", "truncate", "header", "header-edit", "length", "nest", "bigint"]))
     body = blob[:-32]
@@ -250,24 +261,26 @@ def entry_files(draw):
 
 
 def target_cache_entry(kind: str, name: str, blob: bytes, root: Path) -> str:
-    """The entry as a file of a disk tier: headers(), get() and the prefix lookup never raise; a bad entry
-    is a miss (and removed)."""
-    from edgevlm.cache import Caches
-    from edgevlm.diskcache import SUFFIX
+    """The entry as a file of the demo model's disk tier: headers(), get() and the cache lookups never raise;
+    a bad entry is a miss (and removed)."""
+    import shutil
+    import tempfile
 
-    caches = Caches(CACHE_BUNDLE, root)
-    store = caches.disk
-    store.path(name).write_bytes(blob)
-    store.headers("kv-")
-    got = store.get(kind, name)
-    if kind == "prefix":
+    work = Path(tempfile.mkdtemp(dir=root))
+    try:
+        caches = demo_vlm().new_caches(work)
+        store = caches.disk
         store.path(name).write_bytes(blob)
-        caches.lookup_prefix([1, 2, 3, 4, ("x", 0), ("fused", "y", 2)])
-    else:
-        caches.get_image(name[4:])
-    for p in store.root.glob("*" + SUFFIX):
-        p.unlink()
-    return "served" if got is not None else "miss"
+        store.headers("kv-")
+        got = store.get(kind, name)
+        store.path(name).write_bytes(blob)
+        if kind == "prefix":
+            caches.lookup_prefix([1, 2, 3, 4, ("x", 0), ("fused", "y", 2)])
+        else:
+            caches.get_image(name[4:])
+        return "served" if got is not None else "miss"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def here() -> Path:
