@@ -113,8 +113,11 @@ def main(argv=None) -> int:
             app.state.engine.stop()
             await super().shutdown(sockets=sockets)
 
-    Server(config).run(sockets=[sock])
-    return 0
+    server = Server(config)
+    server.run(sockets=[sock])
+    # uvicorn re-raises the signal that stopped it once it has shut down; where that signal was ignored when
+    # we started (a background job's SIGINT) it comes back here: exit as the signal would have, 128 + its number.
+    return 128 + server._captured_signals[-1] if getattr(server, "_captured_signals", None) else 0
 
 
 if __name__ == "__main__":

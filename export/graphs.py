@@ -119,6 +119,8 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output
 def export_vision(adapter, model, pixel_shape, path: Path) -> list[str]:
     x = torch.zeros(pixel_shape, dtype=torch.float32)
     outputs = list(getattr(adapter, "vision_outputs", ("image_embeds",)))
+    with torch.no_grad():  # one eager call first: an adapter may compute constants of its graph there
+        adapter.image_features(model, x)
     return export_graph(VisionGraph(adapter, model).eval(), (x,), path, ["pixel_values"], outputs, None)
 
 

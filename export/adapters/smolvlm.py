@@ -16,8 +16,20 @@ class SmolVlmAdapter(Adapter):
     model_types = ("smolvlm", "idefics3")
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:  # [1, 3, S, S] -> [1, n, D]
-        hidden = model.model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-        return model.model.connector(hidden)  # pixel shuffle (n / scale^2 rows) + projection
+        # The vision transformer's own steps for a full tile (every patch real, so no attention mask), with the
+        # position ids as a constant: see _full_tile_position_ids.
+        vision = model.model.vision_model
+        emb = vision.embeddings
+        size = pixel_values.shape[-1]
+        ids = getattr(emb, "_edgevlm_position_ids", {}).get(size)
+        if ids is None:  # computed eagerly (the exporter's first call), then a constant of the exported graph
+            if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+                raise ExportError("SmolVLM: run image_features once eagerly before exporting the vision graph")
+            ids = _full_tile_position_ids(emb, size)
+            emb._edgevlm_position_ids = {**getattr(emb, "_edgevlm_position_ids", {}), size: ids}
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        hidden = vision.encoder(inputs_embeds=patches + emb.position_embedding(ids)).last_hidden_state
+        return model.model.connector(vision.post_layernorm(hidden))  # pixel shuffle (n / scale^2 rows) + projection
 
     def language_parts(self, model):
         lm = model.model.text_model
@@ -53,3 +65,20 @@ class SmolVlmAdapter(Adapter):
         out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                              pixel_attention_mask=inputs.get("pixel_attention_mask"))
         return out.pooler_output[0]
+
+
+@torch.no_grad()
+def _full_tile_position_ids(emb, size: int) -> torch.Tensor:
+    """The position ids transformers computes for a tile with every patch real, taken from its own code run
+    eagerly. Exported, that computation (bucketize over a float arange of 1/patches-per-side steps) rounds
+    differently in ONNX Runtime when 1/n is not exact in binary (e.g. 6, 26 or 27 patches a side): the graph
+    then gathers outside the position table."""
+    n = size // emb.patch_size
+    seen = []
+    hook = emb.position_embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    try:
+        dtype = emb.patch_embedding.weight.dtype
+        emb(torch.zeros(1, 3, size, size, dtype=dtype), torch.ones(1, n, n, dtype=torch.bool))
+    finally:
+        hook.remove()
+    return seen[0]
