@@ -176,12 +176,7 @@ class DiskStore:
     def reject(self, name: str, why: str) -> None:
         log.warning("cache entry %s not served: %s; removed", name + SUFFIX, why)
         self.rejected += 1
-        self._headers.pop(name, None)
-        self._size = None
-        try:
-            self.path(name).unlink()
-        except OSError:
-            pass
+        self.remove(name)
 
     def headers(self, prefix: str) -> dict[str, dict]:
         """Unverified headers of the entries whose names start with prefix (a hint for lookups: an entry

@@ -74,21 +74,30 @@ def preprocess_from_hf(ip) -> Preprocess:
         raise ValueError("image processors without resizing are not supported")
     if _get(size, "longest_edge") or _get(size, "max_height"):
         raise ValueError(f"unsupported resize rule {dict(size)!r}")
-    resample = ip.resample
-    resample = _RESAMPLE[int(resample.value if hasattr(resample, "value") else resample)]
-    mean = tuple(float(x) for x in ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0)
-    std = tuple(float(x) for x in ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0)
     pad = None
     if getattr(ip, "do_pad", False):  # LLaVA-1.5 "pad": square with the mean colour
         pad = tuple(int(x * 255) for x in ip.image_mean)
     return Preprocess(
-        resample=resample,
         shortest_edge=int(shortest) if shortest else None,
         size=exact,
         crop=(int(_get(crop, "height")), int(_get(crop, "width"))) if crop is not None else None,
         pad_to_square=pad,
+        **pixel_settings(ip),
+    )
+
+
+def tile_preprocess(ip, tile: int) -> Preprocess:
+    """A square tile of `tile` pixels with the processor's resampling and normalisation (tiled families)."""
+    return Preprocess(size=(tile, tile), **pixel_settings(ip))
+
+
+def pixel_settings(ip) -> dict:
+    """What an HF image processor does to pixel values: resampling filter and kernel, rescale, normalisation."""
+    resample = ip.resample
+    return dict(
+        resample=_RESAMPLE[int(resample.value if hasattr(resample, "value") else resample)],
         rescale=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-        mean=mean,
-        std=std,
+        mean=tuple(float(x) for x in ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0),
+        std=tuple(float(x) for x in ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0),
         resize_kernel="pil" if getattr(ip, "backend", "torchvision") == "pil" else "torchvision",
     )

@@ -9,7 +9,7 @@ import torch
 from edgevlm.errors import ExportError
 from edgevlm.manifest import ImageLayout, Preprocess
 
-from .base import _RESAMPLE, Adapter
+from .base import Adapter, tile_preprocess
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -34,14 +34,8 @@ class LlavaOnevisionAdapter(Adapter):
         ip = processor.image_processor
         if getattr(ip, "do_center_crop", False) or not ip.do_resize:
             raise ExportError("LLaVA-OneVision processors with centre crop or without resizing are not supported")
-        resample = ip.resample.value if hasattr(ip.resample, "value") else ip.resample
         tile = int(ip.size["height"])
-        return Preprocess(
-            resample=_RESAMPLE[int(resample)], size=(tile, tile),
-            rescale=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-            mean=tuple(float(x) for x in ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0),
-            std=tuple(float(x) for x in ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0),
-            resize_kernel="pil" if getattr(ip, "backend", "torchvision") == "pil" else "torchvision")
+        return tile_preprocess(ip, tile)
 
     def image_layout(self, model, processor, tile_rows: int) -> ImageLayout:
         cfg, ip = model.config, processor.image_processor

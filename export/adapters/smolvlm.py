@@ -8,7 +8,7 @@ import torch
 from edgevlm.errors import ExportError
 from edgevlm.manifest import ImageLayout, Preprocess
 
-from .base import _RESAMPLE, Adapter
+from .base import Adapter, tile_preprocess
 
 
 class SmolVlmAdapter(Adapter):
@@ -40,13 +40,7 @@ class SmolVlmAdapter(Adapter):
         if not (ip.do_resize and getattr(ip, "do_image_splitting", True)):
             raise ExportError("SmolVLM/Idefics3 processors without resizing or image splitting are not supported")
         tile = int(ip.max_image_size["longest_edge"])
-        resample = ip.resample.value if hasattr(ip.resample, "value") else ip.resample
-        return Preprocess(
-            resample=_RESAMPLE[int(resample)], size=(tile, tile),
-            rescale=float(ip.rescale_factor) if ip.do_rescale else 1.0,
-            mean=tuple(float(x) for x in ip.image_mean) if ip.do_normalize else (0.0, 0.0, 0.0),
-            std=tuple(float(x) for x in ip.image_std) if ip.do_normalize else (1.0, 1.0, 1.0),
-            resize_kernel="pil" if getattr(ip, "backend", "torchvision") == "pil" else "torchvision")
+        return tile_preprocess(ip, tile)
 
     def image_layout(self, model, processor, tile_rows: int) -> ImageLayout:
         ip = processor.image_processor
