@@ -80,17 +80,29 @@ class MiniVLM(nn.Module):
     def image_embeds(self, pixel_values):  # [B, 3, H, W] -> [B, N, D]
         return self.base.model.get_image_features(pixel_values=pixel_values).pooler_output
 
-    def fuse(self, image_embeds, text_embeds, text_mask):  # [B, N, D], [B, S, D], [B, S] -> [B, S, D]
+    def fuse(self, image_embeds, text_embeds, text_mask, text_pos=None):
+        """[B, N, D], [B, S, D], [B, S] -> [B, S, D]. text_mask may also be a boolean [B, 1, S, S] mask with
+        position ids text_pos [B, S] (training packs several questions): the image tokens come first, causal
+        among themselves, and every text token sees all of them."""
         n = image_embeds.shape[1]
         x = torch.cat([image_embeds, text_embeds], dim=1)
-        mask = torch.cat([torch.ones(text_mask.shape[0], n, dtype=text_mask.dtype), text_mask], dim=1)
-        h = self.prefusion(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n:]
+        if text_mask.ndim == 4:
+            b, s = text_mask.shape[0], text_mask.shape[-1]
+            mask = torch.zeros(b, 1, n + s, n + s, dtype=torch.bool)
+            mask[:, :, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            mask[:, :, n:, :n] = True
+            mask[:, :, n:, n:] = text_mask
+            pos = torch.cat([torch.arange(n).expand(b, n), text_pos + n], dim=1)
+            h = self.prefusion(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state[:, n:]
+        else:
+            mask = torch.cat([torch.ones(text_mask.shape[0], n, dtype=text_mask.dtype), text_mask], dim=1)
+            h = self.prefusion(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n:]
         return text_embeds + self.fuse_out(h)
 
-    def llm_embeds(self, image_embeds, ids, mask, prompt_mask, image_id):
+    def llm_embeds(self, image_embeds, ids, mask, prompt_mask, image_id, pos=None):
         """The LLM's input: fused prompt, plain answer tokens, the one compressed token at the placeholder."""
         emb = self.base.model.get_input_embeddings()(ids)
-        fused = self.fuse(image_embeds, emb, mask)
+        fused = self.fuse(image_embeds, emb, mask, pos)
         x = torch.where(prompt_mask[..., None], fused, emb)
         token = self.compressor(image_embeds)  # [B, 1, D]
         return x.masked_scatter((ids == image_id)[..., None], token.reshape(-1, token.shape[-1]).to(x.dtype))

@@ -44,6 +44,12 @@ TEXT = {"hidden_size": 192, "num_hidden_layers": 3, "num_attention_heads": 6, "n
         "intermediate_size": 512, "max_position_embeddings": 512, "initializer_range": 0.05}
 
 
+def text_config(layers: int, hidden: int) -> dict:
+    """TEXT resized: 32-wide heads, 2 KV heads, MLP 8/3 of the width (Qwen2's proportions)."""
+    return {**TEXT, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": hidden // 32,
+            "intermediate_size": (hidden * 8 // 3 + 31) // 32 * 32}
+
+
 def build_tokenizer():
     """Byte-level BPE trained on the dataset's own text, so every word of it is about one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -63,13 +69,13 @@ def build_tokenizer():
                                    extra_special_tokens={"image_token": "<image>"})
 
 
-def build_model(tok):
+def build_model(tok, text: dict = TEXT):
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration, Qwen2Config, TimmWrapperConfig
 
     vision = TimmWrapperConfig(architecture="fastvit_t8", hidden_size=VISION["embed_dims"][-1] * 2,
                                do_pooling=False, model_args={"inference_mode": True, **VISION})
     text = Qwen2Config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       tie_word_embeddings=False, **TEXT)
+                       tie_word_embeddings=False, **text)
     cfg = FastVlmConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                         image_seq_length=(IMAGE_SIZE // 32) ** 2)
     model = FastVlmForConditionalGeneration(cfg)
@@ -148,33 +154,54 @@ class Conversations:
         if self.after != self.tail:
             raise ValueError("chat template is not regular across turns")
 
-    def encode(self, qa: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
-        """-> (token ids, weight per position): weight 1/len(answer tokens) on each answer token incl. eos, so
-        every answer counts the same however long it is; 0 on the prompt."""
-        ids, w = [], []
-        for k, (q, a) in enumerate(qa):
-            p = (self.head if k == 0 else self.turn) + self.tok.encode(q) + self.tail
+    def encode(self, qa: list[tuple[str, str]]) -> tuple[list[int], list[float], list[int]]:
+        """-> (token ids, weight per position, segment lengths): the first turn's head (image included) once,
+        then each question + answer as its own segment. `collate` lets a segment see the head and itself only,
+        at the positions it would have as the one question of a fresh chat: every question is trained exactly
+        as it is asked at run time, and no answer can be read off an earlier one (a description lists the
+        objects left to right, which would answer a left/right question). Weight 1/len(answer tokens) on each
+        answer token incl. eos, so every answer counts the same however long it is; 0 on the prompt."""
+        ids, w, segs = list(self.head), [0.0] * len(self.head), []
+        for q, a in qa:
+            p = self.tok.encode(q) + self.tail
             t = self.tok.encode(a) + [self.eos]
             ids += p + t
             w += [0.0] * len(p) + [1.0 / len(t)] * len(t)
-        return ids, w
+            segs.append(len(p) + len(t))
+        return ids, w, segs
 
 
-def collate(pixels: np.ndarray, seqs: list[tuple[list[int], list[float]]], pad_id: int):
-    width = max(len(ids) for ids, _ in seqs)
+def collate(pixels: np.ndarray, seqs: list[tuple[list[int], list[float], list[int]]], pad_id: int):
+    """-> pixels, ids, weight, a boolean attention mask [B, 1, T, T] and position ids [B, T]: the head is causal,
+    each segment sees the head and its own earlier tokens, at positions that continue the head's; padding sees
+    only itself (a row with nothing to attend to would be NaN)."""
+    width = max(len(ids) for ids, _, _ in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     weight = torch.zeros((len(seqs), width))
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, (s, w) in enumerate(seqs):
-        ids[r, : len(s)], weight[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), torch.tensor(w), 1
-    return torch.from_numpy(pixels), ids, weight, mask
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(seqs), 1, 1, 1)
+    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for r, (s, w, segs) in enumerate(seqs):
+        ids[r, : len(s)], weight[r, : len(s)] = torch.tensor(s), torch.tensor(w)
+        head = len(s) - sum(segs)
+        mask[r, 0, :head, :head] = causal[:head, :head]
+        pos[r, :head] = torch.arange(head)
+        at = head
+        for n in segs:
+            mask[r, 0, at: at + n, :head] = True
+            mask[r, 0, at: at + n, at: at + n] = causal[:n, :n]
+            pos[r, at: at + n] = torch.arange(head, head + n)
+            at += n
+    return torch.from_numpy(pixels), ids, weight, mask, pos
 
 
 # Extra questions per training conversation. Left/right is the slowest thing to learn: a 44-minute run without
 # these answered "right" to every left/right question (chance) while colour, shape and count were at ~0.9 and
 # above/below (which the token order hints at) at 0.6, though a linear probe reads the column off the frozen
-# tower's features perfectly. Asking two more position questions per scene feeds it three times as often.
-EXTRA = {"position": 2}
+# tower's features perfectly. The extras are relational ("left or right of the ...", "above or below the ..."):
+# the side-of-the-image form, a one-object lookup, is learnt early without them.
+EXTRA = {"position": 3}
+EXTRA_FORMS = ("x", "y")
 
 
 class Stream:
@@ -197,14 +224,17 @@ class Stream:
                 torch.from_numpy(np.stack([cell_targets(ex.scene) for ex, _ in exs])))
 
     def text_batch(self, n: int, per_scene: int):
+        """-> pixels, ids, weight, mask, positions (see `collate`) and the cell targets of each scene."""
         exs = self.scenes(n)
         seqs = []
         for ex, rng in exs:
             qa = [(ex.question, ex.answer)] + [(q, a) for _, q, a in shapes.scene_questions(ex.scene, rng, per_scene - 1)]
             for qtype, n in EXTRA.items():  # the hard types, asked again in other forms
-                qa += [(q, a) for _ in range(n) for _, q, a in shapes.scene_questions(ex.scene, rng, 1, qtypes=(qtype,))]
+                qa += [(q, a) for _ in range(n)
+                       for _, q, a in shapes.scene_questions(ex.scene, rng, 1, qtypes=(qtype,), forms=EXTRA_FORMS)]
             seqs.append(self.conv.encode(qa))
-        return collate(np.stack([pixels_of(ex.image) for ex, _ in exs]), seqs, self.conv.tok.pad_token_id)
+        batch = collate(np.stack([pixels_of(ex.image) for ex, _ in exs]), seqs, self.conv.tok.pad_token_id)
+        return *batch, torch.from_numpy(np.stack([cell_targets(ex.scene) for ex, _ in exs]))
 
 
 def cell_loss(head, grid, targets):
@@ -234,23 +264,26 @@ def answer_loss(logits_fn, ids, weight):
 
 
 def standard_logits(model, tower, image_id):
-    """FastVLM forward: splice projected tower tokens at the placeholders; logits at selected positions."""
-    def run(pixels, ids, mask):
+    """FastVLM forward: splice projected tower tokens at the placeholders. -> (logits at selected positions,
+    the projected image tokens)."""
+    def run(pixels, ids, mask, pos, weight):
         feats = model.model.multi_modal_projector(tower_grid(tower, pixels))  # [B, N, D]
         embeds = model.model.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == image_id)[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
-        return lambda sel: model.lm_head(hidden[sel])
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=pos).last_hidden_state[:, :-1]
+        return (lambda sel: model.lm_head(hidden[sel])), feats
     return run
 
 
 def mini_logits(mini, tower, image_id):
     """LLaVA-Mini forward: pre-fusion over [image tokens; text], one compressed token at the placeholder."""
-    def run(pixels, ids, mask, weight):
+    def run(pixels, ids, mask, pos, weight):
         feats = mini.base.model.multi_modal_projector(tower_grid(tower, pixels))
-        x = mini.llm_embeds(feats, ids, mask, weight == 0, image_id)  # answer tokens enter plain, as when decoding
-        hidden = mini.base.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
-        return lambda sel: mini.base.lm_head(hidden[sel])
+        x = mini.llm_embeds(feats, ids, mask, weight == 0, image_id, pos)  # answer tokens enter plain, as when decoding
+        hidden = mini.base.model.language_model(inputs_embeds=x, attention_mask=mask,
+                                                position_ids=pos).last_hidden_state[:, :-1]
+        return (lambda sel: mini.base.lm_head(hidden[sel])), feats
     return run
 
 
@@ -261,15 +294,25 @@ def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
 
 
 def timed_loop(budget_s: float, params, lr: float, step_fn, log, every: int = 50, tag: str = "",
-               max_steps: int | None = None):
+               max_steps: int | None = None, check=None, check_every_s: float = 0.0):
     """AdamW with the learning rate following the wall clock (warmup, cosine), until the budget is spent (or
     max_steps, whichever comes first: the schedule follows the one nearer its end). `params` may be a list
-    of param groups, each with an "lr_scale"."""
+    of param groups, each with an "lr_scale". `check()` (a dict, e.g. validation) runs every check_every_s
+    seconds of training; its time is not charged to the schedule."""
     groups = params if params and isinstance(params[0], dict) else [{"params": params, "lr_scale": 1.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     flat = [p for g in groups for p in g["params"]]
     start, step, history = time.perf_counter(), 0, []
+    next_check = check_every_s if check and check_every_s > 0 else math.inf
     while (elapsed := time.perf_counter() - start) < budget_s and (max_steps is None or step < max_steps):
+        if elapsed >= next_check:
+            t = time.perf_counter()
+            entry = {"stage": tag, "step": step, "minutes": round(elapsed / 60, 2), "check": check()}
+            history.append(entry)
+            log(json.dumps(entry))
+            start += time.perf_counter() - t
+            next_check += check_every_s
+            continue
         frac = max(elapsed / budget_s, step / max_steps if max_steps else 0.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, lr) * g["lr_scale"]
@@ -304,15 +347,16 @@ def recalibrate_bn(tower, stream, batches: int = 40) -> None:
 
 
 @torch.no_grad()
-def validate(logits_fn, conv: Conversations, n: int = 512, mini: bool = False) -> dict:
+def validate(logits_fn, conv: Conversations, n: int = 512) -> dict:
     """Teacher-forced exact match on single-question prompts of the validation split, per question type."""
     exs = list(shapes.examples(shapes.VALIDATION_SEED, n, split="eval", size=IMAGE_SIZE))
     per: dict[str, list[float]] = {}
     for s in range(0, n, 64):
         chunk = exs[s: s + 64]
-        pixels, ids, weight, mask = collate(np.stack([pixels_of(e.image) for e in chunk]),
-                                            [conv.encode([(e.question, e.answer)]) for e in chunk], conv.tok.pad_token_id)
-        fn = logits_fn(pixels, ids, mask, weight) if mini else logits_fn(pixels, ids, mask)
+        pixels, ids, weight, mask, pos = collate(np.stack([pixels_of(e.image) for e in chunk]),
+                                                 [conv.encode([(e.question, e.answer)]) for e in chunk],
+                                                 conv.tok.pad_token_id)
+        fn, _ = logits_fn(pixels, ids, mask, pos, weight)
         _, ok = answer_loss(fn, ids, weight)
         for e, k in zip(chunk, ok.tolist()):
             per.setdefault(e.qtype, []).append(float(k))
@@ -324,7 +368,9 @@ def validate(logits_fn, conv: Conversations, n: int = 512, mini: bool = False) -
 
 def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", init: Path | None = None,
           vision_minutes: float = 3.5, scenes: int = 16, per_scene: int = 6, lr: float = 2e-3, vision_lr: float = 2e-3,
-          threads: int = 2, tower_lr: float = 0.0, max_steps: int | None = None, log=print) -> dict:
+          threads: int = 2, tower_lr: float = 0.0, max_steps: int | None = None, text: dict = TEXT,
+          aux: float = 0.0, bf16: bool = False, check_minutes: float = 0.0, tower_from: Path | None = None,
+          log=print) -> dict:
     """Stage 1 (standard only): the tower alone learns what sits in each cell of its output grid (a linear
     probe per attribute, dropped afterwards). Stage 2: the tower is frozen; projector and language model
     (plus, for LLaVA-Mini, compressor and pre-fusion) learn to answer. `minutes` covers both stages."""
@@ -342,8 +388,11 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     elif variant == "standard":
         tok = build_tokenizer()
         processor = build_processor(tok)
-        model = build_model(tok)
+        model = build_model(tok, text)
         tower, n_img = model.model.vision_tower, GRID * GRID
+        if tower_from is not None:  # experiments: a trained tower from another standard checkpoint, no vision stage
+            src = AutoModelForImageTextToText.from_pretrained(tower_from, dtype=torch.float32)
+            tower.load_state_dict(src.model.vision_tower.state_dict())
     else:  # LLaVA-Mini from a trained standard checkpoint, as the paper starts from pretrained parts
         from .llava_mini import MiniVLM
 
@@ -358,7 +407,7 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     base = model if variant == "standard" else model.base
     image_id = base.config.image_token_id
 
-    if variant == "standard" and init is None:
+    if variant == "standard" and init is None and tower_from is None:
         tower.train()
         head = torch.nn.Linear(base.config.vision_config.hidden_size, sum(CELL_HEADS.values()))
 
@@ -386,22 +435,37 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     logits_of = standard_logits(model, tower, image_id) if variant == "standard" else mini_logits(model, tower, image_id)
     is_mini = variant != "standard"
 
+    probe = torch.nn.Linear(base.config.text_config.hidden_size, sum(CELL_HEADS.values()))
+    if aux > 0:  # the projected image tokens must also name what sits in their cell (and where the cell is)
+        params[0]["params"] += list(probe.parameters())
+
     def text_step():
-        pixels, ids, weight, mask = stream.text_batch(scenes, per_scene)
-        fn = logits_of(pixels, ids, mask, weight) if is_mini else logits_of(pixels, ids, mask)
-        loss, ok = answer_loss(fn, ids, weight)
+        pixels, ids, weight, mask, pos, targets = stream.text_batch(scenes, per_scene)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fn, feats = logits_of(pixels, ids, mask, pos, weight)
+            loss, ok = answer_loss(fn, ids, weight)
+            if aux > 0:
+                loss = loss + aux * cell_loss(probe, feats.float(), targets)[0]
         return loss, float(ok.float().mean())
+
+    def check():
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = validate(logits_of, conv, n=256)
+        model.train()
+        return out
 
     model.train()
     tower.eval()
     left = minutes * 60 - (time.perf_counter() - t0) - 30  # keep time for validation and saving
-    steps, hist = timed_loop(left, params, lr, text_step, log, tag="language", max_steps=max_steps)
+    steps, hist = timed_loop(left, params, lr, text_step, log, tag="language", max_steps=max_steps,
+                             check=check, check_every_s=check_minutes * 60)
     summary["history"] += hist
     model.eval()
     if tower_lr > 0:
         recalibrate_bn(tower, stream)
     summary["language"] = {"steps": steps, "scenes": steps * scenes, "questions": steps * scenes * per_scene}
-    summary["val_teacher_forced"] = validate(logits_of, conv, mini=is_mini)
+    summary["val_teacher_forced"] = validate(logits_of, conv)
     summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     log(json.dumps(summary["val_teacher_forced"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -428,6 +492,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tower-lr", type=float, default=0.0,
                    help="peak learning rate of the tower in the language stage (0 = frozen)")
+    p.add_argument("--text-layers", type=int, default=TEXT["num_hidden_layers"], help="Qwen2 layers (standard)")
+    p.add_argument("--text-hidden", type=int, default=TEXT["hidden_size"], help="Qwen2 width (standard; 32-wide heads)")
+    p.add_argument("--aux", type=float, default=0.0,
+                   help="weight of the cell probe on the projected image tokens in the language stage (0 = off)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in the language stage (weights stay fp32)")
+    p.add_argument("--check-minutes", type=float, default=0.0,
+                   help="teacher-forced validation (256 questions) every this many minutes of the language stage")
+    p.add_argument("--tower-from", type=Path, default=None,
+                   help="take the trained tower of this standard checkpoint and skip the vision stage (experiments)")
     p.add_argument("--max-steps", type=int, default=None, help="cap the language stage's steps (experiments)")
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
@@ -439,7 +512,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     summary = train(args.out, args.minutes, args.seed, args.variant, args.init, args.vision_minutes, args.scenes,
                     args.per_scene, args.lr, threads=args.threads, tower_lr=args.tower_lr,
-                    max_steps=args.max_steps, log=lambda s: print(s, file=sys.stderr, flush=True))
+                    max_steps=args.max_steps, text=text_config(args.text_layers, args.text_hidden), aux=args.aux,
+                    bf16=args.bf16, check_minutes=args.check_minutes, tower_from=args.tower_from, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if args.export:
         from .exporter import export

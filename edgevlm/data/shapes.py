@@ -324,15 +324,16 @@ def normalize_answer(s: str) -> str:
 
 
 def scene_questions(scene: Scene, rng: np.random.Generator, k: int, split: str = "train",
-                    qtypes: tuple[str, ...] = QTYPES) -> list[tuple[str, str, str]]:
+                    qtypes: tuple[str, ...] = QTYPES, forms: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
     """Up to k more (qtype, question, answer) about one scene, at most one per type of `qtypes`: training
-    reuses one encoded image k times."""
+    reuses one encoded image k times. `forms` keeps only position questions of those forms ("x", "y", "side")."""
     out = []
     for qtype in rng.permutation(qtypes):
-        forms = [f for f in _forms(scene, str(qtype), split, rng) if f]
-        if forms:
-            form = forms[int(rng.integers(len(forms)))]
-            q = form[int(rng.integers(len(form)))]
+        groups = [g for g in _forms(scene, str(qtype), split, rng)
+                  if g and (forms is None or qtype != "position" or g[0].form in forms)]
+        if groups:
+            group = groups[int(rng.integers(len(groups)))]
+            q = group[int(rng.integers(len(group)))]
             out.append((str(qtype), question_text(q), answer(scene, q)))
         if len(out) == k:
             break
