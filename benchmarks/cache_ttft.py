@@ -135,7 +135,9 @@ def write(result: dict, out: Path) -> None:
                      + " | ".join(f"{r['stages_s_median'][x] * 1e3:.2f}" for x in stages) + " |")
     f, same = result["forged"], result["answers_identical_to_no_cache"]
     n = result["n_images"]
-    lines += ["", f"n = {n} held-out images (seed {result['seed']}), 2 cores shared with ~7 other jobs: medians "
+    load = result.get("load_average_1min")
+    where = f"2 cores, 1-minute load average {load[0]} at the start and {load[1]} at the end" if load else "2 cores"
+    lines += ["", f"n = {n} held-out images (seed {result['seed']}), {where}: medians "
               "and 10th percentiles (the p10 is closer to the cost on a quiet machine; stage columns are medians). "
               f"Answers identical to an all-caches-empty run: warm {same['warm']}/{n}, fresh process "
               f"{same['fresh process']}/{n}. Forged entries (a byte flipped in each of {f['entries_forged']}): "
@@ -177,7 +179,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.n, args.cold_from)
         return
-    write(measure(args.n), Path(args.out))
+    import os
+
+    before = os.getloadavg()[0]
+    result = measure(args.n)
+    result["load_average_1min"] = [round(before, 2), round(os.getloadavg()[0], 2)]  # at start and end
+    write(result, Path(args.out))
 
 
 if __name__ == "__main__":

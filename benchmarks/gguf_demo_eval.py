@@ -50,7 +50,7 @@ def main() -> int:
         t = time.perf_counter()
         onnx = edgevlm.load(args.bundle)
         ref = answers(onnx, args.seed, args.n)
-        results["onnx fp32"] = {**evaluate(onnx, "shapes", args.seed, args.n), "agreement": 1.0,
+        results["onnx fp32"] = {**evaluate(onnx, "shapes", args.seed, args.n), "bundle": args.bundle.name, "agreement": 1.0,
                                 "bytes": sum(f.stat().st_size for f in args.bundle.iterdir()),
                                 "seconds": round(time.perf_counter() - t, 1)}
         for q in args.quants.split(","):

@@ -1,10 +1,11 @@
 """Cold TTFT and LLM prefill length: the standard demo bundle vs its LLaVA-Mini (pre-fusion) variant.
 
     python benchmarks/prefusion_ttft.py [--n 60] [--out benchmarks/results/prefusion_ttft]
-    python benchmarks/prefusion_ttft.py --scaled [--image-size 256] [--out benchmarks/results/prefusion_ttft_scaled]
+    python benchmarks/prefusion_ttft.py --scaled [--image-size 256] [--llm 12x768|qwen2-0.5b] [--n 20]
 
 --scaled builds a larger random-weight pair instead of using the trained demo bundles (an LLM of 12
-layers x 768 behind a FastViT tower at --image-size px, stride 32: 256 px = 64 image tokens, 512 px = 256;
+layers x 768, or of Qwen2-0.5B's shape as in FastVLM-0.5B: 24 x 896, GQA 14/2, MLP 4864; behind a FastViT
+tower at --image-size px, stride 32: 256 px = 64 image tokens, 512 px = 256, FastVLM's count at 1024 px;
 LLaVA-Mini with 2 pre-fusion layers): the regime where the language model, not the tower, dominates TTFT,
 and (at 512 px) where image tokens outnumber the prompt's text as in the LLaVA-Mini paper's setting.
 Random weights: only speed is meant.
@@ -87,12 +88,16 @@ def write(result: dict, out: Path) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
-def build_scaled(work: Path, image_size: int = 256) -> dict:
+LLMS = {"12x768": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048),
+        "qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)}
+
+
+def build_scaled(work: Path, image_size: int = 256, llm: str = "12x768") -> dict:
     """Random-weight standard + LLaVA-Mini bundles of a larger shape, exported into work/."""
     from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims, build_checkpoint, build_mini_checkpoint
     from edgevlm.export.exporter import export
 
-    spec = CheckpointSpec("fast_vlm", TextDims(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048),
+    spec = CheckpointSpec("fast_vlm", TextDims(**LLMS[llm]),
                           VisionDims(image_size=image_size, embed_dims=(32, 64, 128, 256), layers=(2, 2, 4, 2)))
     out = {}
     for name, build in (("standard", build_checkpoint), ("pre-fusion", lambda s, d: build_mini_checkpoint(s, d, 2))):
@@ -114,16 +119,19 @@ def main() -> None:
     p.add_argument("--prefusion", type=Path, default=BUNDLES["pre-fusion"])
     p.add_argument("--scaled", action="store_true", help="a larger random-weight pair instead of the demo bundles")
     p.add_argument("--image-size", type=int, default=256, help="tower input size of the --scaled pair (stride 32)")
+    p.add_argument("--llm", choices=sorted(LLMS), default="12x768", help="LLM shape of the --scaled pair")
     args = p.parse_args()
     if args.scaled:
         import tempfile
 
         if args.out == p.get_default("out"):
-            suffix = "" if args.image_size == 256 else f"_{args.image_size}"
+            suffix = ("" if args.image_size == 256 else f"_{args.image_size}") + ("" if args.llm == "12x768" else f"_{args.llm}")
             args.out = args.out.with_name(f"prefusion_ttft_scaled{suffix}")
         with tempfile.TemporaryDirectory() as work:
-            result = measure(args.n, args.seed, build_scaled(Path(work), args.image_size))
-        result["note"] = (f"random weights; LLM 12 layers x 768 (GQA 12/4), FastViT tower at {args.image_size} px -> "
+            result = measure(args.n, args.seed, build_scaled(Path(work), args.image_size, args.llm))
+        d = LLMS[args.llm]
+        result["note"] = (f"random weights; LLM {d['layers']} layers x {d['hidden']} (GQA {d['heads']}/{d['kv_heads']}, "
+                          f"MLP {d['intermediate']}), FastViT tower at {args.image_size} px -> "
                           f"{(args.image_size // 32) ** 2} image tokens; LLaVA-Mini with 2 pre-fusion layers")
     else:
         result = measure(args.n, args.seed, {"standard": args.standard, "pre-fusion": args.prefusion})

@@ -105,15 +105,36 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names, output
                           dynamic_shapes=dynamic_shapes, optimize=True, verbose=False, report=False)
     written = sorted(set(os.listdir(path.parent)) - before - {path.name})
     size = sum((path.parent / f).stat().st_size for f in written)
-    if written and size < INLINE_LIMIT:  # one self-contained file: the runtime loads it from verified bytes
-        import onnx
+    inline = bool(written) and size < INLINE_LIMIT  # one self-contained file: the runtime loads it from verified bytes
+    import onnx
 
-        proto = onnx.load(str(path), load_external_data=True)
-        onnx.save(proto, str(path), save_as_external_data=False)
+    proto = onnx.load(str(path), load_external_data=inline)
+    strip_metadata(proto)
+    onnx.save(proto, str(path), save_as_external_data=False)  # external tensors keep their references
+    if inline:
         for f in written:
             (path.parent / f).unlink()
         written = []
     return [path.name] + written
+
+
+def strip_metadata(proto) -> None:
+    """Drop the exporter's per-node metadata (Python stack traces with the exporting machine's file paths,
+    module scopes): nothing reads it at run time, and a bundle should not carry where it was built."""
+    def graph(g):
+        for node in g.node:
+            del node.metadata_props[:]
+            for a in node.attribute:
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+        del g.metadata_props[:]
+
+    graph(proto.graph)
+    for f in proto.functions:
+        for node in f.node:
+            del node.metadata_props[:]
 
 
 def export_vision(adapter, model, pixel_shape, path: Path) -> list[str]:
