@@ -125,7 +125,8 @@ def main() -> None:
         import tempfile
 
         if args.out == p.get_default("out"):
-            suffix = ("" if args.image_size == 256 else f"_{args.image_size}") + ("" if args.llm == "12x768" else f"_{args.llm}")
+            suffix = "" if args.image_size == 256 else f"_{args.image_size}"
+            suffix += "" if args.llm == "12x768" else "_" + args.llm.replace(".", "p")  # no "." before a suffix
             args.out = args.out.with_name(f"prefusion_ttft_scaled{suffix}")
         with tempfile.TemporaryDirectory() as work:
             result = measure(args.n, args.seed, build_scaled(Path(work), args.image_size, args.llm))
