@@ -203,14 +203,18 @@ def test_lru_bounds_are_respected(fresh, tmp_path):
     lru.put(5, np.zeros(10, np.float32))
     assert [k for k, _ in lru.items()] == [3, 5]  # 4 was the least recently used
     assert not lru.put(6, np.zeros(100, np.float32)) and 6 not in lru and lru.bytes <= 100
-    one_image = ask(fresh(), Q1)[-1].cache_bytes["image_ram_bytes"]
-    vlm = fresh(tmp_path, image_bytes=2 * one_image, prefix_bytes=3 * 40_000, disk_bytes=200_000)
+    first = fresh()
+    ask(first, Q1, n=3)
+    one = first.caches.stats()  # one image entry and one prompt-prefix entry, sized by the model
+    assert one["image_entries"] == 1 and one["prefix_entries"] == 1
+    prefix_bound = int(2.5 * one["prefix_ram_bytes"])  # room for two prompts of this length, not three
+    vlm = fresh(tmp_path, image_bytes=2 * one["image_ram_bytes"], prefix_bytes=prefix_bound, disk_bytes=200_000)
     from conftest import scene
 
     for k in range(6):
         ask(vlm, Q1, np.asarray(scene(k)), n=3)
         s = vlm.caches.stats()
-        assert s["image_ram_bytes"] <= 2 * one_image and s["prefix_ram_bytes"] <= 3 * 40_000
+        assert s["image_ram_bytes"] <= 2 * one["image_ram_bytes"] and s["prefix_ram_bytes"] <= prefix_bound
         assert s["disk_bytes"] <= 200_000
     assert s["image_entries"] == 2 and s["prefix_entries"] == 2 and s["disk_writes"] >= 6
 
