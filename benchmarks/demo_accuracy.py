@@ -29,6 +29,7 @@ def position_forms(vlm, n: int, seed: int = POSITION_SEED) -> dict:
     """The first n position questions of the seed's stream: accuracy per form ("side", "x", "y") and the
     counts of (right answer -> answer given)."""
     tally: dict[str, dict[str, int]] = {}
+    right: dict[str, int] = {}
     seen, index = 0, 0
     while seen < n:
         ex = shapes.make_example(seed, index)
@@ -38,9 +39,10 @@ def position_forms(vlm, n: int, seed: int = POSITION_SEED) -> dict:
         got = shapes.normalize_answer(vlm.generate(ex.image, ex.question, max_tokens=4))
         cell = tally.setdefault(ex.spec.form, {})
         cell[f"{ex.answer} -> {got}"] = cell.get(f"{ex.answer} -> {got}", 0) + 1
+        right[ex.spec.form] = right.get(ex.spec.form, 0) + (got == ex.answer)
         seen += 1
-    return {form: {"n": sum(c.values()), "accuracy": sum(v for k, v in c.items() if k.split(" -> ")[0] == k.split(" -> ")[1])
-                   / sum(c.values()), "answers": dict(sorted(c.items()))} for form, c in sorted(tally.items())}
+    return {form: {"n": sum(c.values()), "accuracy": right[form] / sum(c.values()), "answers": dict(sorted(c.items()))}
+            for form, c in sorted(tally.items())}
 
 
 def main() -> None:
