@@ -20,16 +20,36 @@ CELL_HEADS = {"color": 1 + len(shapes.COLORS), "shape": 1 + len(shapes.SHAPES), 
               "row": GRID, "col": GRID}  # 0 = empty cell for the first three
 
 
+def object_target(o: shapes.Obj) -> np.ndarray:
+    """[5] class ids of one object for the CELL_HEADS: colour, shape, size (from 1), row, column of its cell."""
+    row, col = min(int(o.cy * GRID), GRID - 1), min(int(o.cx * GRID), GRID - 1)
+    return np.array([1 + list(shapes.COLORS).index(o.color), 1 + shapes.SHAPES.index(o.shape),
+                     1 + list(shapes.SIZES).index(o.size), row, col], np.int64)
+
+
 def cell_targets(scene) -> np.ndarray:
     """[GRID*GRID, 5] class ids per cell of the tower's output grid (row-major): colour, shape and size of
     the object there (0 = none), and the cell's row and column."""
     t = np.zeros((GRID * GRID, len(CELL_HEADS)), np.int64)
     t[:, 3], t[:, 4] = np.arange(GRID * GRID) // GRID, np.arange(GRID * GRID) % GRID
     for o in scene.objects:
-        cell = min(int(o.cy * GRID), GRID - 1) * GRID + min(int(o.cx * GRID), GRID - 1)
-        t[cell, :3] = (1 + list(shapes.COLORS).index(o.color), 1 + shapes.SHAPES.index(o.shape),
-                       1 + list(shapes.SIZES).index(o.size))
+        row = object_target(o)
+        t[row[3] * GRID + row[4]] = row
     return t
+
+
+def ref_marks(scene, q: shapes.Question, text: str) -> list[tuple[int, np.ndarray]]:
+    """Where a question names one object, and which: [(end of the noun phrase in `text`, object_target)], for
+    the questions whose phrases each name exactly one object (colour, shape, position, bigger)."""
+    if q.qtype not in ("color", "shape", "position", "bigger"):
+        return []
+    marks, at = [], 0
+    for ref in (q.a, q.b):
+        if ref is None:
+            continue
+        at = text.index(f"the {ref.phrase()}", at) + len(f"the {ref.phrase()}")
+        marks.append((at, object_target(shapes.find(scene, ref))))
+    return marks
 
 
 def pixels_of(image) -> np.ndarray:  # what the processor makes of a 128 px image: [3, H, W] in 0..1
@@ -55,20 +75,31 @@ class Conversations:
             raise ValueError("chat template is not regular across turns")
 
     def encode(self, qa: list[tuple[str, str]]) -> tuple[list[int], list[float], list[int]]:
+        return self.encode_marked([(q, a, []) for q, a in qa])[0]
+
+    def encode_marked(self, qa: list[tuple[str, str, list]]):
+        """`encode` of (question, answer, ref_marks) triples -> ((ids, weights, segments), [(token index of
+        each mark's last phrase token, its target)]). A mark whose text prefix does not tokenize as a prefix of
+        the question is dropped (byte-level BPE on word boundaries keeps them all)."""
         """-> (token ids, weight per position, segment lengths): the first turn's head (image included) once,
         then each question + answer as its own segment. `collate` lets a segment see the head and itself only,
         at the positions it would have as the one question of a fresh chat: every question is trained exactly
         as it is asked at run time, and no answer can be read off an earlier one (a description lists the
         objects left to right, which would answer a left/right question). Weight 1/len(answer tokens) on each
         answer token incl. eos, so every answer counts the same however long it is; 0 on the prompt."""
-        ids, w, segs = list(self.head), [0.0] * len(self.head), []
-        for q, a in qa:
-            p = self.tok.encode(q) + self.tail
+        ids, w, segs, refs = list(self.head), [0.0] * len(self.head), [], []
+        for q, a, marks in qa:
+            qi = self.tok.encode(q)
+            for end, target in marks:
+                pre = self.tok.encode(q[:end])
+                if qi[: len(pre)] == pre:
+                    refs.append((len(ids) + len(pre) - 1, target))
+            p = qi + self.tail
             t = self.tok.encode(a) + [self.eos]
             ids += p + t
             w += [0.0] * len(p) + [1.0 / len(t)] * len(t)
             segs.append(len(p) + len(t))
-        return ids, w, segs
+        return (ids, w, segs), refs
 
 
 def collate(pixels: np.ndarray, seqs: list[tuple[list[int], list[float], list[int]]], pad_id: int):
@@ -124,14 +155,22 @@ class Stream:
                 torch.from_numpy(np.stack([cell_targets(ex.scene) for ex, _ in exs])))
 
     def text_batch(self, n: int, per_scene: int):
-        """-> pixels, ids, weight, mask, positions (see `collate`) and the cell targets of each scene."""
+        """-> pixels, ids, weight, mask, positions (see `collate`), the cell targets of each scene, and the
+        references (row, token index, object_target), each a tensor: where a question names an object."""
         exs = self.scenes(n)
-        seqs = []
-        for ex, rng in exs:
-            qa = [(ex.question, ex.answer)] + [(q, a) for _, q, a in shapes.scene_questions(ex.scene, rng, per_scene - 1)]
-            for qtype, n in EXTRA.items():  # the hard types, asked again in other forms
-                qa += [(q, a) for _ in range(n)
-                       for _, q, a in shapes.scene_questions(ex.scene, rng, 1, qtypes=(qtype,), forms=EXTRA_FORMS)]
-            seqs.append(self.conv.encode(qa))
+        seqs, refs = [], []
+        for r, (ex, rng) in enumerate(exs):
+            specs = [ex.spec] + shapes.scene_specs(ex.scene, rng, per_scene - 1)
+            for qtype, k in EXTRA.items():  # the hard types, asked again in other forms
+                specs += [q for _ in range(k)
+                          for q in shapes.scene_specs(ex.scene, rng, 1, qtypes=(qtype,), forms=EXTRA_FORMS)]
+            qa = [(text, shapes.answer(ex.scene, q), ref_marks(ex.scene, q, text))
+                  for q in specs for text in [shapes.question_text(q)]]
+            seq, marks = self.conv.encode_marked(qa)
+            seqs.append(seq)
+            refs += [(r, i, t) for i, t in marks]
         batch = collate(np.stack([pixels_of(ex.image) for ex, _ in exs]), seqs, self.conv.tok.pad_token_id)
-        return *batch, torch.from_numpy(np.stack([cell_targets(ex.scene) for ex, _ in exs]))
+        rows, index, targets = zip(*refs) if refs else ((), (), ())
+        ref = (torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long),
+               torch.from_numpy(np.stack(targets)) if targets else torch.zeros((0, len(CELL_HEADS)), dtype=torch.long))
+        return *batch, torch.from_numpy(np.stack([cell_targets(ex.scene) for ex, _ in exs])), ref

@@ -151,27 +151,30 @@ def answer_loss(logits_fn, ids, weight):
     return loss, ~wrong.any(dim=1)
 
 
-def standard_logits(model, tower, image_id):
+def standard_logits(model, tower, image_id, ref_layer: int = 0):
     """FastVLM forward: splice projected tower tokens at the placeholders. -> (logits at selected positions,
-    the projected image tokens)."""
+    the projected image tokens, the hidden states after decoder layer `ref_layer` (None if 0))."""
     def run(pixels, ids, mask, pos, weight):
         feats = model.model.multi_modal_projector(tower_grid(tower, pixels))  # [B, N, D]
         embeds = model.model.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == image_id)[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                            position_ids=pos).last_hidden_state[:, :-1]
-        return (lambda sel: model.lm_head(hidden[sel])), feats
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                         output_hidden_states=ref_layer > 0)
+        hidden = out.last_hidden_state[:, :-1]
+        mid = out.hidden_states[ref_layer] if ref_layer > 0 else None
+        return (lambda sel: model.lm_head(hidden[sel])), feats, mid
     return run
 
 
 def mini_logits(mini, tower, image_id):
-    """LLaVA-Mini forward: pre-fusion over [image tokens; text], one compressed token at the placeholder."""
+    """LLaVA-Mini forward: pre-fusion over [image tokens; text], one compressed token at the placeholder.
+    The third output is the LLM's input (the fused text: where the text has looked at the image)."""
     def run(pixels, ids, mask, pos, weight):
         feats = mini.base.model.multi_modal_projector(tower_grid(tower, pixels))
         x = mini.llm_embeds(feats, ids, mask, weight == 0, image_id, pos)  # answer tokens enter plain, as when decoding
         hidden = mini.base.model.language_model(inputs_embeds=x, attention_mask=mask,
                                                 position_ids=pos).last_hidden_state[:, :-1]
-        return (lambda sel: mini.base.lm_head(hidden[sel])), feats
+        return (lambda sel: mini.base.lm_head(hidden[sel])), feats, x
     return run
 
 
@@ -244,7 +247,7 @@ def validate(logits_fn, conv: Conversations, n: int = 512) -> dict:
         pixels, ids, weight, mask, pos = collate(np.stack([pixels_of(e.image) for e in chunk]),
                                                  [conv.encode([(e.question, e.answer)]) for e in chunk],
                                                  conv.tok.pad_token_id)
-        fn, _ = logits_fn(pixels, ids, mask, pos, weight)
+        fn = logits_fn(pixels, ids, mask, pos, weight)[0]
         _, ok = answer_loss(fn, ids, weight)
         for e, k in zip(chunk, ok.tolist()):
             per.setdefault(e.qtype, []).append(float(k))
@@ -258,7 +261,7 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
           vision_minutes: float = 5.0, scenes: int = 16, per_scene: int = 6, lr: float = 2e-3, vision_lr: float = 2e-3,
           threads: int = 2, tower_lr: float = 0.0, max_steps: int | None = None, text: dict = TEXT,
           aux: float = 0.1, bf16: bool = True, check_minutes: float = 0.0, tower_from: Path | None = None,
-          log=print) -> dict:
+          ref_aux: float = 0.2, ref_layer: int | None = None, log=print) -> dict:
     """Stage 1 (standard only): the tower alone learns what sits in each cell of its output grid (a linear
     probe per attribute, dropped afterwards). Stage 2: the tower is frozen; projector and language model
     (plus, for LLaVA-Mini, compressor and pre-fusion) learn to answer. `minutes` covers both stages."""
@@ -320,20 +323,28 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
     params = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids_tower], "lr_scale": 1.0}]
     if tower_lr > 0:  # the answers' gradient reaches the tower: it can make what they need (e.g. columns) prominent
         params.append({"params": tower_params, "lr_scale": tower_lr / lr})
-    logits_of = standard_logits(model, tower, image_id) if variant == "standard" else mini_logits(model, tower, image_id)
     is_mini = variant != "standard"
+    if ref_layer is None:
+        ref_layer = base.config.text_config.num_hidden_layers // 2
+    logits_of = (mini_logits(model, tower, image_id) if is_mini
+                 else standard_logits(model, tower, image_id, ref_layer if ref_aux > 0 else 0))
 
     if aux > 0:  # the projected image tokens must also name what sits in their cell (and where the cell is)
         probe = torch.nn.Linear(base.config.text_config.hidden_size, sum(CELL_HEADS.values()))
         params[0]["params"] += list(probe.parameters())
+    if ref_aux > 0:  # where a question names an object, that text token must come to hold what the object is
+        ref_probe = torch.nn.Linear(base.config.text_config.hidden_size, sum(CELL_HEADS.values()))
+        params[0]["params"] += list(ref_probe.parameters())
 
     def text_step():
-        pixels, ids, weight, mask, pos, targets = stream.text_batch(scenes, per_scene)
+        pixels, ids, weight, mask, pos, targets, (rows, index, ref_targets) = stream.text_batch(scenes, per_scene)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            fn, feats = logits_of(pixels, ids, mask, pos, weight)
+            fn, feats, mid = logits_of(pixels, ids, mask, pos, weight)
             loss, ok = answer_loss(fn, ids, weight)
             if aux > 0:
                 loss = loss + aux * cell_loss(probe, feats.float(), targets)[0]
+            if ref_aux > 0 and len(rows):
+                loss = loss + ref_aux * cell_loss(ref_probe, mid[rows, index].float(), ref_targets)[0]
         return loss, float(ok.float().mean())
 
     def check():
@@ -384,6 +395,12 @@ def main(argv=None) -> int:
     p.add_argument("--text-hidden", type=int, default=TEXT["hidden_size"], help="Qwen2 width (standard; 32-wide heads)")
     p.add_argument("--aux", type=float, default=0.1,
                    help="weight of the cell probe on the projected image tokens in the language stage (0 = off)")
+    p.add_argument("--ref-aux", type=float, default=0.2,
+                   help="weight of the reference probe: where a question names an object, the hidden state of the "
+                        "phrase's last token after --ref-layer must name the object (colour, shape, size, row, "
+                        "column); for mini, the fused text does (0 = off)")
+    p.add_argument("--ref-layer", type=int, default=None,
+                   help="decoder layer whose output the reference probe reads (standard; default: half the depth)")
     p.add_argument("--fp32", dest="bf16", action="store_false",
                    help="no bfloat16 autocast in the language stage (default: autocast; weights stay fp32 either way)")
     p.add_argument("--check-minutes", type=float, default=0.0,
@@ -402,7 +419,8 @@ def main(argv=None) -> int:
     summary = train(args.out, args.minutes, args.seed, args.variant, args.init, args.vision_minutes, args.scenes,
                     args.per_scene, args.lr, threads=args.threads, tower_lr=args.tower_lr,
                     max_steps=args.max_steps, text=text_config(args.text_layers, args.text_hidden), aux=args.aux,
-                    bf16=args.bf16, check_minutes=args.check_minutes, tower_from=args.tower_from, log=lambda s: print(s, file=sys.stderr, flush=True))
+                    bf16=args.bf16, check_minutes=args.check_minutes, tower_from=args.tower_from,
+                    ref_aux=args.ref_aux, ref_layer=args.ref_layer, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if args.export:
         from .exporter import export

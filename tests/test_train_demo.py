@@ -31,7 +31,7 @@ def test_packed_segments_match_single_questions(parts):
     _, ids, weight, mask, pos = batch
     run = td.standard_logits(model, model.model.vision_tower, model.config.image_token_id)
     with torch.no_grad():
-        fn, _ = run(batch[0], ids, mask, pos, weight)
+        fn = run(batch[0], ids, mask, pos, weight)[0]
         sel = weight[:, 1:] > 0
         logits = fn(sel)
     rows = sel.nonzero()[:, 0]
@@ -43,7 +43,7 @@ def test_packed_segments_match_single_questions(parts):
     # and the packing is not a no-op: without the block mask the later questions see the earlier ones
     causal = torch.ones_like(mask[0, 0]).tril().expand_as(mask).clone()
     with torch.no_grad():
-        fn2, _ = run(batch[0], ids, causal, torch.arange(ids.shape[1]).expand_as(ids), weight)
+        fn2 = run(batch[0], ids, causal, torch.arange(ids.shape[1]).expand_as(ids), weight)[0]
         plain = fn2(sel)[rows == 0]
     assert (plain - alone).abs().max().item() > 1e-3
 
@@ -80,7 +80,7 @@ def test_mini_packed_segments_match_single_questions(parts):
                                                 tok.pad_token_id)
     run = td.mini_logits(mini, model.model.vision_tower, model.config.image_token_id)
     with torch.no_grad():
-        fn, _ = run(pixels, ids, mask, pos, weight)
+        fn = run(pixels, ids, mask, pos, weight)[0]
         sel = weight[:, 1:] > 0
         logits = fn(sel)
         rows = sel.nonzero()[:, 0]
@@ -94,3 +94,30 @@ def test_mini_packed_segments_match_single_questions(parts):
     print("mini packed vs alone", diff, "4-D vs 2-D path", (plain - ref).abs().max().item())
     assert diff < 1e-4
     assert (plain - ref).abs().max().item() < 1e-4
+
+
+def test_reference_marks_point_at_the_named_object(parts):
+    """The reference probe's targets: for every question that names objects, the marked token is the last token
+    of the noun phrase, and the target is the object that phrase names (its attributes and its cell)."""
+    from edgevlm.export.demo_data import Stream, ref_marks
+
+    tok, proc, _ = parts
+    conv = td.Conversations(tok, proc, td.GRID * td.GRID)
+    stream = Stream(conv, seed=3)
+    pixels, ids, weight, mask, pos, cells, (rows, index, targets) = stream.text_batch(8, 6)
+    assert len(rows) >= 16  # several named objects per scene
+    for r, i, t in zip(rows.tolist(), index.tolist(), targets.numpy()):
+        word = tok.decode(ids[r, i]).strip()
+        assert word in shapes.SHAPES or word == "object", word
+        assert word == "object" or shapes.SHAPES[t[1] - 1] == word
+        assert any((cells[r].numpy() == t).all(axis=1))  # the object is in the scene, in the cell it names
+        assert not weight[r, i] and mask[r, 0, i, : 16 + 2].any()  # a prompt token, one that sees the image
+    # two-object questions get two marks, in the order the phrases are written
+    scene = next(ex.scene for ex in shapes.examples(0, 50, split="train") if len(ex.scene.objects) >= 2)
+    a, b = (shapes.Ref(shape=o.shape, color=o.color, size=o.size) for o in scene.objects[:2])
+    q = shapes.Question("position", a, b, "x")
+    text = shapes.question_text(q)
+    marks = ref_marks(scene, q, text)
+    assert [m[0] for m in marks] == [text.index(a.phrase()) + len(a.phrase()), text.rindex(b.phrase()) + len(b.phrase())]
+    assert not (marks[0][1] == marks[1][1]).all()
+    assert ref_marks(scene, shapes.Question("count"), "How many objects are there?") == []

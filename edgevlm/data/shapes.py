@@ -174,7 +174,8 @@ def sample_scene(rng: np.random.Generator, split: str = "eval") -> Scene:
 
 # ---------------------------------------------------------------- questions and answers
 
-def _find(scene: Scene, ref: Ref) -> Obj:
+def find(scene: Scene, ref: Ref) -> Obj:
+    """The one object of the scene that ref names; ValueError if it names none or several."""
     hits = [o for o in scene.objects if ref.matches(o)]
     if len(hits) != 1:
         raise ValueError(f"'the {ref.phrase()}' matches {len(hits)} objects, not exactly one")
@@ -211,23 +212,23 @@ def question_text(q: Question) -> str:
 def answer(scene: Scene, q: Question) -> str:
     """The exact answer to q about scene; ValueError if q refers to an object ambiguously."""
     if q.qtype == "color":
-        return _find(scene, q.a).color
+        return find(scene, q.a).color
     if q.qtype == "shape":
-        return _find(scene, q.a).shape
+        return find(scene, q.a).shape
     if q.qtype == "count":
         return str(sum(q.a.matches(o) for o in scene.objects))
     if q.qtype == "exists":
         return "yes" if any(q.a.matches(o) for o in scene.objects) else "no"
     if q.qtype == "position":
-        a = _find(scene, q.a)
+        a = find(scene, q.a)
         if q.form == "side":
             return "left" if a.cx < 0.5 else "right"
-        b = _find(scene, q.b)
+        b = find(scene, q.b)
         if q.form == "x":
             return "left" if a.cx < b.cx else "right"
         return "above" if a.cy < b.cy else "below"  # image y grows downwards
     if q.qtype == "bigger":
-        a, b = _find(scene, q.a), _find(scene, q.b)
+        a, b = find(scene, q.a), find(scene, q.b)
         if a.r == b.r:
             raise ValueError("bigger: the two objects are the same size")
         big = a if a.r > b.r else b
@@ -323,18 +324,23 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def scene_questions(scene: Scene, rng: np.random.Generator, k: int, split: str = "train",
-                    qtypes: tuple[str, ...] = QTYPES, forms: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
-    """Up to k more (qtype, question, answer) about one scene, at most one per type of `qtypes`: training
-    reuses one encoded image k times. `forms` keeps only position questions of those forms ("x", "y", "side")."""
+def scene_specs(scene: Scene, rng: np.random.Generator, k: int, split: str = "train",
+                qtypes: tuple[str, ...] = QTYPES, forms: tuple[str, ...] | None = None) -> list[Question]:
+    """Up to k more questions about one scene, at most one per type of `qtypes`: training reuses one encoded
+    image k times. `forms` keeps only position questions of those forms ("x", "y", "side")."""
     out = []
     for qtype in rng.permutation(qtypes):
         groups = [g for g in _forms(scene, str(qtype), split, rng)
                   if g and (forms is None or qtype != "position" or g[0].form in forms)]
         if groups:
             group = groups[int(rng.integers(len(groups)))]
-            q = group[int(rng.integers(len(group)))]
-            out.append((str(qtype), question_text(q), answer(scene, q)))
+            out.append(group[int(rng.integers(len(group)))])
         if len(out) == k:
             break
     return out
+
+
+def scene_questions(scene: Scene, rng: np.random.Generator, k: int, split: str = "train",
+                    qtypes: tuple[str, ...] = QTYPES, forms: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
+    """`scene_specs` worded and answered: (qtype, question, answer)."""
+    return [(q.qtype, question_text(q), answer(scene, q)) for q in scene_specs(scene, rng, k, split, qtypes, forms)]
