@@ -33,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
                         "the model's context)")
     p.add_argument("--prefill-chunk", type=int, default=64, metavar="N",
                    help="--static: prompt positions per prefill call; the last chunk is padded (default: 64)")
+    p.add_argument("--decoder", choices=["auto", "gqa", "torch"], default="auto", help=(
+        "onnx: how the language model's graph is written. gqa: directly in ONNX on ONNX Runtime's fused kernels "
+        "(GroupQueryAttention with rotary positions, RMSNorm fused with the residual add, packed q|k|v and "
+        "gate|up GEMMs), for Llama/Qwen2-style models; torch: torch.onnx export of the transformers module; "
+        "auto: gqa where it applies, else torch (default)"))
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--parity-tokens", type=int, default=16, metavar="N",
                    help="greedy tokens compared with transformers generate (default: 16)")
@@ -62,6 +67,6 @@ def main(argv=None) -> int:
 
         static = StaticOptions(args.kv_capacity, args.prefill_chunk) if args.static else None
         m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
-                   max_logit_diff=args.max_logit_diff, static=static)
+                   max_logit_diff=args.max_logit_diff, static=static, decoder=args.decoder)
     print(f"wrote {args.dst} ({m.family}, {m.quant.scheme}); parity: {json.dumps(m.source.parity)}")
     return 0

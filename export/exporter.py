@@ -20,7 +20,7 @@ from edgevlm.errors import ExportError
 from edgevlm.image import preprocess
 from edgevlm.manifest import Component, FileRef, Generation, KVSpec, Manifest, Source, StaticShape
 
-from . import graphs, parity
+from . import gqa, graphs, parity
 from .adapters import adapter_for
 from .llava_mini import MiniVLM, check_parity, export_extra
 
@@ -69,10 +69,12 @@ def _eos_ids(model, text_config) -> tuple[int, ...]:
 
 def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_diff: float = 1e-3,
            parity_tokens: int = 16, overwrite: bool = False, progress: bool = True,
-           static: StaticOptions | None = None) -> Manifest:
+           static: StaticOptions | None = None, decoder: str = "auto") -> Manifest:
     """Export a transformers VLM checkpoint to an ONNX bundle; returns the manifest written.
 
-    With `static`, every graph has fixed shapes (NPU-ready; see StaticOptions). The bundle appears at out_dir
+    With `static`, every graph has fixed shapes (NPU-ready; see StaticOptions). `decoder`: "gqa" writes the
+    language model on ONNX Runtime's fused kernels (export/gqa.py; an error if the model is not Llama/Qwen2-like),
+    "torch" exports it with torch.onnx, "auto" (default) takes gqa where it applies (not with `static`). The bundle appears at out_dir
     only once it is complete and its parity check has passed; a failure leaves nothing behind.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
@@ -97,6 +99,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
         pre = adapter.preprocess(processor)
         probe = parity.probe_image()
         pixel_shape = preprocess(np.asarray(probe), pre).shape
+        if static and decoder == "gqa":
+            raise ExportError("--decoder gqa applies to dynamic bundles only (static ones have their own decoder graphs)")
         if static:
             static = dataclasses.replace(static, kv_capacity=min(static.kv_capacity,
                                                                  int(text_config.max_position_embeddings)))
@@ -123,8 +127,15 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             if static:
                 decoders = _static_decoder(body, graphs.LastLogits(lm_head), text_config, tmp, static)
             else:
-                decoders = {"decoder": (graphs.export_decoder(body, graphs.LastLogits(lm_head), text_config,
-                                                              tmp / "decoder.onnx"), None)}
+                files = None
+                if decoder in ("auto", "gqa"):
+                    why = gqa.supported(body, text_config)
+                    if why and decoder == "gqa":
+                        raise ExportError(f"--decoder gqa: {why}")
+                    files = None if why else gqa.export_decoder(body, lm_head, text_config, tmp / "decoder.onnx")
+                if files is None:
+                    files = graphs.export_decoder(body, graphs.LastLogits(lm_head), text_config, tmp / "decoder.onnx")
+                decoders = {"decoder": (files, None)}
             bar.update()
 
             step(STAGES[4])
@@ -141,7 +152,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                                   "and a prompt")
             extra = {}
             if mini:
-                for name, (files, kw) in export_extra(mini, int(n_img), tmp, static).items():
+                parts = export_extra(mini, int(n_img), tmp, static, use_gqa=decoder != "torch")
+                for name, (files, kw) in parts.items():
                     kv = kw.pop("kv", None)
                     extra[name] = _component(tmp, files, bool(static), kv=KVSpec(**kv) if kv else None, **kw)
             heads, head_dim = graphs.kv_dims(text_config)

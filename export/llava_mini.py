@@ -161,13 +161,14 @@ class CompressorGraph(nn.Module):  # image_embeds [1, N, D] -> token [1, 1, D]
         return self.compressor(image_embeds)
 
 
-def export_extra(mini: MiniVLM, n_image: int, tmp: Path, static=None) -> dict:
+def export_extra(mini: MiniVLM, n_image: int, tmp: Path, static=None, use_gqa: bool = True) -> dict:
     """Export the compressor and pre-fusion graphs -> manifest components (name -> kwargs). With `static`
     (exporter.StaticOptions) the pre-fusion graph has fixed shapes: chunks over a cache holding the image
-    prefix and a prompt of up to kv_capacity tokens."""
+    prefix and a prompt of up to kv_capacity tokens. `use_gqa`: the dynamic pre-fusion graph on ONNX Runtime's fused
+    kernels (export/gqa.py) when the layers allow it."""
     from edgevlm.manifest import StaticShape
 
-    from . import graphs
+    from . import gqa, graphs
 
     d = mini.base.config.text_config.hidden_size
     comp = graphs.export_graph(CompressorGraph(mini.compressor).eval(), (torch.zeros(1, n_image, d),),
@@ -181,7 +182,8 @@ def export_extra(mini: MiniVLM, n_image: int, tmp: Path, static=None) -> dict:
                                           chunk=shape.chunk, output="fused", pick=False)
         return {"compressor": (comp, {}), "prefusion": (pf, {"num_layers": mini.fusion_layers, "kv": kv,
                                                              "static": shape})}
-    pf = graphs.export_decoder(mini.prefusion, head, cfg, path, output="fused")
+    pf = gqa.export_decoder(mini.prefusion, mini.fuse_out, cfg, path, output="fused") if use_gqa else None
+    pf = pf or graphs.export_decoder(mini.prefusion, head, cfg, path, output="fused")
     return {
         "compressor": (comp, {"inputs": {"image_embeds": [1, n_image, d]}, "outputs": {"token": [1, 1, d]}}),
         "prefusion": (pf, {"num_layers": mini.fusion_layers, "kv": kv,
