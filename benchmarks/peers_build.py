@@ -145,7 +145,7 @@ def quantized(src: Path, dst: Path, level: str, ref_logits) -> Path:
     from edgevlm.export import parity
     from edgevlm.manifest import Quant
     from edgevlm.quant.api import component_quant
-    from edgevlm.quant.graphs import Options, quiet, weight_nodes
+    from edgevlm.quant.graphs import UNTYPED_ARE_FLOAT, Options, quiet, weight_nodes
 
     m = open_bundle(src).manifest
     opts = Options()
@@ -160,7 +160,7 @@ def quantized(src: Path, dst: Path, level: str, ref_logits) -> Path:
         with quiet():
             if level == "int8":
                 quantize_dynamic(src / comp.file, tmp / comp.file, weight_type=QuantType.QInt8,
-                                 nodes_to_quantize=names, op_types_to_quantize=list(ops))
+                                 nodes_to_quantize=names, op_types_to_quantize=list(ops), extra_options=UNTYPED_ARE_FLOAT)
                 model = onnx.load(str(tmp / comp.file))
             else:
                 q = MatMulNBitsQuantizer(onnx.load(str(src / comp.file)), bits=4, block_size=opts.block_size,

@@ -10,15 +10,21 @@ in two stages inside one wall-clock budget:
 2. language (the rest): the tower frozen; projector and Qwen2 learn to answer, in bfloat16 autocast. One
    row per scene: the image prefix once, then several questions, each answered, each seeing only the prefix
    and itself at the positions it has when asked alone (`collate`); loss on the answer tokens only, each
-   answer weighted equally however many tokens it has, plus a small cell probe on the projected image tokens.
+   answer weighted equally however many tokens it has, plus a small cell probe on the projected image tokens
+   and the reference probe on the text (below).
 The learning rate follows the wall clock (warmup, then cosine), so a run ends on time whatever the
 machine's speed. `--variant mini` trains the LLaVA-Mini model (one vision token + pre-fusion) the same way
 from a trained standard checkpoint (`--init`): its tower stays frozen, so it has no vision stage.
 
 What moved the held-out accuracy (side-by-side runs, benchmarks/results/demo_training*.json): depth (6 x 128
-beat 3 x 192 and 8 x 128 at equal wall clock), and packing questions so that none sees another: with plain
-causal packing a later question could read its answer off an earlier one (a description lists the objects
-left to right) instead of learning to look.
+beat 3 x 192 and 8 x 128 at equal wall clock), packing questions so that none sees another (with plain
+causal packing a later question could read its answer off an earlier one: a description lists the objects
+left to right), and above all the reference probe (`--ref-aux`): wherever a question names an object ("the
+red circle"), the hidden state of the phrase's last token halfway up the decoder must name that object's
+colour, shape, size and cell. Without it, relational questions ("is the X left or right of the Y?") sat at
+chance for 3,000 steps and ended at ~0.68 — the model has to learn, from the answer token alone, to look the
+two objects up and compare them; with it each lookup is taught where it happens, and position questions were
+at 0.97 after 5 minutes.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ class WeightNode:
     params: int
 
 
+# onnx's shape inference knows no ONNX Runtime contrib op (GroupQueryAttention, SkipSimplifiedLayerNormalization:
+# export/gqa.py), so tensors after one have no inferred type; every float tensor in our graphs is fp32.
+UNTYPED_ARE_FLOAT = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
 def weight_nodes(model: onnx.ModelProto) -> list[WeightNode]:
     """The graph's MatMul/Conv/Gather nodes whose weight is a float initializer, in graph order."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -140,7 +145,8 @@ def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
             src, dst = tmp / "in8.onnx", tmp / "out8.onnx"
             onnx.save(model, src)
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_quantize=by["int8"],
-                             op_types_to_quantize=sorted({nodes[n].op for n in by["int8"]}))
+                             op_types_to_quantize=sorted({nodes[n].op for n in by["int8"]}),
+                             extra_options=UNTYPED_ARE_FLOAT)
             model = onnx.load(dst)
     return model
 
@@ -174,7 +180,7 @@ def _static(model, names: list[str], calibration, cache: Path, tmp: Path) -> onn
     onnx.save(model, src)
     quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=names,
-                    calibration_cache_path=cache)
+                    calibration_cache_path=cache, extra_options=UNTYPED_ARE_FLOAT)
     return onnx.load(dst)
 
 
