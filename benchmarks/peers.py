@@ -365,6 +365,18 @@ def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread
     return out
 
 
+def decoder_graph(bundle: Path) -> str:
+    """How the bundle's language model graph was written (export --decoder)."""
+    import onnx
+
+    from edgevlm.bundle import open_bundle
+
+    comp = open_bundle(bundle).manifest.components["decoder"]
+    ops = {n.op_type for n in onnx.load(str(bundle / comp.file), load_external_data=False).graph.node}
+    return ("GroupQueryAttention + fused RMSNorm (export/gqa.py)" if "GroupQueryAttention" in ops
+            else "torch.onnx export")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache" / "peers",
@@ -396,6 +408,7 @@ def main() -> None:
                        "dimensions (896 x 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied)",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, TTFT at {THREADS} threads unless said",
               "reps": args.reps, "goals": GOALS}
+    result["model"] += f"; ONNX decoder graph: {decoder_graph(built['onnx']['fp32'][peers_build.RESOLUTIONS[0]])}"
     result["loadavg"] = {"start": os.getloadavg()[0]}
     result["bandwidth_before"] = read_bandwidth()
     result["gemm_fp32_gflops"] = gemm_gflops()

@@ -93,3 +93,36 @@ def test_refuses_what_it_cannot_write():
     assert "head" in gqa.supported(small.model, small.config)  # head_dim 8: the kernel wants multiples of 16
     assert gqa.export_decoder(small.model, small.lm_head, small.config, None) is None
     assert "decoder body" in gqa.supported(torch.nn.Linear(2, 2), cfg)
+
+
+def _ops(bundle) -> set[str]:
+    import json
+
+    import onnx
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    return {n.op_type for n in onnx.load(str(bundle / m["components"]["decoder"]["file"])).graph.node}
+
+
+def test_exporter_takes_the_gqa_graph_and_torch_on_request(checkpoint, bundle, tmp_path):
+    """A family's default export writes the GroupQueryAttention decoder; `--decoder torch` the torch.onnx one;
+    both pass the exporter's parity check against transformers and answer alike through the runtime."""
+    import edgevlm
+    from edgevlm.apps.cli import main
+    from edgevlm.export import parity
+
+    name = "llava-clip-llama"  # Llama, one KV head for four query heads
+    default = bundle(name)
+    assert "GroupQueryAttention" in _ops(default)
+    out = tmp_path / "torch"
+    assert main(["export", "--from", str(checkpoint(name)), "--to", str(out), "--decoder", "torch"]) == 0
+    assert "GroupQueryAttention" not in _ops(out) and "Softmax" in _ops(out)
+    a, b = edgevlm.load(default), edgevlm.load(out)
+    image = parity.probe_image()
+    diff = float(np.abs(a.prompt_logits(image, "what is this?") - b.prompt_logits(image, "what is this?")).max())
+    print("gqa vs torch.onnx decoder, first logits maxdiff", diff)
+    assert diff < 1e-4
+    assert a.generate(image, "describe it", max_tokens=12) == b.generate(image, "describe it", max_tokens=12)
+    assert main(["export", "--from", str(checkpoint(name)), "--to", str(tmp_path / "s"), "--static",
+                 "--decoder", "gqa"]) != 0  # the static export has its own decoder graphs
+    assert not (tmp_path / "s").exists()
