@@ -257,8 +257,12 @@ def variant(base: Path, vision: Path, dst: Path) -> Path:
                                outputs={"image_embeds": [1, n, d]})
     parity = {**m.source.parity, "max_abs_pixel_diff": meta["max_abs_pixel_diff"],
               "max_abs_vision_diff": meta["max_abs_vision_diff"], "vision_resolution": meta["resolution"]}
+    layout = m.image_layout
+    if layout is not None and layout.grid is not None:  # the feature grid of this resolution (square tower)
+        side = int(round(n ** 0.5))
+        layout = dataclasses.replace(layout, grid=(side, n // side))
     new = dataclasses.replace(m, components={**m.components, "vision": comp}, preprocess=pre, image_tokens=n,
-                              source=dataclasses.replace(m.source, parity=parity))
+                              image_layout=layout, source=dataclasses.replace(m.source, parity=parity))
     (tmp / MANIFEST).write_text(new.to_json(), encoding="utf-8")
     open_bundle(tmp)  # every sha256 holds
     os.replace(tmp, dst)
