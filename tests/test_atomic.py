@@ -152,7 +152,7 @@ def test_sigkilled_quantization_leaves_no_bundle(tmp_path):
 
 def test_export_interrupted_mid_write_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     """KeyboardInterrupt after the vision graph is on disk, while the decoder is being written."""
-    from edgevlm.export import exporter, graphs
+    from edgevlm.export import exporter, gqa, graphs
 
     seen = {}
 
@@ -162,6 +162,7 @@ def test_export_interrupted_mid_write_leaves_nothing(checkpoint, tmp_path, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(graphs, "export_decoder", interrupted)
+    monkeypatch.setattr(gqa, "export_decoder", interrupted)  # the default decoder graph for this Llama
     with pytest.raises(KeyboardInterrupt):
         exporter.export(checkpoint("llava-clip-llama"), tmp_path / "out", progress=False)
     assert "vision.onnx" in seen["files"]  # it was interrupted mid-write
