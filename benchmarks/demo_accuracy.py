@@ -1,10 +1,12 @@
 """Accuracy of the committed demo bundles on the held-out test split, overall and per question type.
 
-    python benchmarks/demo_accuracy.py [--n 1000] [--seed 2000003] [--position-n 300]
+    python benchmarks/demo_accuracy.py [--n 1000] [--seed 2000003] [--position-n 300] [--chat-n 150]
 
 Greedy, exact match after normalisation (`edgevlm eval`), both bundles on the same questions; then the
 position questions alone (--position-n of them, seed 424242), by form and by what was answered, since that
-type is where the demo falls short. Writes benchmarks/results/demo_accuracy.{json,md,png}.
+type used to be where the demo fell short; then two-question chats (--chat-n of them, seed 8800001: a question
+with the image, then another about it in the same chat), since the demo is trained on single questions.
+Writes benchmarks/results/demo_accuracy.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ BUNDLES = {"standard": ASSETS / "shapes-fastvlm", "pre-fusion (LLaVA-Mini)": ASS
 
 
 POSITION_SEED = 424_242  # used by nothing else
+CHAT_SEED = 8_800_001  # nor this
+
+
+def two_turns(vlm, n: int, seed: int = CHAT_SEED) -> dict:
+    """n chats of two questions about one image (the second drawn from the other types of the same scene):
+    accuracy of each turn."""
+    import numpy as np
+
+    ok = [0, 0]
+    for i, ex in enumerate(shapes.examples(seed, n, split="eval")):
+        (_, q2, a2), = shapes.scene_questions(ex.scene, np.random.default_rng([seed, i]), 1, split="eval")
+        chat = vlm.chat()
+        for k, (q, a, img) in enumerate(((ex.question, ex.answer, ex.image), (q2, a2, None))):
+            ok[k] += shapes.normalize_answer(chat.send(q, image=img, max_tokens=24)) == shapes.normalize_answer(a)
+    return {"n": n, "turn1": ok[0] / n, "turn2": ok[1] / n}
 
 
 def position_forms(vlm, n: int, seed: int = POSITION_SEED) -> dict:
@@ -50,6 +67,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=shapes.TEST_SEED)
     p.add_argument("--position-n", type=int, default=300, help="position questions for the by-form breakdown")
+    p.add_argument("--chat-n", type=int, default=150, help="two-question chats")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo_accuracy")
     args = p.parse_args()
     results = {}
@@ -61,6 +79,8 @@ def main() -> None:
         r = evaluate(vlm, "shapes", args.seed, args.n)
         if args.position_n:
             r["position_forms"] = position_forms(vlm, args.position_n)
+        if args.chat_n:
+            r["two_turns"] = two_turns(vlm, args.chat_n)
         r["bundle"] = path.name
         r["bundle_bytes"] = sum(f.stat().st_size for f in path.iterdir())
         r["seconds"] = round(time.perf_counter() - t, 1)
@@ -81,6 +101,11 @@ def main() -> None:
             for form, f in r.get("position_forms", {}).items():
                 given = ", ".join(f"{k}: {v}" for k, v in f["answers"].items())
                 lines.append(f"| {name} | {form} | {f['n']} | {f['accuracy']:.3f} | {given} |")
+    if args.chat_n:
+        lines += ["", f"Two-question chats ({args.chat_n} of seed {CHAT_SEED}: the image and a question, then another "
+                  "question about it in the same chat):", "", "| bundle | turn 1 | turn 2 |", "|---|---|---|"]
+        lines += [f"| {name} | {r['two_turns']['turn1']:.3f} | {r['two_turns']['turn2']:.3f} |"
+                  for name, r in results.items() if "two_turns" in r]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -15,22 +14,23 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from . import budget, pipeline, template, tiling
+from . import pipeline, template
 from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
 from .cache import Caches, kv_arrays, kv_from_arrays
 from .contract import check_graphs
-from .errors import ArgumentError, BackendError, BundleError, EdgeVLMError
+from .errors import ArgumentError, BundleError, EdgeVLMError
 from .generate import Chat, Response
-from .image import input_digest, load_image, preprocess
+from .image_side import ImageSide, _kv_ok
+from .image import load_image
 from .sampling import make_sampler
 
 DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "shapes-fastvlm"
 GGUF_MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front: cap what a long-context model asks
 
 
-class VLM:
+class VLM(ImageSide):
     def __init__(self, bundle: Bundle, providers: Sequence[ProviderSpec] | None = None, threads: int = 0,
                  warmup: bool = True, cache_dir: str | os.PathLike | None = None, cache_bytes: dict | None = None):
         self.bundle = bundle
@@ -119,120 +119,7 @@ class VLM:
         return Caches(self.bundle.sha256, cache_dir, variant=self._prefix_variant(), check_prefix=self._prefix_fits,
                       check_image=self._image_fits, **bounds)
 
-    # ---- stages used by Chat -----------------------------------------------------------------------
-
-    def _image_embeds(self, image, max_image_tokens: int | None = None) -> tuple[str, dict, str, dict[str, float]]:
-        """-> (cache key, image state, where it was cached: "ram", "disk" or "" (computed now), stage seconds).
-        The state is all that depends only on the image: {"rows": embeds for the placeholders [N, D],
-        "kv": the pre-fusion KV of the image prefix (pre-fusion bundles) or None, and for tiled images
-        "layout": [tile rows, tile cols, rows per tile]}. With a token budget (max_image_tokens, else the
-        bundle's), the reduced rows are an image of their own for the caches."""
-        m = self.manifest
-        t = time.perf_counter()
-        raw = input_digest(image)  # the same input bytes always preprocess to the same pixels: skip that
-        key = self.caches.aliases.get(raw) if raw else None
-        stages = {"preprocess": time.perf_counter() - t}
-        t = time.perf_counter()
-        state, where = self.caches.get_image(key) if key else (None, "")
-        stages["cache"] = time.perf_counter() - t
-        if state is None:
-            t = time.perf_counter()
-            rgb = load_image(image)
-            lay = m.image_layout
-            tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
-            pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess)
-            key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()  # the content address
-            stages["preprocess"] += time.perf_counter() - t
-            if raw:
-                self.caches.aliases.put(raw, key)
-            t = time.perf_counter()
-            state, where = self.caches.get_image(key)
-            stages["cache"] += time.perf_counter() - t
-            if state is None:
-                state = self._encode(pixels, stages, tiles)
-                self.caches.put_image(key, state)
-        limit = m.generation.max_image_tokens if max_image_tokens is None else int(max_image_tokens)
-        if limit is None or m.fusion != "splice" or limit >= state["rows"].shape[0]:
-            if limit is not None and limit < 1:
-                budget.reduce(state["rows"], limit)  # the same error as a real reduction
-            return key, state, where, stages
-        small = hashlib.sha256(f"{key}:{limit}:{self.budget_method}".encode()).hexdigest()
-        reduced, _ = self.caches.get_image(small)
-        if reduced is None:
-            reduced = self._reduce_image(state, limit)
-            self.caches.put_image(small, reduced)
-        return small, reduced, where, stages
-
-    def _encode(self, pixels: np.ndarray, stages: dict[str, float], tiles=None) -> dict:
-        t = time.perf_counter()
-        feats, row_end = [], None
-        for tile in pixels:  # [3, S, S]: the vision graph (+ projector) takes one tile at a time
-            out = self.vision.run({self.vision.input_names[0]: tile[None]})
-            feats.append(out[self.vision.output_names[0]][0])
-            row_end = out.get("row_end")
-        feats = np.stack(feats)  # [T, n, D]
-        embeds = tiling.assemble(feats, tiles, self.manifest.image_layout, row_end) if tiles else feats[0]
-        stages["encode"] = time.perf_counter() - t
-        state = {"rows": embeds, "kv": None}
-        if tiles is not None and self.manifest.image_layout.tiling == "split":
-            state["layout"] = np.asarray([tiles.rows, tiles.cols, feats.shape[1]], np.int64)
-        if self.manifest.fusion == "prefusion":
-            t = time.perf_counter()
-            state["rows"] = pipeline.compress(self.compressor, embeds)
-            stages["compress"] = time.perf_counter() - t
-            t = time.perf_counter()  # the image prefix of the pre-fusion layers: later prompts attend to it
-            empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
-            state["kv"] = pipeline.run(self.prefusion, self.prefusion_kv, embeds, empty)[1]
-            stages["prefusion"] = time.perf_counter() - t
-        if tiles is None and state["rows"].shape[0] != self.manifest.image_tokens:
-            raise BackendError(f"the image gave {state['rows'].shape[0]} rows, manifest says {self.manifest.image_tokens}")
-        self._row_shape = state["rows"].shape
-        return state
-
-    def _reduce_image(self, state: dict, limit: int) -> dict:
-        """The image's rows cut to at most `limit` (edgevlm.budget), spread over the picture."""
-        lay = self.manifest.image_layout
-        grid = lay.grid if lay else None
-        rows = state["rows"]
-        if "layout" in state:  # split tiles: every tile keeps the same share, marker tokens stay
-            r, c, n = (int(x) for x in state["layout"])
-            tiles = rows.reshape(-1, n, rows.shape[-1])
-            per = max(1, limit // len(tiles))
-            kept = [budget.reduce(f, per, grid, self.budget_method) for f in tiles]
-            return {"rows": np.concatenate(kept), "kv": None,
-                    "layout": np.asarray([r, c, kept[0].shape[0]], np.int64)}
-        tiled = lay is not None and lay.tiling != "none"  # a stitched anyres map: the rows as a sequence
-        return {"rows": budget.reduce(rows, limit, None if tiled else grid, self.budget_method), "kv": None}
-
-    def _placeholder(self, state: dict) -> str:
-        """The image's placeholder text in the prompt (marker tokens and all, for tiled layouts)."""
-        m, n = self.manifest, state["rows"].shape[0]
-        if m.image_layout is None:
-            return m.image_token * n
-        rows, cols, per = (int(x) for x in state["layout"]) if "layout" in state else (0, 0, n)
-        return tiling.placeholder(m.image_layout, m.image_token, rows, cols, per, n)
-
-    def _blank_pixels(self) -> np.ndarray:  # [1, 3, H, W] zeros of the tower's input size
-        m = self.manifest
-        shape = list(m.components["vision"].inputs.get("pixel_values") or [])
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape):  # dynamic: the preprocess's size
-            h, w = m.preprocess.crop or m.preprocess.size or (m.preprocess.shortest_edge,) * 2
-            shape = [1, 3, h, w]
-        return np.zeros(shape, np.float32)
-
-    def _image_fits(self, state: dict) -> bool:  # arrays read from the disk cache
-        m = self.manifest
-        rows = state["rows"]
-        if self._row_shape is None:  # loaded without warm-up, nothing encoded yet: learn the shape once
-            self._encode(self._blank_pixels(), {})
-        if rows.ndim != 2 or rows.shape[1] != self._row_shape[1] or rows.dtype != np.float32:
-            return False
-        if m.image_layout is None and rows.shape[0] > m.image_tokens:
-            return False
-        if m.fusion == "prefusion":
-            kv = state.get("kv")
-            return kv is not None and len(kv) == self.prefusion_layers and _kv_ok(kv, self.prefusion_kv, None)
-        return state.get("kv") is None
+    # ---- stages used by Chat (the image side, an image -> its cached state, is in edgevlm/image_side.py) ----
 
     # ---- the prefix KV cache: ONNX KV arrays, or a llama.cpp sequence state (GGUF); CoreML keeps none -----
 
@@ -437,10 +324,3 @@ def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec
         raise ArgumentError(f"threads must be a non-negative integer (0: onnxruntime decides), got {threads!r}")
     return VLM(open_bundle(path), providers=providers, threads=threads, warmup=warmup, cache_dir=cache_dir,
                cache_bytes=cache_bytes)
-
-
-def _kv_ok(kv, spec, length: int | None) -> bool:
-    """Each (k, v): float32 [1, heads, length, head_dim] (any length when None, but equal across layers)."""
-    n = kv[0][0].shape[2] if length is None and kv[0][0].ndim == 4 else length
-    want = (1, spec.heads, n, spec.head_dim)
-    return all(a is not None and a.dtype == np.float32 and a.shape == want for pair in kv for a in pair)
