@@ -57,7 +57,8 @@ class VLM(ImageSide):
                 source = str(bundle.path(comp.file))
             else:
                 source = bundle.read(comp.file)
-            self.graphs[name] = OnnxGraph(name, source, providers, threads)
+            # only the decoder, run step after step, keeps its threads spinning between runs (see OnnxGraph)
+            self.graphs[name] = OnnxGraph(name, source, providers, threads, spin=name == "decoder")
         try:
             self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
         except Exception as e:

@@ -34,10 +34,16 @@ class OnnxGraph:
     """One ONNX graph in one InferenceSession."""
 
     def __init__(self, name: str, model: bytes | str, providers: Sequence[ProviderSpec] | None = None,
-                 threads: int = 0):
+                 threads: int = 0, spin: bool = True):
+        """spin: the intra-op threads busy-wait for work after a run. Right for a graph run back to back (the
+        decoder); wrong for one followed by another graph: every session has its own thread pool, and threads
+        spinning after the vision graph took the cores from the pre-fusion layers that ran next (2x their time
+        on 2 cores)."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         try:
