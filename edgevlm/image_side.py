@@ -130,12 +130,5 @@ class ImageSide:
             return False
         if m.fusion == "prefusion":
             kv = state.get("kv")
-            return kv is not None and len(kv) == self.prefusion_layers and _kv_ok(kv, self.prefusion_kv, None)
+            return kv is not None and len(kv) == self.prefusion_layers and pipeline.kv_ok(kv, self.prefusion_kv, None)
         return state.get("kv") is None
-
-
-def _kv_ok(kv, spec, length: int | None) -> bool:
-    """Each (k, v): float32 [1, heads, length, head_dim] (any length when None, but equal across layers)."""
-    n = kv[0][0].shape[2] if length is None and kv[0][0].ndim == 4 else length
-    want = (1, spec.heads, n, spec.head_dim)
-    return all(a is not None and a.dtype == np.float32 and a.shape == want for pair in kv for a in pair)

@@ -22,7 +22,7 @@ from .cache import Caches, kv_arrays, kv_from_arrays
 from .contract import check_graphs
 from .errors import ArgumentError, BundleError, EdgeVLMError
 from .generate import Chat, Response
-from .image_side import ImageSide, _kv_ok
+from .image_side import ImageSide
 from .image import load_image
 from .sampling import make_sampler
 
@@ -132,7 +132,7 @@ class VLM(ImageSide):
     def _prefix_fits(self, arrays: dict, length: int) -> bool:
         if self.lm is None:
             kv = kv_from_arrays(arrays)
-            return kv is not None and len(kv) == self.num_layers and _kv_ok(kv, self.kv_spec, length)
+            return kv is not None and len(kv) == self.num_layers and pipeline.kv_ok(kv, self.kv_spec, length)
         state = arrays.get("state")
         return len(arrays) == 1 and state is not None and state.dtype == np.uint8 and state.ndim == 1
 

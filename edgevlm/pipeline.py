@@ -37,6 +37,13 @@ def empty_kv(spec: KVSpec, num_layers: int, dtype=np.float32) -> KV:
     return [(z, z) for _ in range(num_layers)]
 
 
+def kv_ok(kv, spec, length: int | None) -> bool:
+    """Each (k, v): float32 [1, heads, length, head_dim] (any length when None, but equal across layers)."""
+    n = kv[0][0].shape[2] if length is None and kv[0][0].ndim == 4 else length
+    want = (1, spec.heads, n, spec.head_dim)
+    return all(a is not None and a.dtype == np.float32 and a.shape == want for pair in kv for a in pair)
+
+
 def trim_kv(kv: KV, length: int) -> KV:
     return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
 

@@ -2,9 +2,10 @@
 
     stream = Stream(Conversations(tok, processor, n_image_tokens), seed)
     pixels, targets = stream.vision_batch(32)
-    pixels, ids, weight, mask, pos, targets = stream.text_batch(16, 6)
+    pixels, ids, weight, mask, pos, targets, (rows, index, ref_targets) = stream.text_batch(16, 6)
 
-Used by export/train_demo.py (the training loop); see its docstring for why questions are packed this way.
+Used by export/train_demo.py (the training loop; the model is export/demo_model.py); see its docstring for why
+questions are packed this way and what the reference marks are for.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def ref_marks(scene, q: shapes.Question, text: str) -> list[tuple[int, np.ndarra
         return []
     marks, at = [], 0
     for ref in (q.a, q.b):
-        if ref is None:
-            continue
-        at = text.index(f"the {ref.phrase()}", at) + len(f"the {ref.phrase()}")
-        marks.append((at, object_target(shapes.find(scene, ref))))
+        if ref is not None:
+            phrase = f"the {ref.phrase()}"
+            at = text.index(phrase, at) + len(phrase)
+            marks.append((at, object_target(shapes.find(scene, ref))))
     return marks
 
 

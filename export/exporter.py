@@ -74,8 +74,9 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
 
     With `static`, every graph has fixed shapes (NPU-ready; see StaticOptions). `decoder`: "gqa" writes the
     language model on ONNX Runtime's fused kernels (export/gqa.py; an error if the model is not Llama/Qwen2-like),
-    "torch" exports it with torch.onnx, "auto" (default) takes gqa where it applies (not with `static`). The bundle appears at out_dir
-    only once it is complete and its parity check has passed; a failure leaves nothing behind.
+    "torch" exports it with torch.onnx, "auto" (default) takes gqa where it applies (not with `static`). The
+    bundle appears at out_dir only once it is complete and its parity check has passed; a failure leaves nothing
+    behind.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     check_target(out, overwrite)

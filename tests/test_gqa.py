@@ -42,9 +42,9 @@ def test_logits_and_cache_match_transformers(kind):
     m = _model(kind)
     cfg = m.config
     assert gqa.supported(m.model, cfg) is None
-    sess = ort.InferenceSession(gqa.build(m.model, m.lm_head, cfg).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    assert "GroupQueryAttention" in {n.op_type for n in gqa.build(m.model, m.lm_head, cfg).graph.node}
+    proto = gqa.build(m.model, m.lm_head, cfg)
+    assert "GroupQueryAttention" in {n.op_type for n in proto.graph.node}
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         out = m(ids, use_cache=True)
