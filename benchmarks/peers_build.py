@@ -11,8 +11,13 @@ the real vocabulary size, which is what decides decode speed.
     onnx-fp32-256/       `edgevlm export --from ckpt-256`  (parity vs PyTorch)
     onnx-int8-256/       int8 dynamic language model, fp32 vision (what `edgevlm quant --scheme int8 --vision
     onnx-int4-256/       fp32` / `--scheme int4` write, same quantizers and settings; see `quantized`)
-    vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch
-    onnx-P-R/            bundle P with vision-R's graph: the other files are hard links into onnx-P-256
+    vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch;
+                         vision-256/ holds onnx-fp32-256's graph (a hard link)
+    vision-R-int8s/      vision-R's graph int8-static (edgevlm's quantizer, `edgevlm quant`'s int8-static
+                         level: QDQ, per-channel int8 weights, uint8 activations calibrated on 4 images)
+    onnx-fp32-R/         onnx-fp32-256 with vision-R's graph: the other files are hard links
+    onnx-P-R-v8/         P = int8 / int4: onnx-P-256's language model with vision-R-int8s's graph (what
+                         `edgevlm quant --scheme P --vision int8-static` writes)
     gguf-Q/              `edgevlm export --format gguf --gguf-quant Q --bundle onnx-fp32-256`
 
 The fixed-size vision graph is why there is one bundle per resolution: the manifest gives the vision graph
@@ -235,6 +240,71 @@ def vision_graphs(work: Path, ckpts: dict[int, Path]) -> dict[int, Path]:
     return out
 
 
+def base_vision(work: Path, fp32: Path) -> Path:
+    """vision-256/: the base fp32 bundle's own vision graph, with the meta.json the other resolutions have."""
+    from edgevlm.bundle import open_bundle
+
+    r0, out = RESOLUTIONS[0], work / f"vision-{RESOLUTIONS[0]}"
+    if out.exists():
+        return out
+    m = open_bundle(fp32).manifest
+    vis = m.components["vision"]
+    tmp = _fresh(out)
+    os.link(fp32 / vis.file, tmp / "vision.onnx")
+    par = m.source.parity
+    meta = {"resolution": r0, "pixel_shape": list(vis.inputs["pixel_values"]), "image_tokens": m.image_tokens,
+            "dim": int(vis.outputs["image_embeds"][-1]), "preprocess": dataclasses.asdict(m.preprocess),
+            "max_abs_pixel_diff": par.get("max_abs_pixel_diff"), "max_abs_vision_diff": par.get("max_abs_vision_diff")}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def vision_int8(vision: Path) -> Path:
+    """vision-R-int8s/: vision-R's graph through `edgevlm quant`'s int8-static level (quant.api.resolve and
+    quant.graphs.quantize), calibrated on the parity probe and three noise images, preprocessed as the bundle
+    does. The weights are random: this graph is for speed; its output is compared with fp32 in meta.json
+    only to show it is the same network."""
+    import numpy as np
+    import onnx
+
+    from edgevlm.backends.onnx import OnnxGraph
+    from edgevlm.export import parity
+    from edgevlm.image import preprocess
+    from edgevlm.manifest import Preprocess
+    from edgevlm.quant.api import component_quant, resolve
+    from edgevlm.quant.graphs import Options, weight_nodes
+    from edgevlm.quant.graphs import quantize as quantize_graph
+
+    out = vision.with_name(vision.name + "-int8s")
+    if out.exists():
+        return out
+    meta = json.loads((vision / "meta.json").read_text())
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
+    rng = np.random.default_rng(0)
+    images = [np.asarray(parity.probe_image())] + [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+                                                   for _ in range(3)]
+    model = onnx.load(str(vision / "vision.onnx"))
+    name = model.graph.input[0].name
+    feeds = [{name: preprocess(im, pre)} for im in images]
+    plan, labels = resolve({"vision": model}, "int8-static", {})
+    log(f"vision {meta['resolution']} px -> int8-static ({len(plan['vision'])} of {len(weight_nodes(model))} "
+        f"weight nodes)")
+    q = quantize_graph(model, plan["vision"], Options(), calibration=lambda: iter(feeds))
+    tmp = _fresh(out)
+    onnx.save(q, str(tmp / "vision.onnx"))
+    ref = OnnxGraph("fp32", str(vision / "vision.onnx"), threads=2).run(feeds[0])
+    got = OnnxGraph("int8s", str(tmp / "vision.onnx"), threads=2).run(feeds[0])
+    a, b = next(iter(ref.values())), next(iter(got.values()))
+    meta["quant"] = component_quant(q, [n.name for n in weight_nodes(model)], plan["vision"], labels["vision"],
+                                    Options(), (tmp / "vision.onnx").stat().st_size)
+    meta["int8s_vs_fp32"] = {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_fp32": float(np.abs(a).max()),
+                             "note": "random weights: speed only"}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
 def variant(base: Path, vision: Path, dst: Path) -> Path:
     """Bundle `base` with the vision graph (and preprocessing, image-token count) of `vision`."""
     from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
@@ -255,6 +325,8 @@ def variant(base: Path, vision: Path, dst: Path) -> Path:
     n, d = meta["image_tokens"], meta["dim"]
     comp = dataclasses.replace(vis, sha256=sha256_file(tmp / vis.file), inputs={"pixel_values": meta["pixel_shape"]},
                                outputs={"image_embeds": [1, n, d]})
+    if "quant" in meta:
+        comp = dataclasses.replace(comp, precision=meta["quant"]["scheme"], quant=meta["quant"])
     parity = {**m.source.parity, "max_abs_pixel_diff": meta["max_abs_pixel_diff"],
               "max_abs_vision_diff": meta["max_abs_vision_diff"], "vision_resolution": meta["resolution"]}
     layout = m.image_layout
@@ -282,15 +354,19 @@ def gguf_bundles(work: Path, ckpt: Path, fp32: Path, quants=GGUF_QUANTS) -> dict
 
 
 def build(work: Path, gguf_quants=GGUF_QUANTS) -> dict:
-    """Everything, cached under work/; returns {"ckpt": {R: dir}, "onnx": {P: {R: bundle}}, "gguf": {Q: bundle}}."""
+    """Everything, cached under work/; returns {"ckpt": {R: dir}, "onnx": {P: {R: bundle}}, "gguf": {Q: bundle}}.
+    The int8 and int4 bundles have the int8-static vision graph; the fp32 bundles the fp32 one."""
     work.mkdir(parents=True, exist_ok=True)
     ckpts = checkpoints(work)
     bases = base_bundles(work, ckpts[RESOLUTIONS[0]])
-    visions = vision_graphs(work, ckpts)
-    onnx = {p: {RESOLUTIONS[0]: bases[p]} for p in PRECISIONS}
-    for p in PRECISIONS:
-        for r in RESOLUTIONS[1:]:
-            onnx[p][r] = variant(bases[p], visions[r], work / f"onnx-{p}-{r}")
+    visions = {RESOLUTIONS[0]: base_vision(work, bases["fp32"]), **vision_graphs(work, ckpts)}
+    onnx = {p: {} for p in PRECISIONS}
+    for r in RESOLUTIONS:
+        onnx["fp32"][r] = bases["fp32"] if r == RESOLUTIONS[0] else variant(bases["fp32"], visions[r],
+                                                                              work / f"onnx-fp32-{r}")
+        int8s = vision_int8(visions[r])
+        for p in PRECISIONS[1:]:
+            onnx[p][r] = variant(bases[p], int8s, work / f"onnx-{p}-{r}-v8")
     gguf = gguf_bundles(work, ckpts[RESOLUTIONS[0]], bases["fp32"], gguf_quants)
     return {"ckpt": ckpts, "onnx": onnx, "gguf": gguf}
 

@@ -29,11 +29,14 @@ def goals(result: dict) -> dict:
         "warm_over_cold_1024": {"new_question": warm[0], "second_turn": warm[1]},
     }
     one = result.get("ttft_1_thread", {}).get("1024")
-    if one:  # the verdict holds only if it also holds with both at 1 thread
+    if one:  # the verdict holds only if it also holds with both at 1 thread (the same bundle, if measured)
         out["cold_ttft_1024_vs_transformers"]["fp32_1_thread"] = one["ratio"]
+        if f"ratio_{ttft_best}" in one:
+            out["cold_ttft_1024_vs_transformers"]["best_1_thread"] = [ttft_best, one[f"ratio_{ttft_best}"]]
+    one_best = one.get(f"ratio_{ttft_best}", one.get("ratio")) if one else None
     out["met"] = {
         "cold_ttft_1024_vs_transformers": t[ttft_best]["vs_transformers"] <= g["cold_ttft_1024_vs_transformers"]
-        and (not one or one["ratio"] <= g["cold_ttft_1024_vs_transformers"]),
+        and (one_best is None or one_best <= g["cold_ttft_1024_vs_transformers"]),
         "decode_vs_llama_cpp": bool(q4) and dec[best_ours]["tps"] / q4 >= g["decode_vs_llama_cpp"],
         "decode_fraction_of_bound": any(dec[k]["fraction_of_bound"] >= g["decode_fraction_of_bound"]
                                         for k in dec if k.startswith("edgevlm")),
@@ -67,9 +70,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r} | {n_img} | {row['transformers']['prompt_tokens']} | " + " | ".join(cells) + " |")
     if "ttft_1_thread" in result:
         lines += ["", "The same at **1 thread** each (transformers `torch.set_num_threads(1)`, ours `threads=1`; "
-                  "new images): " + "; ".join(f"{r} px: transformers {1000 * v['transformers']:.0f} ms, fp32 "
-                                              f"{1000 * v['fp32']:.0f} ms (**{v['ratio']:.2f}x**)"
-                                              for r, v in result["ttft_1_thread"].items())]
+                  "new images): " + "; ".join(
+                      f"{r} px: transformers {1000 * v['transformers']:.0f} ms, " + ", ".join(
+                          f"{p} {1000 * v[p]:.0f} ms (**{v[f'ratio_{p}'] if f'ratio_{p}' in v else v['ratio']:.2f}x**)"
+                          for p in ("fp32", "int8", "int4") if p in v)
+                      for r, v in result["ttft_1_thread"].items())]
     lines += ["", "Stages at 1024 px (median ms): "]
     t = result["ttft"][res[-1]]
     for s in systems:
@@ -91,16 +96,20 @@ def markdown(result: dict) -> str:
               f"{2 + len(d.get('bandwidth', []))} measurements: "
               + ", ".join(f"{b['best_GBps']:.1f}" for b in [result["bandwidth_before"], *d.get("bandwidth", []),
                                                             result["bandwidth_after"]]) + "); "
-              "bound = bandwidth / bytes read per token (weights + KV cache).", "",
+              "bound = bandwidth / bytes read per token (weights + KV cache). The last column divides by the "
+              "bound at the bandwidth measured right after the decoder's pair instead (the goal is judged on the "
+              "best of the run).", "",
               "| decoder | best threads | tokens/s | vs llama.cpp Q4_K_M | tokens/s at 1 / 2 threads | MB read per token "
-              "| bound tokens/s | fraction of bound |", "|---|---|---|---|---|---|---|---|"]
+              "| bound tokens/s | fraction of bound | GB/s beside / fraction |", "|---|---|---|---|---|---|---|---|---|"]
     q4 = d["decoders"].get("llama.cpp Q4_K_M", {}).get("tps")
     for name, v in d["decoders"].items():
         extra = f" (eval only {v['eval_only_tps']:.1f})" if "eval_only_tps" in v else ""
         vs = f"{v['tps'] / q4:.2f}x" if q4 else "-"
         bt = " / ".join(f"{x['tps']:.2f}" for x in v.get("by_threads", {}).values()) or "-"
         lines.append(f"| {name} | {v.get('threads', 2)} | {v['tps']:.2f}{extra} | {vs} | {bt} | "
-                     f"{v['bytes_per_token'] / 1e6:.0f} | {v['bound_tps']:.1f} | {v['fraction_of_bound']:.2f} |")
+                     f"{v['bytes_per_token'] / 1e6:.0f} | {v['bound_tps']:.1f} | {v['fraction_of_bound']:.2f} | "
+                     + (f"{v['bandwidth_beside_GBps']:.1f} / {v['fraction_of_bound_beside']:.2f} |"
+                        if "fraction_of_bound_beside" in v else "- |"))
     g = goals(result)
     m = g["met"]
     lines += ["", "**Goals** (issue 6):", "",
@@ -108,7 +117,9 @@ def markdown(result: dict) -> str:
               f"(fp32 {g['cold_ttft_1024_vs_transformers']['fp32']:.2f}x; best {g['cold_ttft_1024_vs_transformers']['best'][0]} "
               f"{g['cold_ttft_1024_vs_transformers']['best'][1]:.2f}x"
               + (f"; fp32 at 1 thread each {g['cold_ttft_1024_vs_transformers']['fp32_1_thread']:.2f}x"
-                 if "fp32_1_thread" in g["cold_ttft_1024_vs_transformers"] else "") + ")",
+                 if "fp32_1_thread" in g["cold_ttft_1024_vs_transformers"] else "")
+              + ("; {} at 1 thread each {:.2f}x".format(*g["cold_ttft_1024_vs_transformers"]["best_1_thread"])
+                 if "best_1_thread" in g["cold_ttft_1024_vs_transformers"] else "") + ")",
               f"- decode >= 1.0x llama.cpp (Q4_K_M): {_verdict(m['decode_vs_llama_cpp'])} ("
               + ", ".join(f"{k} {v:.2f}x" for k, v in g["decode_vs_llama_cpp_q4_k_m"].items()) + ")",
               f"- decode >= 70% of the bandwidth bound: {_verdict(m['decode_fraction_of_bound'])} ("

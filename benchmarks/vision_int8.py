@@ -1,12 +1,13 @@
 """The FastVLM-0.5B-shaped vision tower (fastvit_mci3, random weights) fp32 vs int8-static (QDQ), side by side.
 
-    python benchmarks/vision_int8.py [--resolutions 512,1024] [--reps 3]
+    python benchmarks/vision_int8.py [--resolutions 256,512,768,1024] [--reps 3]
 
-Takes the fp32 vision graphs `benchmarks/peers.py` built (benchmarks/.cache/peers/vision-R/vision.onnx, 512 px
-and up), quantizes every Conv and MatMul weight node int8-static with edgevlm's quantizer (`quant.graphs.quantize`,
-the settings of `edgevlm quant`'s `int8-static` level: QDQ, per-channel int8 weights, uint8 activations),
-calibrated on 3 random images — the weights are random, so only speed is meant — and times one encode of each
-graph, interleaved, through edgevlm's own session settings. Writes JSON and a markdown table.
+Times one encode of the two vision graphs `benchmarks/peers.py` builds at each resolution
+(benchmarks/.cache/peers/vision-R/ and vision-R-int8s/: the latter is vision-R through `edgevlm quant`'s
+int8-static level — quant.api.resolve + quant.graphs.quantize: per-channel scales folded into the
+convolutions, QDQ with per-channel int8 weights and calibrated uint8 activations, grouped convolutions that mix
+channels left fp32), interleaved, through edgevlm's own session settings. The weights are random: speed only.
+Writes JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ HERE = Path(__file__).parent
 
 
 def main() -> None:
-    import onnx
-
     from edgevlm.backends.onnx import OnnxGraph
-    from edgevlm.quant.graphs import Options, quantize, weight_nodes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--resolutions", default="512,1024")
+    p.add_argument("--resolutions", default="256,512,768,1024")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=HERE / ".cache" / "peers")
@@ -38,20 +36,14 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     for res in (int(r) for r in args.resolutions.split(",")):
-        src = args.work / f"vision-{res}" / "vision.onnx"
-        if not src.exists():
-            raise SystemExit(f"{src} is missing: run benchmarks/peers.py first")
-        model = onnx.load(str(src))
-        name = model.graph.input[0].name
-        rng = np.random.default_rng(0)
-        calib = [{name: rng.random((1, 3, res, res), dtype=np.float32)} for _ in range(3)]
-        nodes = [n for n in weight_nodes(model) if n.op in ("Conv", "MatMul")]
-        t = time.perf_counter()
-        q = quantize(model, {n.name: "int8-static" for n in nodes}, Options(), calibration=lambda: iter(calib))
-        quant_s = time.perf_counter() - t
+        src, q8 = args.work / f"vision-{res}" / "vision.onnx", args.work / f"vision-{res}-int8s" / "vision.onnx"
+        if not q8.exists():
+            raise SystemExit(f"{q8} is missing: run benchmarks/peers.py (or peers_build.py) first")
+        meta = json.loads((q8.parent / "meta.json").read_text())
         g32 = OnnxGraph("fp32", str(src), threads=args.threads)
-        g8 = OnnxGraph("int8", q.SerializeToString(), threads=args.threads)
-        feeds = {name: rng.random((1, 3, res, res), dtype=np.float32)}
+        g8 = OnnxGraph("int8", str(q8), threads=args.threads)
+        name = g32.input_names[0]
+        feeds = {name: np.random.default_rng(0).random(tuple(meta["pixel_shape"]), dtype=np.float32)}
         g32.run(feeds), g8.run(feeds)  # first runs allocate
         times = {"fp32": [], "int8-static": []}
         for _ in range(args.reps):
@@ -60,7 +52,8 @@ def main() -> None:
                 g.run(feeds)
                 times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"resolution": res, "weight_nodes": len(nodes), "quantize_s": round(quant_s, 1),
+        rows.append({"resolution": res, "weight_nodes": meta["quant"]["nodes"].get("int8-static", 0),
+                     "left_fp32": len(meta["quant"]["excluded"]),
                      "fp32_ms": 1000 * med["fp32"], "int8_static_ms": 1000 * med["int8-static"],
                      "ratio": med["int8-static"] / med["fp32"]})
         print(rows[-1], flush=True)
@@ -70,8 +63,9 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [f"Vision tower: {result['tower']}; one encode, median of {args.reps} interleaved; {args.threads} threads; "
              f"1-minute load average {result['loadavg']}.", "",
-             "| px | weight nodes quantized | fp32 ms | int8-static (QDQ) ms | ratio |", "|---|---|---|---|---|"]
-    lines += [f"| {r['resolution']} | {r['weight_nodes']} | {r['fp32_ms']:.0f} | {r['int8_static_ms']:.0f} | "
+             "| px | weight nodes int8-static / left fp32 | fp32 ms | int8-static (QDQ) ms | ratio |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['resolution']} | {r['weight_nodes']} / {r['left_fp32']} | {r['fp32_ms']:.0f} | {r['int8_static_ms']:.0f} | "
               f"{r['ratio']:.2f}x |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

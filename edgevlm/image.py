@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -181,8 +182,14 @@ def preprocess(rgb: np.ndarray, cfg: Preprocess) -> np.ndarray:
         img = _center_crop(img, *cfg.crop)
     mean = np.asarray(cfg.mean, np.float32) * np.float32(1.0 / cfg.rescale)
     std = np.asarray(cfg.std, np.float32) * np.float32(1.0 / cfg.rescale)
-    x = (img.astype(np.float32) - mean) / std  # HF's fused rescale+normalize, in float32
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    # HF's fused rescale+normalize, in float32: (pixel - mean) / std per channel. A uint8 pixel has 256
+    # values, so it is a table per channel, read straight into the planar layout (the same floats; half the
+    # time of the float arithmetic and transpose at 1024 px).
+    table = (np.arange(256, dtype=np.float32)[None, :] - mean[:, None]) / std[:, None]
+    out = np.empty((1, 3) + img.shape[:2], np.float32)
+    for c in range(3):
+        np.take(table[c], img[..., c], out=out[0, c])
+    return out
 
 
 def _shortest_edge_size(h: int, w: int, edge: int) -> tuple[int, int]:
@@ -271,15 +278,32 @@ def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str) -> 
     # enough: the int16 weights sum to 2**bits (bits <= 15) and the filters' lobes keep |acc| far below 2**31.
     src = np.ascontiguousarray(np.moveaxis(img, axis, 0))
     rows = src.reshape(in_size, -1)
-    acc = np.full((out_size, rows.shape[1]), 1 << (bits - 1), np.int32)
-    tap = np.empty_like(acc)
+    out = np.empty((out_size, rows.shape[1]), np.uint8)
     w32 = wi.astype(np.int32)
-    for j in range(wi.shape[1]):
-        np.multiply(rows[np.minimum(xmin + j, in_size - 1)], w32[:, j:j + 1], out=tap)
-        acc += tap
-    np.right_shift(acc, bits, out=acc)
-    out = np.clip(acc, 0, 255).astype(np.uint8).reshape((out_size,) + src.shape[1:])
-    return np.moveaxis(out, 0, axis)
+    # Blocks of output rows whose int32 accumulators stay in the core's cache (the whole image's did not:
+    # 4 passes over 17 MB a tap at 1024 px), shared between two threads (numpy drops the GIL in its loops).
+    step = max(1, (1 << 18) // max(rows.shape[1], 1))
+    blocks = [(a, min(a + step, out_size)) for a in range(0, out_size, step)]
+
+    def work(part):
+        for a, b in part:
+            acc = np.full((b - a, rows.shape[1]), 1 << (bits - 1), np.int32)
+            tap = np.empty_like(acc)
+            for j in range(wi.shape[1]):
+                np.multiply(rows[np.minimum(xmin[a:b] + j, in_size - 1)], w32[a:b, j:j + 1], out=tap)
+                acc += tap
+            np.right_shift(acc, bits, out=acc)
+            np.clip(acc, 0, 255, out=acc)
+            out[a:b] = acc
+
+    if len(blocks) > 1 and out.size >= 1 << 20:
+        helper = threading.Thread(target=work, args=(blocks[1::2],))
+        helper.start()
+        work(blocks[::2])
+        helper.join()
+    else:
+        work(blocks)
+    return np.moveaxis(out.reshape((out_size,) + src.shape[1:]), 0, axis)
 
 
 def resize(img: np.ndarray, oh: int, ow: int, resample: str = "bicubic", kernel: str = "torchvision") -> np.ndarray:

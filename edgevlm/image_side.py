@@ -40,7 +40,9 @@ class ImageSide:
             lay = m.image_layout
             tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
             pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess)
-            key = hashlib.sha256(pixels.tobytes() + self._pre_key.encode()).hexdigest()  # the content address
+            h = hashlib.sha256(memoryview(np.ascontiguousarray(pixels)).cast("B"))  # the content address
+            h.update(self._pre_key.encode())  # (the same digest as of the concatenated bytes, without copies)
+            key = h.hexdigest()
             stages["preprocess"] += time.perf_counter() - t
             if raw:
                 self.caches.aliases.put(raw, key)

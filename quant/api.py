@@ -14,7 +14,7 @@ import edgevlm
 from edgevlm.atomic import atomic_dir, check_target, write_atomic
 from edgevlm.bundle import open_bundle
 from edgevlm.data import shapes
-from edgevlm.manifest import FileRef, Manifest, Quant
+from edgevlm.manifest import Manifest, Quant
 
 from . import bundle_io, calib
 from .graphs import BITS, LEVELS, Options, QuantError, allowed, op_counts, quantize, weight_nodes
@@ -28,7 +28,8 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 def resolve(graphs: dict[str, onnx.ModelProto], scheme: str, overrides: dict[str, str]) -> tuple[dict, dict]:
     """Per component: node -> level, and the component's label. A component's level applies to each of its
-    weight nodes; Conv has no 4-bit kernel, so int4 on a graph with Conv makes that graph fp16."""
+    weight nodes; Conv has no 4-bit kernel, so int4 on a graph with Conv makes that graph fp16. A node that
+    cannot take the level takes int8, or stays fp32 where int8 is not allowed either (graphs.allowed)."""
     plan, labels = {}, {}
     for name, model in graphs.items():
         level = overrides.get(name, scheme)
@@ -40,8 +41,15 @@ def resolve(graphs: dict[str, onnx.ModelProto], scheme: str, overrides: dict[str
         if level == "fp32" or not nodes:
             plan[name], labels[name] = {}, "fp32"
             continue
-        plan[name] = {n.name: level if level in allowed(n) else "int8" for n in nodes}
+        plan[name] = {}
+        for n in nodes:  # a level a node cannot take: int8 where it can, else it stays fp32 (`excluded`)
+            fallback = "int8" if "int8" in allowed(n) else None
+            if (lv := level if level in allowed(n) else fallback):
+                plan[name][n.name] = lv
         used = set(plan[name].values())
+        if not used:
+            plan[name], labels[name] = {}, "fp32"
+            continue
         labels[name] = used.pop() if len(used) == 1 else "mixed"  # e.g. int8-static Conv + int8 Gather
     return plan, labels
 

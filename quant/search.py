@@ -29,9 +29,14 @@ import numpy as np
 import onnx
 
 from . import calib
-from .graphs import Options, QuantError, estimate_bytes, weight_nodes
+from .graphs import Options, QuantError, allowed, estimate_bytes, weight_nodes
 
 LADDERS = {"MatMul": ("int4", "int8", "fp32"), "Gather": ("int4", "int8", "fp32"), "Conv": ("int8-static", "fp32")}
+
+
+def ladder(n) -> tuple[str, ...]:
+    """The levels the search tries for a node, smallest first, ending at fp32."""
+    return tuple(lv for lv in LADDERS[n.op] if lv == "fp32" or lv in allowed(n))
 
 
 @dataclass
@@ -80,7 +85,7 @@ def search(vlm, graphs: dict[str, onnx.ModelProto], quantize_component: Callable
     ref = np.stack([calib.first_logits(vlm, im, q) for im, q, *_ in sens_prompts])
 
     # 1. sensitivity of each (node, level)
-    probes = [(c, n, lv) for c, n in units for lv in LADDERS[n.op][:-1]]
+    probes = [(c, n, lv) for c, n in units for lv in ladder(n)[:-1]]
     sens: dict[tuple[str, str, str], float] = {}
     for i, (c, n, lv) in enumerate(probes):
         progress("sensitivity", i, len(probes))
@@ -94,24 +99,24 @@ def search(vlm, graphs: dict[str, onnx.ModelProto], quantize_component: Callable
     node = {(c, n.name): n for c, n in units}
 
     def err(key, i):
-        lv = LADDERS[node[key].op][i]
+        lv = ladder(node[key])[i]
         return 0.0 if lv == "fp32" else sens[(key[0], key[1], lv)]
 
     def gain(key):
-        i, ladder = step[key], LADDERS[node[key].op]
-        added = estimate_bytes(node[key], ladder[i + 1], opts) - estimate_bytes(node[key], ladder[i], opts)
+        i, steps = step[key], ladder(node[key])
+        added = estimate_bytes(node[key], steps[i + 1], opts) - estimate_bytes(node[key], steps[i], opts)
         return (err(key, i) - err(key, i + 1)) / max(added, 1.0)
 
     configs = [dict(step)]
-    while any(step[k] < len(LADDERS[node[k].op]) - 1 for k in step):
-        best = max((k for k in step if step[k] < len(LADDERS[node[k].op]) - 1), key=gain)
+    while any(step[k] < len(ladder(node[k])) - 1 for k in step):
+        best = max((k for k in step if step[k] < len(ladder(node[k])) - 1), key=gain)
         step[best] += 1
         configs.append(dict(step))
 
     def plan_of(cfg):
         plan = {c: dict(p) for c, p in fixed.items()}
         for (c, name), i in cfg.items():
-            lv = LADDERS[node[(c, name)].op][i]
+            lv = ladder(node[(c, name)])[i]
             plan.setdefault(c, {})
             if lv != "fp32":
                 plan[c][name] = lv

@@ -1,0 +1,102 @@
+"""quant.graphs on hand-built graphs: folding per-channel scales into convolutions, and grouped convolutions
+that stay float under int8-static."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgevlm.quant.api import resolve
+from edgevlm.quant.graphs import Options, allowed, fold_conv_scales, quantize, weight_nodes
+
+C = 8
+
+
+def _init(name, arr):
+    return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+
+def graph(per_width_mul: bool = False, scale_is_input: bool = False, conv_out_is_output: bool = False):
+    """x -> Conv 1x1 (4->8) -> Mul(layer scale) -> Add(shift) -> Conv 3x3 group 4 (8->8, 2 per group)
+    -> Conv 3x3 depthwise (group 8) -> y."""
+    rng = np.random.default_rng(0)
+    inits = [_init("w1", rng.standard_normal((C, 4, 1, 1))), _init("b1", rng.standard_normal(C)),
+             _init("w2", rng.standard_normal((C, 2, 3, 3))), _init("w3", rng.standard_normal((C, 1, 3, 3))),
+             _init("shift", rng.standard_normal((1, C, 1, 1)))]
+    scale = rng.standard_normal((C,) if per_width_mul else (C, 1, 1)) + 2
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, C, C])]
+    if scale_is_input:
+        inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, list(scale.shape)))
+    inits.append(_init("scale", scale))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="dense"),
+             helper.make_node("Mul", ["c1", "scale"], ["m"], name="layer_scale"),
+             helper.make_node("Add", ["shift", "m"], ["a"], name="shift_add"),
+             helper.make_node("Conv", ["a", "w2"], ["c2"], name="grouped", group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c2", "w3"], ["y"], name="depthwise", group=C, pads=[1, 1, 1, 1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, C, C])]
+    if conv_out_is_output:
+        outputs.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, [1, C, C, C]))
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def run(model, x):
+    """Without onnxruntime's own graph optimizations, which would fuse Conv+Mul themselves."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": x})[0]
+
+
+def test_fold_conv_scales_folds_mul_and_add_and_keeps_the_output():
+    model = graph()
+    x = np.random.default_rng(1).standard_normal((1, 4, C, C)).astype(np.float32)
+    ref = run(model, x)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_conv_scales(folded) == 2
+    onnx.checker.check_model(folded)
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops == ["Conv", "Conv", "Conv"], ops
+    assert [n.name for n in folded.graph.node][0] == "dense"  # levels name the Conv: it keeps its name
+    assert {"w1", "b1", "scale", "shift"}.isdisjoint(t.name for t in folded.graph.initializer)  # no dead weights
+    diff = float(np.abs(run(folded, x) - ref).max())
+    print(f"folded vs original max |diff| {diff:.2e} (|y| max {np.abs(ref).max():.1f})")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("case", ["per_width_mul", "scale_is_input", "conv_out_is_output"])
+def test_fold_conv_scales_leaves_what_is_not_a_per_channel_constant(case):
+    model = graph(**{case: True})
+    x = np.random.default_rng(2).standard_normal((1, 4, C, C)).astype(np.float32)
+    ref = run(model, x)
+    assert fold_conv_scales(model) == 0
+    assert [n.op_type for n in model.graph.node].count("Mul") == 1
+    assert np.array_equal(run(model, x), ref)
+
+
+def test_grouped_conv_that_mixes_channels_stays_float_under_int8_static():
+    model = graph()
+    nodes = {n.name: n for n in weight_nodes(model)}
+    assert nodes["grouped"].mixing_groups and not nodes["depthwise"].mixing_groups and not nodes["dense"].mixing_groups
+    assert "int8-static" not in allowed(nodes["grouped"]) and "int8" not in allowed(nodes["grouped"])
+    plan, labels = resolve({"vision": model}, "int8-static", {})
+    assert plan["vision"] == {"dense": "int8-static", "depthwise": "int8-static"} and labels["vision"] == "int8-static"
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 4, C, C)).astype(np.float32)} for _ in range(4)]
+    q = quantize(model, plan["vision"], Options(), calibration=lambda: iter(feeds))
+    inits = {t.name: t for t in q.graph.initializer}
+    convs = {n.name: n for n in q.graph.node if n.op_type == "Conv"}
+    produced = {o: n for n in q.graph.node for o in n.output}
+    assert convs["grouped"].input[1] in inits and inits[convs["grouped"].input[1]].data_type == TensorProto.FLOAT
+    for name in ("dense", "depthwise"):  # their weights now come out of a DequantizeLinear of int8
+        assert produced[convs[name].input[1]].op_type == "DequantizeLinear"
+    assert not any(n.op_type == "Mul" for n in q.graph.node)  # the layer scale went into the dense conv
+    x = feeds[0]["x"]
+    ref, got = run(graph(), x), run(q, x)
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"int8-static vs fp32 max |diff| relative to max |y|: {rel:.3f}")
+    assert rel < 0.1
