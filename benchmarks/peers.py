@@ -15,8 +15,10 @@ one vision graph per resolution, and the language model as GGUF
 2. cold TTFT at 256/512/768/1024 px, 2 threads: transformers (PyTorch eager, fp32, sdpa attention,
    logits_to_keep=1) vs our fp32/int8/int4 bundles, same new images and prompt; then transformers and our
    fp32 at 1 thread each (on an oversubscribed machine a second spinning thread can cost more than it gives);
-3. warm TTFT on the fp32 bundles: the same image with a new question (new chat), and a chat's second turn;
-4. decode tokens/s after the same ~300-token prompt (same token ids), each decoder at 1 and 2 threads:
+3. warm TTFT on the fp32 and int8 bundles: the same image with a new question (new chat), and a chat's
+   second turn;
+4. decode tokens/s after the same ~300-token prompt (same token ids), each decoder at 1 and 2 threads, the two
+   decoders of a pair taking turns (load, measure, unload) `--reps` times:
    ours fp32/int8/int4 (ONNX Runtime) vs llama.cpp (llama-cpp-python, greedy) on Q4_K_M / Q8_0 / F32 GGUF
    of the same weights, and transformers eager fp32; each as a fraction of the bandwidth bound.
 
@@ -44,6 +46,7 @@ import peers_build  # noqa: E402
 THREADS = int(__import__("os").environ.get("PEERS_THREADS", "2"))
 PROMPT = "What is in the image?"
 QUESTIONS = ["How many objects are there?", "What colour is the largest shape?"]
+WARM = ("fp32", "int8")  # bundles whose warm TTFT is measured
 GOALS = {"cold_ttft_1024_vs_transformers": 0.25, "decode_vs_llama_cpp": 1.0, "decode_fraction_of_bound": 0.70,
          "warm_over_cold": 0.05}
 
@@ -231,8 +234,9 @@ class LlamaCpp:
 
 def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
     """Per resolution: transformers and each bundle on the same new images (one bundle loaded at a time:
-    this shared machine has no room for all of them next to transformers). fp32 alternates with
-    transformers image by image; int8 and int4 follow on the same images."""
+    this shared machine has no room for all of them next to transformers). Every bundle alternates with
+    transformers image by image, and its ratio is to the transformers runs interleaved with it: the machine's
+    speed drifts by 10-30% over minutes, which a ratio to runs made minutes earlier would carry."""
     import edgevlm
     from edgevlm.export.parity import probe_image
 
@@ -240,17 +244,18 @@ def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
     for res in peers_build.RESOLUTIONS:
         images = [probe_image(640, 480, seed=1000 * res + rep) for rep in range(reps)]  # new: nothing cached
         runs = {"transformers": []}
+        paired = {}
         hf.ttft(probe_image(640, 480, seed=999), PROMPT, res)  # first-call overheads, untimed
-        warm_runs = []
+        warm_runs = {}
         for p in precisions:
             vlm = edgevlm.load(built["onnx"][p][res], threads=THREADS)
-            runs[p] = []
+            runs[p], paired[p] = [], []
             for image in images:
-                if p == precisions[0]:
-                    runs["transformers"].append(hf.ttft(image, PROMPT, res))
+                paired[p].append(hf.ttft(image, PROMPT, res))
                 runs[p].append(our_ttft(vlm, image, PROMPT))
-            if p == "fp32":
-                warm_runs = [warm(vlm, probe_image(640, 480, seed=5000 * res + rep)) for rep in range(reps)]
+            runs["transformers"] += paired[p]
+            if p in WARM:
+                warm_runs[p] = [warm(vlm, probe_image(640, 480, seed=5000 * res + rep)) for rep in range(reps)]
             del vlm
             gc.collect()
         row = {}
@@ -260,22 +265,28 @@ def ttft_phase(built: dict, hf: Transformers, reps: int, precisions) -> dict:
                       "stages_s": {s: med([r["stages"].get(s, 0.0) for r in rs]) for s in stages},
                       "prompt_tokens": rs[0]["prompt_tokens"]}
         for p in precisions:
-            row[p]["vs_transformers"] = row[p]["ttft_s"] / row["transformers"]["ttft_s"]
-        if warm_runs:
-            row["warm_fp32"] = {kind: {"ttft_s": med([w[kind]["ttft_s"] for w in warm_runs]),
-                                       "prefilled_tokens": warm_runs[0][kind]["prefilled_tokens"],
-                                       "image_cache_hits": warm_runs[0][kind]["image_cache_hits"],
-                                       "prefix_cache": [warm_runs[0][kind]["prefix_cache_source"],
-                                                        warm_runs[0][kind]["prefix_cache_hit_tokens"]],
-                                       "stages_s": {s: med([w[kind]["stages"].get(s, 0.0) for w in warm_runs])
-                                                    for s in warm_runs[0][kind]["stages"]}}
+            row[p]["transformers_paired_s"] = med([r["ttft_s"] for r in paired[p]])
+            row[p]["vs_transformers"] = row[p]["ttft_s"] / row[p]["transformers_paired_s"]
+        for p, wr in warm_runs.items():
+            row[f"warm_{p}"] = {kind: {"ttft_s": med([w[kind]["ttft_s"] for w in wr]),
+                                       "prefilled_tokens": wr[0][kind]["prefilled_tokens"],
+                                       "image_cache_hits": wr[0][kind]["image_cache_hits"],
+                                       "prefix_cache": [wr[0][kind]["prefix_cache_source"],
+                                                        wr[0][kind]["prefix_cache_hit_tokens"]],
+                                       "stages_s": {s: med([w[kind]["stages"].get(s, 0.0) for w in wr])
+                                                    for s in wr[0][kind]["stages"]}}
                                 for kind in ("cold", "new_question", "second_turn")}
             for kind in ("new_question", "second_turn"):
-                w = row["warm_fp32"]
+                w = row[f"warm_{p}"]
                 w[kind]["over_cold"] = w[kind]["ttft_s"] / w["cold"]["ttft_s"]
         out[str(res)] = row
         print(f"[peers] TTFT {res} px: " + ", ".join(f"{k} {1000 * v['ttft_s']:.0f} ms" for k, v in row.items()
                                                      if "ttft_s" in v), file=sys.stderr, flush=True)
+        for p in warm_runs:
+            w = row[f"warm_{p}"]
+            print(f"[peers] warm {p} {res} px: cold {1000 * w['cold']['ttft_s']:.0f} ms, new question "
+                  f"{w['new_question']['over_cold']:.3f}x, second turn {w['second_turn']['over_cold']:.3f}x",
+                  file=sys.stderr, flush=True)
     return out
 
 
@@ -290,21 +301,22 @@ def threads_phase(built: dict, hf: Transformers, reps: int, resolutions=(256, 10
     hf.torch.set_num_threads(1)
     try:
         for res in resolutions:
-            vlms = {p: edgevlm.load(built["onnx"][p][res], threads=1) for p in precisions if p in built["onnx"]}
             images = [probe_image(640, 480, seed=7000 * res + rep) for rep in range(reps)]
-            h, o = [], {p: [] for p in vlms}
-            for image in images:
-                h.append(hf.ttft(image, PROMPT, res)["ttft_s"])
-                for p, vlm in vlms.items():
+            h, o = {}, {}
+            for p in (p for p in precisions if p in built["onnx"]):  # one bundle at a time, paired as above
+                vlm = edgevlm.load(built["onnx"][p][res], threads=1)
+                h[p], o[p] = [], []
+                for image in images:
+                    h[p].append(hf.ttft(image, PROMPT, res)["ttft_s"])
                     o[p].append(our_ttft(vlm, image, PROMPT)["ttft_s"])
-            del vlms
-            gc.collect()
-            row = {"transformers": med(h), "load": os.getloadavg()[0]}
+                del vlm
+                gc.collect()
+            row = {"transformers": med([t for ts in h.values() for t in ts]), "load": os.getloadavg()[0]}
             for p, ts in o.items():
-                row[p], row[f"ratio_{p}"] = med(ts), med(ts) / med(h)
+                row[p], row[f"ratio_{p}"] = med(ts), med(ts) / med(h[p])
             row["ratio"] = row.get("ratio_fp32")
             out[str(res)] = row
-            print(f"[peers] 1-thread TTFT {res} px: transformers {1000 * med(h):.0f} ms, "
+            print(f"[peers] 1-thread TTFT {res} px: transformers {1000 * row['transformers']:.0f} ms, "
                   + ", ".join(f"{p} {1000 * med(ts):.0f} ms" for p, ts in o.items()), file=sys.stderr, flush=True)
     finally:
         hf.torch.set_num_threads(THREADS)
@@ -325,9 +337,11 @@ def prompt_ids(bundle: Path, prompt: str) -> list[int]:
 
 
 def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread_counts) -> dict:
-    """One decoder loaded at a time (memory), in pairs of like precision: llama.cpp Q4_K_M then our int4,
-    Q8_0 then int8, F32 then fp32, at each thread count; the read bandwidth is measured next to each pair.
-    A decoder's figure is its best thread count (on a shared, oversubscribed machine 1 can beat 2)."""
+    """In pairs of like precision — llama.cpp Q4_K_M and our int4, Q8_0 and int8, F32 and fp32 — at each
+    thread count, the two decoders take turns: load, warm up, one measured generation, unload, `reps` times
+    each (one decoder loaded at a time: memory, and no idle thread pool spinning beside the other). The
+    machine's speed drifts over minutes; alternating puts both sides of a ratio in the same minutes. The read
+    bandwidth is measured after each pair. A decoder's figure is its best thread count."""
     import edgevlm
 
     from edgevlm.export.checkpoints import CORPUS
@@ -336,42 +350,50 @@ def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread
     res = peers_build.RESOLUTIONS[0]
     ids = prompt_ids(built["onnx"]["fp32"][res], prompt)
     out = {"new_tokens": n, "prompt_tokens": len(ids), "ids": ids, "decoders": {}, "bandwidth": []}
-    pairs = {"int4": "Q4_K_M", "int8": "Q8_0", "fp32": "F32"}
-    order = []
-    for p in ("int4", "int8", "fp32"):
-        order += [("llama.cpp", pairs[p])] if pairs[p] in gguf_quants else []
-        order += [("edgevlm", p)] if p in precisions else []
     ctx = len(ids) + n // 2  # mean context over the measured tokens
-    for kind, what in order:
-        name = f"{kind} {what}"
-        by_threads = {}
-        for t in thread_counts:
-            if kind == "edgevlm":
-                vlm = edgevlm.load(built["onnx"][what][res], threads=t)
-                our_decode(vlm, prompt, 2)  # warm
-                rs = [our_decode(vlm, prompt, n) for _ in range(reps)]
-                nbytes = onnx_weight_bytes(built["onnx"][what][res]) + kv_bytes(ctx, 4)
-                del vlm
-            else:
-                lc = LlamaCpp(built["gguf"][what], threads=t)
-                lc.decode(ids, 2)
-                rs = [lc.decode(ids, n) for _ in range(reps)]
-                nbytes = gguf_weight_bytes(built["gguf"][what]) + kv_bytes(ctx, 4 if what == "F32" else 2)
-                del lc
-            gc.collect()
-            by_threads[str(t)] = {"tps": med([r["tps"] for r in rs]), "runs": [r["tps"] for r in rs],
-                                  "load": os.getloadavg()[0]}
-            if "eval_only_tps" in rs[0]:
-                by_threads[str(t)]["eval_only_tps"] = med([r["eval_only_tps"] for r in rs])
-            print(f"[peers] decode {name}, {t} thread(s): {by_threads[str(t)]['tps']:.2f} tok/s "
-                  f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-        best = max(by_threads, key=lambda k: by_threads[k]["tps"])
-        out["decoders"][name] = {**by_threads[best], "threads": int(best), "by_threads": by_threads,
-                                 "context": len(ids) + n, "bytes_per_token": nbytes}
+
+    def once(kind: str, what: str, t: int) -> tuple[dict, int]:
         if kind == "edgevlm":
-            out["bandwidth"].append(read_bandwidth())
-            for k, v in out["decoders"].items():  # this pair's: the measurement right after it
-                v.setdefault("bandwidth_beside_GBps", out["bandwidth"][-1]["best_GBps"])
+            vlm = edgevlm.load(built["onnx"][what][res], threads=t)
+            our_decode(vlm, prompt, 2)  # warm
+            r = our_decode(vlm, prompt, n)
+            nbytes = onnx_weight_bytes(built["onnx"][what][res]) + kv_bytes(ctx, 4)
+            del vlm
+        else:
+            lc = LlamaCpp(built["gguf"][what], threads=t)
+            lc.decode(ids, 2)
+            r = lc.decode(ids, n)
+            nbytes = gguf_weight_bytes(built["gguf"][what]) + kv_bytes(ctx, 4 if what == "F32" else 2)
+            del lc
+        gc.collect()
+        return r, nbytes
+
+    for p, q in (("int4", "Q4_K_M"), ("int8", "Q8_0"), ("fp32", "F32")):
+        pair = [("llama.cpp", q)] if q in gguf_quants else []
+        pair += [("edgevlm", p)] if p in precisions else []
+        by_threads = {f"{k} {w}": {} for k, w in pair}
+        nbytes = {}
+        for t in thread_counts:
+            rs = {name: [] for name in by_threads}
+            for _ in range(reps):
+                for kind, what in pair:
+                    r, nbytes[f"{kind} {what}"] = once(kind, what, t)
+                    rs[f"{kind} {what}"].append(r)
+            for name, runs in rs.items():
+                by_threads[name][str(t)] = {"tps": med([r["tps"] for r in runs]), "runs": [r["tps"] for r in runs],
+                                            "load": os.getloadavg()[0]}
+                if "eval_only_tps" in runs[0]:
+                    by_threads[name][str(t)]["eval_only_tps"] = med([r["eval_only_tps"] for r in runs])
+                print(f"[peers] decode {name}, {t} thread(s): {by_threads[name][str(t)]['tps']:.2f} tok/s "
+                      f"(runs {', '.join(f'{r:.1f}' for r in by_threads[name][str(t)]['runs'])}; "
+                      f"load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        for name, bt in by_threads.items():
+            best = max(bt, key=lambda k: bt[k]["tps"])
+            out["decoders"][name] = {**bt[best], "threads": int(best), "by_threads": bt,
+                                     "context": len(ids) + n, "bytes_per_token": nbytes[name]}
+        out["bandwidth"].append(read_bandwidth())
+        for name in by_threads:  # this pair's: the measurement right after it
+            out["decoders"][name]["bandwidth_beside_GBps"] = out["bandwidth"][-1]["best_GBps"]
     return out
 
 

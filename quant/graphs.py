@@ -129,6 +129,8 @@ def fold_conv_scales(model: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0  # control flow: a subgraph may read a Conv's output unseen here
     inits = {t.name: t for t in g.initializer}
     users: dict[str, list] = {}
     for n in g.node:
@@ -140,13 +142,18 @@ def fold_conv_scales(model: onnx.ModelProto) -> int:
     for conv in list(g.node):
         if conv.op_type != "Conv" or conv.input[1] not in inits or conv.input[1] in overridable:
             continue
+        if inits[conv.input[1]].data_type != onnx.TensorProto.FLOAT:
+            continue
+        if len(conv.input) > 2 and conv.input[2] and (conv.input[2] not in inits or conv.input[2] in overridable):
+            continue  # a bias computed at run time (or fed) cannot take the fold
         while True:
             after = users.get(conv.output[0], [])
-            if conv.output[0] in outputs or len(after) != 1 or after[0].op_type not in ("Mul", "Add") or id(after[0]) in dead:
+            if conv.output[0] in outputs or len(after) != 1 or after[0].op_type not in ("Mul", "Add"):
                 break
             op = after[0]
             const = [i for i in op.input if i != conv.output[0]]
-            if len(const) != 1 or const[0] not in inits or const[0] in overridable or inits[const[0]].data_type != onnx.TensorProto.FLOAT:
+            if (len(const) != 1 or const[0] not in inits or const[0] in overridable
+                    or inits[const[0]].data_type != onnx.TensorProto.FLOAT):
                 break
             w = numpy_helper.to_array(inits[conv.input[1]])
             c = numpy_helper.to_array(inits[const[0]])

@@ -19,7 +19,8 @@ def _init(name, arr):
     return numpy_helper.from_array(np.asarray(arr, np.float32), name)
 
 
-def graph(per_width_mul: bool = False, scale_is_input: bool = False, conv_out_is_output: bool = False):
+def graph(per_width_mul: bool = False, scale_is_input: bool = False, conv_out_is_output: bool = False,
+          bias_is_computed: bool = False):
     """x -> Conv 1x1 (4->8) -> Mul(layer scale) -> Add(shift) -> Conv 3x3 group 4 (8->8, 2 per group)
     -> Conv 3x3 depthwise (group 8) -> y."""
     rng = np.random.default_rng(0)
@@ -31,11 +32,16 @@ def graph(per_width_mul: bool = False, scale_is_input: bool = False, conv_out_is
     if scale_is_input:
         inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, list(scale.shape)))
     inits.append(_init("scale", scale))
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="dense"),
-             helper.make_node("Mul", ["c1", "scale"], ["m"], name="layer_scale"),
-             helper.make_node("Add", ["shift", "m"], ["a"], name="shift_add"),
-             helper.make_node("Conv", ["a", "w2"], ["c2"], name="grouped", group=4, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["c2", "w3"], ["y"], name="depthwise", group=C, pads=[1, 1, 1, 1])]
+    bias = "b1"
+    nodes = []
+    if bias_is_computed:
+        nodes.append(helper.make_node("Identity", ["b1"], ["b1_run"], name="bias_at_run_time"))
+        bias = "b1_run"
+    nodes += [helper.make_node("Conv", ["x", "w1", bias], ["c1"], name="dense"),
+              helper.make_node("Mul", ["c1", "scale"], ["m"], name="layer_scale"),
+              helper.make_node("Add", ["shift", "m"], ["a"], name="shift_add"),
+              helper.make_node("Conv", ["a", "w2"], ["c2"], name="grouped", group=4, pads=[1, 1, 1, 1]),
+              helper.make_node("Conv", ["c2", "w3"], ["y"], name="depthwise", group=C, pads=[1, 1, 1, 1])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, C, C])]
     if conv_out_is_output:
         outputs.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, [1, C, C, C]))
@@ -68,7 +74,7 @@ def test_fold_conv_scales_folds_mul_and_add_and_keeps_the_output():
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("case", ["per_width_mul", "scale_is_input", "conv_out_is_output"])
+@pytest.mark.parametrize("case", ["per_width_mul", "scale_is_input", "conv_out_is_output", "bias_is_computed"])
 def test_fold_conv_scales_leaves_what_is_not_a_per_channel_constant(case):
     model = graph(**{case: True})
     x = np.random.default_rng(2).standard_normal((1, 4, C, C)).astype(np.float32)
