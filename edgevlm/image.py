@@ -297,10 +297,22 @@ def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str) -> 
             out[a:b] = acc
 
     if len(blocks) > 1 and out.size >= 1 << 20:
-        helper = threading.Thread(target=work, args=(blocks[1::2],))
+        failed: list[BaseException] = []
+
+        def other_half():
+            try:
+                work(blocks[1::2])
+            except BaseException as e:  # (MemoryError, ...) raised where the caller sees it, not lost in a thread
+                failed.append(e)
+
+        helper = threading.Thread(target=other_half, daemon=True)
         helper.start()
-        work(blocks[::2])
-        helper.join()
+        try:
+            work(blocks[::2])
+        finally:
+            helper.join()
+        if failed:
+            raise failed[0]
     else:
         work(blocks)
     return np.moveaxis(out.reshape((out_size,) + src.shape[1:]), 0, axis)

@@ -12,9 +12,10 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("torchvision.transforms.v2.functional")
 
 # (in h, in w) -> (out h, out w): both down, both up, one up one down each way (Pillow then runs the vertical
-# pass first), a large reduction, and odd sizes.
+# pass first), a large reduction, odd sizes, and a camera frame to FastVLM's 1024 px shortest edge (both passes
+# big enough to be split between two threads).
 CASES = [((301, 199), (128, 128)), ((37, 251), (64, 512)), ((1216, 343), (179, 1017)), ((542, 811), (700, 96)),
-         ((1131, 491), (61, 25)), ((90, 70), (1024, 1024)), ((2001, 1500), (384, 512))]
+         ((1131, 491), (61, 25)), ((90, 70), (1024, 1024)), ((2001, 1500), (384, 512)), ((480, 640), (1024, 1365))]
 MODES = {"bicubic": (Image.Resampling.BICUBIC, "BICUBIC"), "bilinear": (Image.Resampling.BILINEAR, "BILINEAR")}
 
 
