@@ -39,7 +39,8 @@ class ImageSide:
             rgb = load_image(image)
             lay = m.image_layout
             tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
-            pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess)
+            # the resize takes a second thread unless the caller asked for one (threads=1)
+            pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess, 1 if self.threads == 1 else 2)
             h = hashlib.sha256(memoryview(np.ascontiguousarray(pixels)).cast("B"))  # the content address
             h.update(self._pre_key.encode())  # (the same digest as of the concatenated bytes, without copies)
             key = h.hexdigest()

@@ -34,6 +34,7 @@ class VLM(ImageSide):
     def __init__(self, bundle: Bundle, providers: Sequence[ProviderSpec] | None = None, threads: int = 0,
                  warmup: bool = True, cache_dir: str | os.PathLike | None = None, cache_bytes: dict | None = None):
         self.bundle = bundle
+        self.threads = threads
         self.manifest = m = bundle.manifest
         self.graphs: dict[str, OnnxGraph] = {}
         self.lm = None  # a GgufDecoder when the manifest places the decoder in llama.cpp

@@ -33,3 +33,10 @@ def test_resize_matches_torchvision_and_pillow(src, dst, mode):
     print(f"{src}->{dst} {mode}: max|diff| torchvision {d_tv}, pil {d_pil}")
     assert ours_tv.shape == (*dst, 3) and d_tv == 0
     assert ours_pil.shape == (*dst, 3) and d_pil == 0
+
+
+def test_resize_on_one_thread_is_the_same():
+    """threads=1 (what `edgevlm.load(threads=1)` asks of the preprocess) runs the same blocks on one thread."""
+    img = np.random.default_rng(7).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    one, two = resize(img, 1024, 1365, "bicubic", "torchvision", threads=1), resize(img, 1024, 1365, "bicubic")
+    assert one.shape == (1024, 1365, 3) and np.array_equal(one, two)
