@@ -1,6 +1,6 @@
 """edgevlm against its peers, side by side in one run, on a FastVLM-0.5B-shaped model with RANDOM weights.
 
-    python benchmarks/peers.py [--reps 2] [--decode-tokens 16] [--out benchmarks/results/peers]
+    python benchmarks/peers.py [--reps 3] [--decode-tokens 16] [--out benchmarks/results/peers]
 
 Builds (once; cached in a gitignored work directory, see benchmarks/peers_build.py) a random-weight
 checkpoint of FastVLM-0.5B's shape — timm `fastvit_mci3` tower + Qwen2-0.5B dimensions — and its bundles:
@@ -414,7 +414,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(__file__).parent / ".cache" / "peers",
                    help="where the built checkpoint and bundles are cached (gitignored)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--decode-threads", default=f"1,{THREADS}", help="thread counts tried for every decoder")
     p.add_argument("--precisions", default=",".join(peers_build.PRECISIONS))
