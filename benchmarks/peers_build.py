@@ -288,16 +288,16 @@ def vision_int8(vision: Path) -> Path:
     name = model.graph.input[0].name
     feeds = [{name: preprocess(im, pre)} for im in images]
     plan, labels = resolve({"vision": model}, "int8-static", {})
-    log(f"vision {meta['resolution']} px -> int8-static ({len(plan['vision'])} of {len(weight_nodes(model))} "
-        f"weight nodes)")
+    nodes = [n.name for n in weight_nodes(model)]
+    log(f"vision {meta['resolution']} px -> int8-static ({len(plan['vision'])} of {len(nodes)} weight nodes)")
     q = quantize_graph(model, plan["vision"], Options(), calibration=lambda: iter(feeds))
     tmp = _fresh(out)
     onnx.save(q, str(tmp / "vision.onnx"))
     ref = OnnxGraph("fp32", str(vision / "vision.onnx"), threads=2).run(feeds[0])
     got = OnnxGraph("int8s", str(tmp / "vision.onnx"), threads=2).run(feeds[0])
     a, b = next(iter(ref.values())), next(iter(got.values()))
-    meta["quant"] = component_quant(q, [n.name for n in weight_nodes(model)], plan["vision"], labels["vision"],
-                                    Options(), (tmp / "vision.onnx").stat().st_size)
+    meta["quant"] = component_quant(q, nodes, plan["vision"], labels["vision"], Options(),
+                                    (tmp / "vision.onnx").stat().st_size)
     meta["int8s_vs_fp32"] = {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_fp32": float(np.abs(a).max()),
                              "note": "random weights: speed only"}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from edgevlm.errors import EdgeVLMError
 
@@ -126,8 +127,6 @@ def fold_conv_scales(model: onnx.ModelProto) -> int:
     onnxruntime does this itself for a float graph, but not once quantization has put Q/DQ pairs between
     the two: FastViT's layer scales then ran as 51 separate Muls in float between int8 convolutions. The
     Conv keeps its name (the levels given to `quantize` name it)."""
-    from onnx import numpy_helper
-
     g = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         return 0  # control flow: a subgraph may read a Conv's output unseen here

@@ -97,26 +97,27 @@ def search(vlm, graphs: dict[str, onnx.ModelProto], quantize_component: Callable
     # 2. greedy order of one-step promotions
     step = {(c, n.name): 0 for c, n in units}
     node = {(c, n.name): n for c, n in units}
+    levels = {key: ladder(n) for key, n in node.items()}
 
     def err(key, i):
-        lv = ladder(node[key])[i]
+        lv = levels[key][i]
         return 0.0 if lv == "fp32" else sens[(key[0], key[1], lv)]
 
     def gain(key):
-        i, steps = step[key], ladder(node[key])
+        i, steps = step[key], levels[key]
         added = estimate_bytes(node[key], steps[i + 1], opts) - estimate_bytes(node[key], steps[i], opts)
         return (err(key, i) - err(key, i + 1)) / max(added, 1.0)
 
     configs = [dict(step)]
-    while any(step[k] < len(ladder(node[k])) - 1 for k in step):
-        best = max((k for k in step if step[k] < len(ladder(node[k])) - 1), key=gain)
+    while any(step[k] < len(levels[k]) - 1 for k in step):
+        best = max((k for k in step if step[k] < len(levels[k]) - 1), key=gain)
         step[best] += 1
         configs.append(dict(step))
 
     def plan_of(cfg):
         plan = {c: dict(p) for c, p in fixed.items()}
         for (c, name), i in cfg.items():
-            lv = ladder(node[(c, name)])[i]
+            lv = levels[(c, name)][i]
             plan.setdefault(c, {})
             if lv != "fp32":
                 plan[c][name] = lv
