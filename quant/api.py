@@ -21,7 +21,7 @@ from .graphs import BITS, LEVELS, Options, QuantError, allowed, op_counts, quant
 
 SCHEMES = ("fp32", "fp16", "int8", "int8-static", "int4", "mixed")
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
-             "QuantizeLinear", "DequantizeLinear")
+             "QuantizeLinear", "DequantizeLinear", "QLinearSigmoid", "QLinearMul")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -90,6 +90,8 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
     progress = progress or (lambda *a: None)
     source = open_bundle(src)
     m = source.manifest
+    if opts.target == "auto":  # a static bundle is made for NPU providers: plain QDQ
+        opts = dataclasses.replace(opts, target="npu" if m.is_static else "cpu")
     unknown = sorted(set(overrides) - set(m.components))
     if unknown:
         raise QuantError(f"no component {unknown[0]!r} in this bundle (it has {', '.join(m.components)})")

@@ -74,6 +74,13 @@ def test_scheme_writes_a_verified_bundle_close_to_fp32(src, ref, tmp_path, schem
         assert comp.quant["bytes"] == (out / comp.file).stat().st_size
         assert comp.sha256 != open_bundle(src).manifest.components[name].sha256
         assert EXPECT[scheme].get(name, set()) <= ops(out, comp), (name, ops(out, comp))
+    if scheme == "int8-static":  # not a static bundle: target auto = cpu, FastViT's Gelus run in uint8
+        assert d["options"]["target"] == "cpu"
+        gelus = {r: sum(n.op_type == "Gelu" for n in onnx.load(str(r / m_.components["vision"].file)).graph.node)
+                 for r, m_ in ((src, open_bundle(src).manifest), (out, m))}
+        assert {"QLinearSigmoid", "QLinearMul"} <= ops(out, m.components["vision"])
+        print(f"Gelu ops in the vision graph: fp32 {gelus[src]}, int8-static {gelus[out]} (the rest run in uint8)")
+        assert gelus[out] < gelus[src]  # a Gelu after a float Add (not a quantized node) stays float
     if scheme == "int4":  # Conv has no 4-bit kernel: the vision tower goes fp16
         assert m.components["vision"].precision == "fp16" and m.components["decoder"].quant["block_size"] == 32
         assert m.components["decoder"].quant["bits"] == [4]

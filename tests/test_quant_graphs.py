@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevlm.quant.api import resolve
-from edgevlm.quant.graphs import Options, allowed, fold_conv_scales, quantize, weight_nodes
+from edgevlm.quant.graphs import (GELU_ALPHA, Options, QuantError, allowed, fold_conv_scales, lut_gelu, quantize,
+                                  weight_nodes)
 
 C = 8
 
@@ -106,3 +107,75 @@ def test_grouped_conv_that_mixes_channels_stays_float_under_int8_static():
     rel = float(np.abs(got - ref).max() / np.abs(ref).max())
     print(f"int8-static vs fp32 max |diff| relative to max |y|: {rel:.3f}")
     assert rel < 0.1
+
+
+def gelu_graph():
+    """x -> Conv 1x1 (4->8) -> Gelu -> Conv 1x1 (8->8) -> y: FastViT's ConvMLP in small."""
+    rng = np.random.default_rng(4)
+    inits = [_init("w1", rng.standard_normal((C, 4, 1, 1))), _init("b1", rng.standard_normal(C)),
+             _init("w2", rng.standard_normal((C, C, 1, 1)) / 3)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Gelu", ["h"], ["a"], name="act"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, C, C])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, C, C])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+
+
+def run_optimized(model, feeds, names=("y",)):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(list(names), feeds)
+
+
+def test_lut_gelu_matches_the_sigmoid_form_on_every_uint8_value():
+    """DQ -> Gelu -> Q alone, fed all 256 uint8 values: after lut_gelu each output is x·σ(1.773x) rounded to the
+    output's step (one step of slack for the table's own rounding), and within the stated bound of erf-Gelu."""
+    x_scale, x_zp, y_scale, y_zp = 0.05, 128, 0.04, 30
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for v, dt, n in
+             ((x_scale, np.float32, "xs"), (x_zp, np.uint8, "xz"), (y_scale, np.float32, "ys"), (y_zp, np.uint8, "yz"))]
+    nodes = [helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["x"], name="dq"),
+             helper.make_node("Gelu", ["x"], ["g"], name="act"),
+             helper.make_node("QuantizeLinear", ["g", "ys", "yz"], ["gq"], name="q"),
+             helper.make_node("DequantizeLinear", ["gq", "ys", "yz"], ["y"], name="dq_out")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("q", TensorProto.UINT8, [256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    q = np.arange(256, dtype=np.uint8)
+    exact = run_optimized(model, {"q": q})[0]
+    assert lut_gelu(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["QLinearSigmoid", "QLinearMul", "DequantizeLinear"]
+    got = run_optimized(model, {"q": q})[0]
+    x = (q.astype(np.float64) - x_zp) * x_scale
+    sig_form = np.clip(np.round(x / (1 + np.exp(-GELU_ALPHA * x)) / y_scale) + y_zp, 0, 255)
+    steps = np.abs(np.round(got / y_scale + y_zp) - sig_form)
+    erf_gap = float(np.abs(got - exact).max())
+    print(f"lut vs x*sigmoid({GELU_ALPHA}x): max {steps.max():.0f} step(s); vs QDQ Gelu: max |diff| {erf_gap:.4f} "
+          f"(output step {y_scale})")
+    assert steps.max() <= 1
+    assert erf_gap <= 0.0139 + np.abs(x).max() / 510 + 2 * y_scale
+
+
+@pytest.mark.parametrize("target", ["cpu", "npu"])
+def test_int8_static_gelu_per_target(target):
+    model = gelu_graph()
+    plan, _ = resolve({"vision": model}, "int8-static", {})
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 4, C, C)).astype(np.float32)} for _ in range(8)]
+    q = quantize(model, plan["vision"], Options(target=target), calibration=lambda: iter(feeds))
+    ops = {n.op_type for n in q.graph.node}
+    contrib = {n.op_type for n in q.graph.node if n.domain == "com.microsoft"}
+    if target == "cpu":
+        assert contrib == {"QLinearSigmoid", "QLinearMul"} and "Gelu" not in ops
+    else:  # plain QDQ: only standard ops, what NPU providers take
+        assert not contrib and "Gelu" in ops
+    ref = run_optimized(model, feeds[0])[0]
+    rel = float(np.abs(run_optimized(q, feeds[0])[0] - ref).max() / np.abs(ref).max())
+    print(f"int8-static target {target} vs fp32 max |diff| relative to max |y|: {rel:.4f}")
+    assert rel < 0.05
+
+
+def test_unknown_target_is_a_quant_error():
+    model = gelu_graph()
+    with pytest.raises(QuantError, match="unknown target"):
+        quantize(model, {"fc1": "int8-static"}, Options(target="gpu"), calibration=lambda: iter([]))

@@ -91,6 +91,9 @@ def test_int8_static_qdq_keeps_a_static_bundle_static(static_bundle, tmp_path):
     for name in ("vision", "prefill", "decoder"):
         ops = {n.op_type for n in onnx.load(str(tmp_path / "qdq" / m.components[name].file)).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+        assert not {n.domain for n in onnx.load(str(tmp_path / "qdq" / m.components[name].file)).graph.node
+                    } - {"", "ai.onnx"}, f"{name}: a contrib op in an NPU-target graph"
+    assert m.quant.details["options"]["target"] == "npu"  # target auto on a static bundle
     f = m.quant.details["fidelity"]
     print("QDQ static bundle fidelity:", f)
     assert np.isfinite(f["max_abs_logit_diff"]) and f["mean_kl"] < 0.5
