@@ -5,8 +5,8 @@
 Builds (once; cached in a gitignored work directory, see benchmarks/peers_build.py) a random-weight
 checkpoint of FastVLM-0.5B's shape — timm `fastvit_mci3` tower + Qwen2-0.5B dimensions — and its bundles:
 ONNX fp32 (`edgevlm export`), int8 / int4 language model (onnxruntime's quantizers with `edgevlm quant`'s
-settings) with the vision tower int8-static (`edgevlm quant --vision int8-static`: edgevlm's own quantizer),
-one vision graph per resolution, and the language model as GGUF
+settings) with the vision tower int8-static (`edgevlm quant --vision int8-static`: edgevlm's own quantizer,
+target cpu: the Gelus between quantized convolutions in uint8), one vision graph per resolution, and the language model as GGUF
 (`edgevlm export --format gguf`: Q4_K_M, Q8_0, F32). Then, in one process:
 
 1. memory read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads), measured five times
@@ -441,8 +441,8 @@ def main() -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, TTFT at {THREADS} threads unless said",
               "reps": args.reps, "goals": GOALS}
     result["model"] += (f"; ONNX decoder graph: {decoder_graph(built['onnx']['fp32'][peers_build.RESOLUTIONS[0]])}"
-                        "; vision tower fp32 in the fp32 bundles, int8-static (QDQ, `edgevlm quant`'s level) in the "
-                        "int8 and int4 bundles")
+                        "; vision tower fp32 in the fp32 bundles, int8-static (QDQ, `edgevlm quant`'s level, target cpu: "
+                        "the Gelus between quantized convolutions in uint8) in the int8 and int4 bundles")
     result["loadavg"] = {"start": os.getloadavg()[0]}
     result["bandwidth_before"] = read_bandwidth()
     result["gemm_fp32_gflops"] = gemm_gflops()

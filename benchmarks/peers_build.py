@@ -14,9 +14,12 @@ the real vocabulary size, which is what decides decode speed.
     vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch;
                          vision-256/ holds onnx-fp32-256's graph (a hard link)
     vision-R-int8s/      vision-R's graph int8-static (edgevlm's quantizer, `edgevlm quant`'s int8-static
-                         level: QDQ, per-channel int8 weights, uint8 activations calibrated on 4 images)
+                         level: QDQ, per-channel int8 weights, uint8 activations calibrated on 4 images) for
+                         target npu: plain QDQ, Gelu in float between Dequantize/QuantizeLinear
+    vision-R-int8c/      the same for target cpu (`edgevlm quant`'s default for a bundle that is not static):
+                         the Gelus between quantized convolutions in uint8 (QLinearSigmoid x QLinearMul)
     onnx-fp32-R/         onnx-fp32-256 with vision-R's graph: the other files are hard links
-    onnx-P-R-v8/         P = int8 / int4: onnx-P-256's language model with vision-R-int8s's graph (what
+    onnx-P-R-v9/         P = int8 / int4: onnx-P-256's language model with vision-R-int8c's graph (what
                          `edgevlm quant --scheme P --vision int8-static` writes)
     gguf-Q/              `edgevlm export --format gguf --gguf-quant Q --bundle onnx-fp32-256`
 
@@ -260,9 +263,9 @@ def base_vision(work: Path, fp32: Path) -> Path:
     return out
 
 
-def vision_int8(vision: Path) -> Path:
-    """vision-R-int8s/: vision-R's graph through `edgevlm quant`'s int8-static level (quant.api.resolve and
-    quant.graphs.quantize), calibrated on the parity probe and three noise images, preprocessed as the bundle
+def vision_int8(vision: Path, target: str = "cpu") -> Path:
+    """vision-R-int8c/ (target cpu) or vision-R-int8s/ (target npu): vision-R's graph through `edgevlm quant`'s
+    int8-static level (quant.api.resolve and quant.graphs.quantize), calibrated on the parity probe and three noise images, preprocessed as the bundle
     does. The weights are random: this graph is for speed; its output is compared with fp32 in meta.json
     only to show it is the same network."""
     import numpy as np
@@ -276,7 +279,7 @@ def vision_int8(vision: Path) -> Path:
     from edgevlm.quant.graphs import Options, weight_nodes
     from edgevlm.quant.graphs import quantize as quantize_graph
 
-    out = vision.with_name(vision.name + "-int8s")
+    out = vision.with_name(vision.name + {"cpu": "-int8c", "npu": "-int8s"}[target])
     if out.exists():
         return out
     meta = json.loads((vision / "meta.json").read_text())
@@ -289,14 +292,16 @@ def vision_int8(vision: Path) -> Path:
     feeds = [{name: preprocess(im, pre)} for im in images]
     plan, labels = resolve({"vision": model}, "int8-static", {})
     nodes = [n.name for n in weight_nodes(model)]
-    log(f"vision {meta['resolution']} px -> int8-static ({len(plan['vision'])} of {len(nodes)} weight nodes)")
-    q = quantize_graph(model, plan["vision"], Options(), calibration=lambda: iter(feeds))
+    log(f"vision {meta['resolution']} px -> int8-static, target {target} ({len(plan['vision'])} of {len(nodes)} "
+        "weight nodes)")
+    opts = Options(target=target)
+    q = quantize_graph(model, plan["vision"], opts, calibration=lambda: iter(feeds))
     tmp = _fresh(out)
     onnx.save(q, str(tmp / "vision.onnx"))
     ref = OnnxGraph("fp32", str(vision / "vision.onnx"), threads=2).run(feeds[0])
     got = OnnxGraph("int8s", str(tmp / "vision.onnx"), threads=2).run(feeds[0])
     a, b = next(iter(ref.values())), next(iter(got.values()))
-    meta["quant"] = component_quant(q, nodes, plan["vision"], labels["vision"], Options(),
+    meta["quant"] = component_quant(q, nodes, plan["vision"], labels["vision"], opts,
                                     (tmp / "vision.onnx").stat().st_size)
     meta["int8s_vs_fp32"] = {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_fp32": float(np.abs(a).max()),
                              "note": "random weights: speed only"}
@@ -364,9 +369,9 @@ def build(work: Path, gguf_quants=GGUF_QUANTS) -> dict:
     for r in RESOLUTIONS:
         onnx["fp32"][r] = bases["fp32"] if r == RESOLUTIONS[0] else variant(bases["fp32"], visions[r],
                                                                               work / f"onnx-fp32-{r}")
-        int8s = vision_int8(visions[r])
+        int8c = vision_int8(visions[r], "cpu")
         for p in PRECISIONS[1:]:
-            onnx[p][r] = variant(bases[p], int8s, work / f"onnx-{p}-{r}-v8")
+            onnx[p][r] = variant(bases[p], int8c, work / f"onnx-{p}-{r}-v9")
     gguf = gguf_bundles(work, ckpts[RESOLUTIONS[0]], bases["fp32"], gguf_quants)
     return {"ckpt": ckpts, "onnx": onnx, "gguf": gguf}
 

@@ -63,6 +63,8 @@ def component_quant(model: onnx.ModelProto, source_nodes: list[str], levels: dic
     section = {"scheme": label, "bits": bits, "nodes": {k: v for k, v in counts.items() if v},
                "excluded": excluded, "bytes": nbytes,
                "ops": {k: v for k, v in op_counts(model).items() if k in QUANT_OPS}}
+    if counts["int8-static"]:
+        section["target"] = opts.target
     if counts["int4"]:
         section.update(block_size=opts.block_size, symmetric=opts.symmetric, accuracy_level=opts.accuracy_level)
     if label == "mixed":
