@@ -103,6 +103,7 @@ class Session:
             self.console.print(f"[dim]TTFT {last.ttft_s * 1000:.1f} ms · {last.prefilled_tokens}/{last.prompt_tokens} "
                                f"prompt tokens prefilled{hit} · {last.generated_tokens} tokens, "
                                f"{last.decode_tps:.0f} tok/s[/]")
+        self.chat.prepare()  # the next turn's separator and header run now, while the user reads and types
 
     def stats(self) -> None:
         from rich.table import Table

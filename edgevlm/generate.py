@@ -6,8 +6,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import numpy as np
 
 from .errors import ArgumentError, ContextOverflowError
+from .pipeline import common_prefix
 from .profile import STAGES, peak_rss_bytes
 from .sampling import make_sampler
 
@@ -98,6 +100,28 @@ class Chat:
             content.insert(0, {"type": "image"})
         self.messages = self.messages + [{"role": "user", "content": content},
                                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+    def prepare(self) -> int:
+        """Prefill what the chat template already fixes of the next user turn (the end of the last answer, the
+        turn separator, the user header; on a new chat, the system prompt), e.g. while the user reads and types,
+        so the next `stream` prefills only the new message. Returns how many positions it ran (0: nothing to
+        run). The conversation itself does not change; a next turn that renders differently (another template
+        branch) simply reuses less."""
+        vlm = self.vlm
+        states = [self._states[k] for k in self._images]
+        probes = [vlm._prompt_ids(self.messages + [{"role": "user", "content": [{"type": "text", "text": t}]}],
+                                  len(self._images), states).tolist() for t in ("0", "1")]
+        n = common_prefix(probes[0], probes[1])  # where the two user messages start to differ
+        if n == 0 or n >= vlm.context_length - 1:
+            return 0
+        ids = np.asarray(probes[0][:n], np.int64)
+        keys = vlm._keys_for(ids, self._images, states)
+        if common_prefix(self._keys, keys) >= n:
+            return 0
+        reuse, kv, _ = vlm._find_prefix(keys, self._keys, self._kv)
+        _, kv, got = vlm._prefill(ids, keys, self._states, reuse, kv, {})
+        self._keys, self._kv = keys, kv
+        return n - got
 
     def send(self, text: str, image=None, **kwargs) -> str:
         return "".join(r.text for r in self.stream(text, image=image, **kwargs))

@@ -122,6 +122,21 @@ def test_gguf_chat_reuses_the_kv_cache_across_turns(gguf_bundle):
     assert got1 == ref1[:len(got1)] and got2 == ref2[:len(got2)]
 
 
+def test_gguf_chat_prepare_runs_the_next_turns_header_in_llama_cpp(gguf_bundle):
+    vlm = edgevlm.load(gguf_bundle("fastvlm-qwen2-gqa"))
+    runs = []
+    for prepared in (False, True):
+        vlm.lm.trim(0)
+        vlm.caches.clear()
+        chat = vlm.chat()
+        list(chat.stream("what color is the circle?", image=scene(3), max_tokens=6))
+        n = chat.prepare() if prepared else 0
+        runs.append((n, list(chat.stream("and the square?", max_tokens=6))))
+    (_, plain), (n, prep) = runs
+    assert n > 0 and prep[0].prefilled_tokens == plain[0].prefilled_tokens - n
+    assert [r.token for r in prep] == [r.token for r in plain]
+
+
 def test_a_new_chat_with_the_same_prefix_hits_the_cache(gguf_bundle, bundle):
     vlm = edgevlm.load(gguf_bundle("fastvlm-qwen2-gqa"))
     first = list(vlm.stream(scene(3), "what color is the circle?", max_tokens=3))[-1]

@@ -126,6 +126,30 @@ def test_chat_reuses_kv_and_matches_a_fresh_computation(vlm, images):
     assert chat.messages == [] and chat._keys == []
 
 
+def test_chat_prepare_prefills_the_next_turns_header(vlm, images):
+    """chat.prepare() runs what the template fixes of the next turn (end of the answer, turn separator, user
+    header); the next turn then prefills that many positions fewer and answers the same."""
+    runs = {}
+    for prepared in (False, True):
+        vlm.caches.clear()  # each conversation starts from nothing
+        chat = vlm.chat()
+        list(chat.stream("what color is the circle?", image=images[1], max_tokens=6))
+        messages = list(chat.messages)
+        n = chat.prepare() if prepared else 0
+        assert chat.messages == messages  # the conversation itself is unchanged
+        if prepared:
+            assert n > 0 and chat.prepare() == 0  # a second call finds nothing left to run
+        runs[prepared] = (n, list(chat.stream("and the square?", max_tokens=6)))
+    (_, plain), (n, prep) = runs[False], runs[True]
+    print(f"second turn prefilled {plain[0].prefilled_tokens} positions; after prepare() ran {n}: "
+          f"{prep[0].prefilled_tokens}")
+    assert prep[0].prefilled_tokens == plain[0].prefilled_tokens - n
+    assert prep[0].prompt_tokens == plain[0].prompt_tokens
+    assert [r.token for r in prep] == [r.token for r in plain]
+    fresh = vlm.chat(system="be brief")  # a new chat: the system prompt and the user header
+    assert fresh.prepare() > 0 and fresh.messages == [{"role": "system", "content": "be brief"}]
+
+
 def test_same_image_twice_hits_the_image_cache(vlm, images):
     vlm.prepare(images[2])
     r = list(vlm.stream(images[2], "hi", max_tokens=2))[-1]
