@@ -6,7 +6,8 @@ Builds (once; cached in a gitignored work directory, see benchmarks/peers_build.
 checkpoint of FastVLM-0.5B's shape — timm `fastvit_mci3` tower + Qwen2-0.5B dimensions — and its bundles:
 ONNX fp32 (`edgevlm export`), int8 / int4 language model (onnxruntime's quantizers with `edgevlm quant`'s
 settings) with the vision tower int8-static (`edgevlm quant --vision int8-static`: edgevlm's own quantizer,
-target cpu: the Gelus between quantized convolutions in uint8), one vision graph per resolution, and the language model as GGUF
+target cpu: the Gelus between quantized convolutions in uint8), one vision graph per resolution, and the
+language model as GGUF
 (`edgevlm export --format gguf`: Q4_K_M, Q8_0, F32). Then, in one process:
 
 1. memory read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads), measured five times

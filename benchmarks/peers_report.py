@@ -24,7 +24,8 @@ def goals(result: dict) -> dict:
     best_ours = max((k for k in dec if k.startswith("edgevlm")), key=lambda k: dec[k]["tps"])
     q4 = dec.get("llama.cpp Q4_K_M", {}).get("tps")
     kinds = ("new_question", "second_turn", "second_turn_prepared")
-    warms = {k[5:]: {kind: t[k][kind]["over_cold"] for kind in kinds if kind in t[k]} for k in t if k.startswith("warm_")}
+    warms = {k[5:]: {kind: t[k][kind]["over_cold"] for kind in kinds if kind in t[k]}
+             for k in t if k.startswith("warm_")}
     ttft_best = min((k for k in t if k != "transformers" and not k.startswith("warm_")), key=lambda k: t[k]["ttft_s"])
     out = {
         "cold_ttft_1024_vs_transformers": {"fp32": t["fp32"]["vs_transformers"],

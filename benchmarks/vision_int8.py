@@ -66,7 +66,8 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t)
         ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
         q = metas["int8 cpu"]["quant"]
-        rows.append({"resolution": res, "weight_nodes": q["nodes"].get("int8-static", 0), "left_fp32": len(q["excluded"]),
+        rows.append({"resolution": res, "weight_nodes": q["nodes"].get("int8-static", 0),
+                     "left_fp32": len(q["excluded"]),
                      "uint8_gelus": q["ops"].get("QLinearSigmoid", 0), "ms": ms,
                      "npu_vs_fp32": ms["int8 npu"] / ms["fp32"], "cpu_vs_fp32": ms["int8 cpu"] / ms["fp32"],
                      "cpu_vs_npu": ms["int8 cpu"] / ms["int8 npu"]})

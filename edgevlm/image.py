@@ -177,8 +177,12 @@ def preprocess(rgb: np.ndarray, cfg: Preprocess, threads: int = 2) -> np.ndarray
         oh, ow = cfg.size
     else:
         oh, ow = _shortest_edge_size(h, w, cfg.shortest_edge)
-    img = resize(img, oh, ow, cfg.resample, cfg.resize_kernel, threads)
-    if cfg.crop is not None:
+    window = None
+    if cfg.crop is not None and cfg.crop[0] <= oh and cfg.crop[1] <= ow and cfg.resize_kernel == "torchvision":
+        ch, cw = cfg.crop  # resize only the rows and columns the center crop keeps (each is computed alone)
+        window = (int((oh - ch) / 2.0), int((ow - cw) / 2.0), ch, cw)
+    img = resize(img, oh, ow, cfg.resample, cfg.resize_kernel, threads, window)
+    if cfg.crop is not None and window is None:
         img = _center_crop(img, *cfg.crop)
     mean = np.asarray(cfg.mean, np.float32) * np.float32(1.0 / cfg.rescale)
     std = np.asarray(cfg.std, np.float32) * np.float32(1.0 / cfg.rescale)
@@ -268,12 +272,17 @@ def _weights(in_size: int, out_size: int, resample: str):
     return xmin, wi, bits
 
 
-def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str, threads: int = 2) -> np.ndarray:
+def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str, threads: int = 2,
+                   keep: tuple[int, int] | None = None) -> np.ndarray:
+    """Resample one axis to out_size; keep=(a, b): compute only output positions a..b-1 (each output position
+    depends on its own weights alone, so this is the same as slicing the full result)."""
     in_size = img.shape[axis]
+    a, b = keep or (0, out_size)
     if resample == "nearest":
-        idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)
+        idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)[a:b]
         return np.take(img, np.minimum(idx, in_size - 1), axis=axis)
     xmin, wi, bits = _weights(in_size, out_size, resample)
+    xmin, wi, out_size = xmin[a:b], wi[a:b], b - a
     # The resampled axis leads and the rest is one contiguous row, so each tap gathers whole rows. int32 is
     # enough: the int16 weights sum to 2**bits (bits <= 15) and the filters' lobes keep |acc| far below 2**31.
     src = np.ascontiguousarray(np.moveaxis(img, axis, 0))
@@ -319,18 +328,24 @@ def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str, thr
 
 
 def resize(img: np.ndarray, oh: int, ow: int, resample: str = "bicubic", kernel: str = "torchvision",
-           threads: int = 2) -> np.ndarray:
+           threads: int = 2, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """HxWx3 uint8 -> ohxowx3 uint8, bit-exact with the named kernel: "torchvision" (its antialiased uint8
-    resize: horizontal pass first, then vertical) or "pil" (Pillow's Image.resize)."""
+    resize: horizontal pass first, then vertical) or "pil" (Pillow's Image.resize). window=(top, left, height,
+    width): only that part of the resized image, computed without the rest (torchvision kernel)."""
     h, w = img.shape[:2]
+    top, left, wh, ww = window or (0, 0, oh, ow)
     if (h, w) == (oh, ow):
-        return img
+        return img[top:top + wh, left:left + ww]
     if kernel == "pil":
-        return np.asarray(Image.fromarray(img).resize((ow, oh), _PIL_FILTERS[resample]))
+        return np.asarray(Image.fromarray(img).resize((ow, oh), _PIL_FILTERS[resample]))[top:top + wh, left:left + ww]
     if w != ow:
-        img = _resample_axis(img, ow, 1, resample, threads)
+        img = _resample_axis(img, ow, 1, resample, threads, (left, left + ww))
+    else:
+        img = img[:, left:left + ww]
     if h != oh:
-        img = _resample_axis(img, oh, 0, resample, threads)
+        img = _resample_axis(img, oh, 0, resample, threads, (top, top + wh))
+    else:
+        img = img[top:top + wh]
     return np.ascontiguousarray(img)
 
 
