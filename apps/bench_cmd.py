@@ -27,8 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm bench", description=(
         "Time to first token per stage (preprocess, encode, compress, prefusion, embed, prefill, first decode "
         "step), cold (caches empty, an image never seen), warm (the same image with a new question: image "
-        "cache + prefix KV cache) and a chat's second turn, at each input resolution. Prints a table; writes "
-        "JSON and a stacked plot."))
+        "cache + prefix KV cache) and a chat's second turn (after chat.prepare(), as `edgevlm chat` runs it "
+        "between turns), at each input resolution. Prints a table; writes JSON and a stacked plot."))
     p.add_argument("--bundle", metavar="B", action="append", default=None,
                    help="bundle directory (repeatable; default: the embedded demo)")
     p.add_argument("--resolutions", default="256,512,768,1024", metavar="LIST",
@@ -62,6 +62,7 @@ def measure(vlm, resolution: int, repeats: int = 5, seed: int = 7) -> dict:
         warm.append(list(vlm.stream(image, q2, max_tokens=2))[-1].profile)
         chat = vlm.chat()  # a conversation's second turn: its own KV (the first turn is a prefix-cache hit)
         chat.send(q1, image=image, max_tokens=2)
+        chat.prepare()  # the turn separator and user header, as `edgevlm chat` runs them while the user types
         turn2.append(list(chat.stream(q2, max_tokens=2))[-1].profile)
 
     def summary(runs):
