@@ -162,3 +162,46 @@ def test_cli_quant_override_and_errors(src, tmp_path, capsys):
     assert "--block-size" in capsys.readouterr().err and not (tmp_path / "c").exists()
     with pytest.raises(QuantError, match="no component"):
         quantize_bundle(src, tmp_path / "d", "int8", overrides={"compressor": "int8"})
+
+
+def _external_embed(root: Path) -> None:
+    """Move the demo copy's embed weights into embed.onnx.data (external data), manifest re-hashed."""
+    model = onnx.load(str(root / "embed.onnx"))
+    onnx.save_model(model, str(root / "embed.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="embed.onnx.data", size_threshold=0)
+    m = json.loads((root / "manifest.json").read_text())
+    comp = m["components"]["embed"]
+    comp["sha256"] = hashlib.sha256((root / "embed.onnx").read_bytes()).hexdigest()
+    comp["data_files"] = [{"file": "embed.onnx.data",
+                           "sha256": hashlib.sha256((root / "embed.onnx.data").read_bytes()).hexdigest()}]
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_external_data_is_read_from_the_verified_bytes(tmp_path):
+    """A source whose weights sit in a data file — hard-linked elsewhere too (onnx's own loader refuses that) —
+    quantizes; a data reference past the end of its (verified, re-hashed) file is a QuantError."""
+    import shutil
+
+    from edgevlm.model import DEFAULT_BUNDLE
+
+    src = tmp_path / "src"
+    shutil.copytree(DEFAULT_BUNDLE, src)
+    _external_embed(src)
+    (tmp_path / "elsewhere.data").hardlink_to(src / "embed.onnx.data")
+    m = quantize_bundle(src, tmp_path / "q", "int8", calib_n=4)
+    assert m.components["embed"].precision == "int8" and not m.components["embed"].data_files
+    image, question, *_ = calib.examples(1, 1)[0]
+    assert edgevlm.load(tmp_path / "q").generate(image, question, max_tokens=3) == \
+        edgevlm.load(src).generate(image, question, max_tokens=3)
+    model = onnx.load(str(src / "embed.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "length":
+                e.value = str(int(e.value) + 4096)
+    (src / "embed.onnx").write_bytes(model.SerializeToString())
+    man = json.loads((src / "manifest.json").read_text())
+    man["components"]["embed"]["sha256"] = hashlib.sha256((src / "embed.onnx").read_bytes()).hexdigest()
+    (src / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(QuantError, match="reads bytes"):
+        quantize_bundle(src, tmp_path / "q2", "int8", calib_n=4)
+    assert not (tmp_path / "q2").exists()
