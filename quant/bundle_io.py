@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from pathlib import Path
 
 import onnx
 
 from edgevlm.bundle import MANIFEST, Bundle, sha256_file
-from edgevlm.errors import IntegrityError
 from edgevlm.manifest import Component
 
 from .graphs import QuantError
 
 
-def read_verified(bundle: Bundle, rel: str, sha256: str) -> bytes:
-    """A bundle file's bytes, checked against the manifest's sha256 (once read, they are what we use)."""
-    blob = bundle.path(rel).read_bytes()
-    if hashlib.sha256(blob).hexdigest() != sha256:
-        raise IntegrityError(f"bundle file {rel!r} no longer matches its sha256: the source changed while reading")
-    return blob
+def read_verified(bundle: Bundle, rel: str) -> bytes:
+    """A bundle file's bytes as open_bundle read and checked them against the manifest's sha256 (handed out
+    once: the bundle drops its copy; never re-read from disk, so nothing can change between check and use)."""
+    return bundle.read(rel)
 
 
 def load_graph(bundle: Bundle, comp: Component) -> onnx.ModelProto:
@@ -28,13 +24,13 @@ def load_graph(bundle: Bundle, comp: Component) -> onnx.ModelProto:
     external tensors are filled from the verified data files in memory, not re-read by path (onnx's own
     loader would open the files again after the check, and refuses a data file with several hard links)."""
     try:
-        model = onnx.load_model_from_string(read_verified(bundle, comp.file, comp.sha256))
+        model = onnx.load_model_from_string(read_verified(bundle, comp.file))
     except Exception as e:  # protobuf's DecodeError and the like
         raise QuantError(f"graph {comp.file!r} does not parse: {str(e).splitlines()[0][:200]}") from None
     if not comp.data_files:
         return model
     base = posixpath.dirname(comp.file)
-    blobs = {ref.file: read_verified(bundle, ref.file, ref.sha256) for ref in comp.data_files}
+    blobs = {ref.file: read_verified(bundle, ref.file) for ref in comp.data_files}
     for t in _tensors(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue

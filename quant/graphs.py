@@ -264,10 +264,12 @@ def lut_gelu(model: onnx.ModelProto) -> int:
 
 def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
              calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
-             cache: Path | None = None) -> onnx.ModelProto:
+             cache: Path | None = None, copy: bool = True) -> onnx.ModelProto:
     """Quantize each weight node named in `levels` (node name -> level); others stay fp32.
 
     `calibration()` yields feeds for int8-static; `cache` keeps its activation ranges between calls.
+    copy=False: `model` may be edited (onnxruntime's quantizers edit the proto they are given) -- for a
+    caller that drops it afterwards, one copy of the weights less.
     """
     if opts.target not in TARGETS:
         raise QuantError(f"unknown target {opts.target!r} (one of {', '.join(TARGETS)})")
@@ -280,8 +282,9 @@ def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
     by = {lv: [n for n, v in levels.items() if v == lv] for lv in LEVELS}
     if by["fp16"] and len(by["fp16"]) != len(nodes):
         raise QuantError("fp16 applies to a whole graph (every weight node), not to some of its nodes")
-    source, model = model, onnx.ModelProto()
-    model.CopyFrom(source)  # onnxruntime's quantizers edit the proto they are given
+    if copy:
+        source, model = model, onnx.ModelProto()
+        model.CopyFrom(source)  # onnxruntime's quantizers edit the proto they are given
     if any(nodes[n].op == "Conv" for n in by["int8-static"] + by["int8"]):
         fold_conv_scales(model)
     with quiet(), tempfile.TemporaryDirectory(prefix="edgevlm-quant-") as tmp:
