@@ -124,6 +124,18 @@ def quiet():
         root.setLevel(level)
 
 
+def _index(g: onnx.GraphProto) -> tuple[dict, dict[str, list]] | None:
+    """(initializers by name, the nodes reading each tensor) of a graph the rewrites below may edit; None for
+    a graph with control flow, whose subgraphs may read any tensor unseen here."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return None
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return {t.name: t for t in g.initializer}, users
+
+
 def fold_conv_scales(model: onnx.ModelProto) -> int:
     """Fold a constant per-channel Mul or Add that is the only consumer of a Conv's output into the Conv's
     weight and bias, in place; returns how many were folded.
@@ -132,13 +144,10 @@ def fold_conv_scales(model: onnx.ModelProto) -> int:
     the two: FastViT's layer scales then ran as 51 separate Muls in float between int8 convolutions. The
     Conv keeps its name (the levels given to `quantize` name it)."""
     g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return 0  # control flow: a subgraph may read a Conv's output unseen here
-    inits = {t.name: t for t in g.initializer}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    index = _index(g)
+    if index is None:
+        return 0
+    inits, users = index
     outputs = {o.name for o in g.output}
     overridable = {i.name for i in g.input}  # an initializer that is also an input can be fed at run time
     dead, folded = set(), 0
@@ -216,13 +225,10 @@ def lut_gelu(model: onnx.ModelProto) -> int:
     error is below half a quantization step of any activation range wider than ±3.5. Only the CPU provider
     has these kernels (an NPU provider hands them back to the CPU): Options.target "npu" keeps plain QDQ."""
     g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return 0  # control flow: a subgraph may read a DequantizeLinear's output unseen here
-    inits = {t.name: t for t in g.initializer}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    index = _index(g)
+    if index is None:
+        return 0
+    inits, users = index
     producer = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     replace, dead = {}, set()
