@@ -188,3 +188,20 @@ def test_templates_render_in_a_sandbox():
 def test_providers_fall_back_to_cpu_and_are_reported(bundle):
     v = edgevlm.load(bundle(NAME), providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
     assert all(p == ["CPUExecutionProvider"] for p in v.providers.values())
+
+
+def test_chat_prepare_on_a_prefusion_bundle():
+    """LLaVA-Mini pre-fusion: the text positions depend on the image; prepare() prefills them the same way."""
+    from conftest import scene
+    from edgevlm.model import DEFAULT_BUNDLE
+
+    runs = []
+    for prepared in (False, True):
+        vlm = edgevlm.load(DEFAULT_BUNDLE.parent / "shapes-fastvlm-mini")
+        chat = vlm.chat()
+        chat.send("What color is the star?", image=scene(1), max_tokens=4)
+        n = chat.prepare() if prepared else 0
+        runs.append((n, list(chat.stream("What shape is it?", max_tokens=4))))
+    (_, plain), (n, prep) = runs
+    assert n > 0 and prep[0].prefilled_tokens == plain[0].prefilled_tokens - n
+    assert [r.token for r in prep] == [r.token for r in plain]
