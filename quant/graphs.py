@@ -46,6 +46,7 @@ class Options:
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations in the kernel (fast on VNNI)
     # int8-static: "cpu" also uses onnxruntime's CPU-only quantized kernels where they are faster (`lut_gelu`);
     # "npu" keeps plain QDQ, the form NPU providers take; "auto" = "npu" for a static bundle, else "cpu"
+    # (quantize_bundle decides; `quantize`, which sees one graph, treats "auto" as "cpu")
     target: str = "auto"
 
 
