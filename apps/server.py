@@ -110,6 +110,7 @@ class Engine:
 
     def _run(self, req: ChatRequest, cancel: threading.Event, deadline: float, emit) -> None:
         outcome, last = "failed", None  # last: the final event, sent after the counters are updated
+        chat = None
         try:
             chat = self.vlm.chat(system=req.system)
             for t in req.history:
@@ -145,6 +146,17 @@ class Engine:
             if last is not None:
                 emit(last)
             emit(("done", None))
+            if outcome == "completed":  # the reply is out; the slot is held a few ms longer
+                self._prepare_next_turn(chat)
+
+    def _prepare_next_turn(self, chat) -> None:
+        """A client that continues the conversation sends it all again plus its next message: prefill the
+        turn separator and user header now and offer the KV to the prefix cache, so that request prefills only
+        the new message (what `edgevlm chat` gets from chat.prepare() between turns)."""
+        try:
+            chat.prepare(share=True)
+        except Exception:  # an optimisation: never the request's failure
+            log.exception("preparing the next turn failed")
 
 
 def runtime_error(e: EdgeVLMError) -> ApiError:

@@ -101,12 +101,13 @@ class Chat:
         self.messages = self.messages + [{"role": "user", "content": content},
                                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
-    def prepare(self) -> int:
+    def prepare(self, share: bool = False) -> int:
         """Prefill what the chat template already fixes of the next user turn (the end of the last answer, the
         turn separator, the user header; on a new chat, the system prompt), e.g. while the user reads and types,
         so the next `stream` prefills only the new message. Returns how many positions it ran (0: nothing to
         run). The conversation itself does not change; a next turn that renders differently (another template
-        branch) simply reuses less."""
+        branch) simply reuses less. share=True also offers the KV to the prefix cache: for a stateless server,
+        whose client sends the whole conversation again as a new chat."""
         vlm = self.vlm
         states = [self._states[k] for k in self._images]
         probes = [vlm._prompt_ids(self.messages + [{"role": "user", "content": [{"type": "text", "text": t}]}],
@@ -121,6 +122,8 @@ class Chat:
         reuse, kv, _ = vlm._find_prefix(keys, self._keys, self._kv)
         _, kv, got = vlm._prefill(ids, keys, self._states, reuse, kv, {})
         self._keys, self._kv = keys, kv
+        if share:
+            vlm._remember(self._keys, self._kv)
         return n - got
 
     def send(self, text: str, image=None, **kwargs) -> str:

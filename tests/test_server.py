@@ -345,3 +345,25 @@ def test_shutdown_stops_running_generation(serve, long_bundle):
     print(f"exited with {code} {took:.2f} s after SIGINT")
     assert code == 130 and took < 2  # the answer alone would take many seconds more
     conn.close()
+
+
+def test_a_continued_conversation_prefills_only_the_new_message(client):
+    """After a reply the server prefills the turn separator and user header and caches them: the request that
+    continues the conversation prefills as few positions as an in-process chat after chat.prepare()."""
+    image_path = ASSETS / "examples" / "shapes-1.png"
+    question, follow_up = "What shape is the red object?", "And what color is the circle?"
+    chat = edgevlm.load().chat()
+    first = chat.send(question, image=str(image_path), max_tokens=8)
+    ran = chat.prepare()
+    want = next(iter(chat.stream(follow_up, max_tokens=8)))
+    one = client.chat.completions.create(model="shapes-fastvlm", messages=ask(question, data_url(image_path)),
+                                         max_tokens=8)
+    assert one.choices[0].message.content == first
+    messages = ask(question, data_url(image_path)) + [{"role": "assistant", "content": first},
+                                                      {"role": "user", "content": follow_up}]
+    two = client.chat.completions.create(model="shapes-fastvlm", messages=messages, max_tokens=8)
+    got = two.model_extra["edgevlm"]
+    print(f"continued request: prefilled {got['prefilled_tokens']} of {got['prompt_tokens']} "
+          f"(in-process after prepare(): {want.prefilled_tokens}; prepare ran {ran})")
+    assert ran > 0 and got["prompt_tokens"] == want.prompt_tokens
+    assert got["prefilled_tokens"] == want.prefilled_tokens and got["prefix_cache_source"] == "ram"
