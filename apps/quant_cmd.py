@@ -115,7 +115,8 @@ def main(argv=None) -> int:
             bar.update(tasks[stage], completed=done, total=total)
 
         m = quantize_bundle(src, args.dst, args.scheme, overrides=overrides,
-                            opts=Options(block_size=args.block_size, symmetric=args.symmetric, target=args.target), budget=args.budget,
+                            opts=Options(block_size=args.block_size, symmetric=args.symmetric, target=args.target),
+                            budget=args.budget,
                             calib_seed=CALIB_SEED if args.calib_seed is None else args.calib_seed, calib_n=args.calib_n,
                             dataset=_dataset(args.dataset, args.bundle),
                             eval_seed=shapes.VALIDATION_SEED if args.eval_seed is None else args.eval_seed,

@@ -178,9 +178,9 @@ def preprocess(rgb: np.ndarray, cfg: Preprocess, threads: int = 2) -> np.ndarray
     else:
         oh, ow = _shortest_edge_size(h, w, cfg.shortest_edge)
     window = None
-    if cfg.crop is not None and cfg.crop[0] <= oh and cfg.crop[1] <= ow and cfg.resize_kernel == "torchvision":
-        ch, cw = cfg.crop  # resize only the rows and columns the center crop keeps (each is computed alone)
-        window = (int((oh - ch) / 2.0), int((ow - cw) / 2.0), ch, cw)
+    if cfg.crop is not None and cfg.crop[0] <= oh and cfg.crop[1] <= ow:
+        # resize only the rows and columns the center crop keeps (each is computed alone)
+        window = (*_crop_origin(oh, ow, *cfg.crop), *cfg.crop)
     img = resize(img, oh, ow, cfg.resample, cfg.resize_kernel, threads, window)
     if cfg.crop is not None and window is None:
         img = _center_crop(img, *cfg.crop)
@@ -221,8 +221,13 @@ def _center_crop(img: np.ndarray, ch: int, cw: int) -> np.ndarray:
         out = np.zeros((max(h, ch), max(w, cw), 3), np.uint8)
         out[top : top + h, left : left + w] = img
         img, (h, w) = out, out.shape[:2]
-    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+    top, left = _crop_origin(h, w, ch, cw)
     return img[top : top + ch, left : left + cw]
+
+
+def _crop_origin(h: int, w: int, ch: int, cw: int) -> tuple[int, int]:
+    """Top-left corner of a centered ch x cw crop of an h x w image (torchvision's rounding)."""
+    return int((h - ch) / 2.0), int((w - cw) / 2.0)
 
 
 # Separable antialiased resampling on uint8 as torchvision's uint8 kernel computes it: weights in double,
@@ -277,12 +282,12 @@ def _resample_axis(img: np.ndarray, out_size: int, axis: int, resample: str, thr
     """Resample one axis to out_size; keep=(a, b): compute only output positions a..b-1 (each output position
     depends on its own weights alone, so this is the same as slicing the full result)."""
     in_size = img.shape[axis]
-    a, b = keep or (0, out_size)
+    lo, hi = keep or (0, out_size)
     if resample == "nearest":
-        idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)[a:b]
+        idx = np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)[lo:hi]
         return np.take(img, np.minimum(idx, in_size - 1), axis=axis)
     xmin, wi, bits = _weights(in_size, out_size, resample)
-    xmin, wi, out_size = xmin[a:b], wi[a:b], b - a
+    xmin, wi, out_size = xmin[lo:hi], wi[lo:hi], hi - lo
     # The resampled axis leads and the rest is one contiguous row, so each tap gathers whole rows. int32 is
     # enough: the int16 weights sum to 2**bits (bits <= 15) and the filters' lobes keep |acc| far below 2**31.
     src = np.ascontiguousarray(np.moveaxis(img, axis, 0))

@@ -13,24 +13,19 @@ from edgevlm.manifest import Component
 from .graphs import QuantError
 
 
-def read_verified(bundle: Bundle, rel: str) -> bytes:
-    """A bundle file's bytes as open_bundle read and checked them against the manifest's sha256 (handed out
-    once: the bundle drops its copy; never re-read from disk, so nothing can change between check and use)."""
-    return bundle.read(rel)
-
-
 def load_graph(bundle: Bundle, comp: Component) -> onnx.ModelProto:
     """The component's graph, external data included, built from the bytes whose sha256 was checked: the
     external tensors are filled from the verified data files in memory, not re-read by path (onnx's own
-    loader would open the files again after the check, and refuses a data file with several hard links)."""
+    loader would open the files again after the check, and refuses a data file with several hard links).
+    Bundle.read hands each file's bytes out once, as open_bundle checked them."""
     try:
-        model = onnx.load_model_from_string(read_verified(bundle, comp.file))
+        model = onnx.load_model_from_string(bundle.read(comp.file))
     except Exception as e:  # protobuf's DecodeError and the like
         raise QuantError(f"graph {comp.file!r} does not parse: {str(e).splitlines()[0][:200]}") from None
     if not comp.data_files:
         return model
     base = posixpath.dirname(comp.file)
-    blobs = {ref.file: read_verified(bundle, ref.file) for ref in comp.data_files}
+    blobs = {ref.file: bundle.read(ref.file) for ref in comp.data_files}
     for t in _tensors(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
