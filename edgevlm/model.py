@@ -88,6 +88,7 @@ class VLM(ImageSide):
         self.budget_method = "hybrid"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
+        self.kv_inplace = self.lm is None and self._kv_inplace_works()
         if warmup:
             self._warmup()
 
@@ -142,6 +143,8 @@ class VLM(ImageSide):
         "ram"/"disk" (the prefix cache), or "" (nothing)). A GGUF decoder's context may hold a longer
         prefix still (another chat's): _prefill checks that."""
         reuse = min(common_prefix(own_keys, keys), len(keys) - 1)
+        if own_kv is not None:  # a run that failed midway left its KVBuffer valid only up to where it started
+            reuse = min(reuse, pipeline.kv_length(own_kv))
         if self.lm is None:
             n, arrays, where, _ = self.caches.lookup_prefix(keys, at_least=reuse)
             if arrays is not None:
@@ -156,8 +159,8 @@ class VLM(ImageSide):
 
     def _remember(self, keys: list, kv) -> None:
         """Offer a decoder KV (the positions `keys`) to the prefix cache, then write pending disk entries."""
-        if keys and self.lm is None:
-            self.caches.put_prefix(keys, kv_arrays(kv))
+        if keys and self.lm is None:  # a KVBuffer runs on: the cache gets a copy
+            self.caches.put_prefix(keys, kv_arrays(kv.copy() if isinstance(kv, pipeline.KVBuffer) else kv))
         elif keys and hasattr(self.lm, "state_variant") and self.lm.keys == keys:  # GGUF (CoreML keeps none)
             self.caches.put_prefix(keys, {"state": self.lm.state()})
         self.caches.flush()
@@ -226,7 +229,38 @@ class VLM(ImageSide):
         return self.lm.n_ctx if self.lm else self.manifest.generation.context_length
 
     def _empty_kv(self):
-        return None if self.lm else pipeline.empty_kv(self.kv_spec, self.num_layers)
+        if self.lm:
+            return None
+        if self.kv_inplace:
+            return pipeline.KVBuffer(self.kv_spec, self.num_layers, 256, self.context_length)
+        return pipeline.empty_kv(self.kv_spec, self.num_layers)
+
+    def _kv_inplace_works(self) -> bool:
+        """Whether the decoder graph extends a KVBuffer in place (GroupQueryAttention: export/gqa.py's graphs)
+        and answers as with plain past/present arrays: two prompt positions, then one step, each way (which
+        also warms the decoder up; it runs at every load)."""
+        x = pipeline.embed(self.embedder, np.asarray([1, 2, 3], np.int64))
+        buf = pipeline.KVBuffer(self.kv_spec, self.num_layers, 4, self.context_length)
+        try:
+            got = [pipeline.forward(self.decoder, self.kv_spec, x[:2], buf, quiet=True)[0]]
+            got.append(pipeline.forward(self.decoder, self.kv_spec, x[2:], buf, quiet=True)[0])
+        except EdgeVLMError:
+            return False  # e.g. a torch.onnx graph's present is past + new: it refuses the bound buffer
+        want, kv = pipeline.forward(self.decoder, self.kv_spec, x[:2], pipeline.empty_kv(self.kv_spec, self.num_layers))
+        want = [want, pipeline.forward(self.decoder, self.kv_spec, x[2:], kv)[0]]
+        return all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want))
+
+    def _own_kv(self, kv, reuse: int, n: int):
+        """The KV to run n positions in, its first `reuse` kept: a chat's own KVBuffer is cut back in place
+        (it is that chat's alone); a prefix-cache hit (plain arrays, the cache's) is copied into a new one."""
+        if not self.kv_inplace:
+            return pipeline.trim_kv(kv, reuse)
+        if not isinstance(kv, pipeline.KVBuffer):
+            buf = pipeline.KVBuffer(self.kv_spec, self.num_layers, max(n, 256), self.context_length)
+            buf.load(kv, reuse)
+            return buf
+        kv.length = min(kv.length, reuse)
+        return kv
 
     def _prefill(self, ids: np.ndarray, keys: list, states: dict, reuse: int, kv, stages: dict):
         """Run the prompt after its first `reuse` positions -> (logits [V], kv, positions actually reused)."""
@@ -235,7 +269,7 @@ class VLM(ImageSide):
             x = self._prompt_embeds(ids, keys, states, reuse, stages)
             stages["embed"] = time.perf_counter() - t - (stages.get("prefusion", 0.0) - fused)
             t = time.perf_counter()
-            logits, kv = pipeline.forward(self.decoder, self.kv_spec, x, pipeline.trim_kv(kv, reuse))
+            logits, kv = pipeline.forward(self.decoder, self.kv_spec, x, self._own_kv(kv, reuse, len(ids)))
             stages["prefill"] = time.perf_counter() - t
             return logits, kv, reuse
         # llama.cpp: the decoder's own record of its cache decides the reuse (another chat may have used it)
@@ -295,10 +329,8 @@ class VLM(ImageSide):
             self._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], 1)
         except EdgeVLMError:
             pass  # a template without images: its first real call says so
-        if self.lm is None:
-            x = pipeline.embed(self.embedder, np.zeros(4, np.int64))  # a multi-token prefill, then one step
-            _, kv = pipeline.forward(self.decoder, self.kv_spec, x, pipeline.empty_kv(self.kv_spec, self.num_layers))
-            pipeline.forward(self.decoder, self.kv_spec, self._embed_one(0), kv)
+        if self.lm is None:  # an ONNX decoder ran its prompt and a step in both KV forms at load (the probe)
+            self._embed_one(0)
         else:
             self.lm.trim(0)
             self.lm.eval_tokens(np.asarray([0]), [None])  # key None: never reused

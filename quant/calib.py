@@ -38,6 +38,7 @@ def record_feeds(vlm: VLM, prompts: list[tuple], decode_tokens: int = 2) -> dict
             return originals[name](f)
         return run
 
+    inplace, vlm.kv_inplace = vlm.kv_inplace, False  # the decoder's feeds as plain arrays, through run()
     try:
         for name, g in vlm.graphs.items():
             g.run = recorder(name)  # an instance attribute on our own object, removed below
@@ -45,6 +46,7 @@ def record_feeds(vlm: VLM, prompts: list[tuple], decode_tokens: int = 2) -> dict
             vlm.caches.clear()
             vlm.generate(image, question, max_tokens=1 + decode_tokens)
     finally:
+        vlm.kv_inplace = inplace
         for g in vlm.graphs.values():
             g.__dict__.pop("run", None)
     return feeds

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import edgevlm
-from edgevlm import make_sampler
-from edgevlm.errors import ContextOverflowError, TemplateError
+from edgevlm import make_sampler, pipeline
+from edgevlm.errors import BackendError, ContextOverflowError, TemplateError
 from edgevlm.template import render
 
 NAME = "fastvlm-qwen2-gqa"
@@ -205,3 +205,98 @@ def test_chat_prepare_on_a_prefusion_bundle():
     (_, plain), (n, prep) = runs
     assert n > 0 and prep[0].prefilled_tokens == plain[0].prefilled_tokens - n
     assert [r.token for r in prep] == [r.token for r in plain]
+
+
+def _tokens(vlm, n: int) -> np.ndarray:
+    return pipeline.embed(vlm.embedder, (np.arange(n, dtype=np.int64) * 7 + 3) % vlm.tokenizer.get_vocab_size())
+
+
+def test_kv_buffer_is_extended_in_place_and_matches_plain_arrays(vlm):
+    """A GroupQueryAttention decoder runs on a KVBuffer (past and present bound to the same memory): a prompt,
+    a chunk after a past, single steps, growth past the capacity and a rewind give the plain path's logits."""
+    assert vlm.kv_inplace
+    spec, layers = vlm.kv_spec, vlm.num_layers
+    x = _tokens(vlm, 40)
+    buf, plain = pipeline.KVBuffer(spec, layers, 4, vlm.context_length), pipeline.empty_kv(spec, layers)
+    diffs = []
+    for a, b in [(0, 7), (7, 20), (20, 21), (21, 22)]:
+        got, buf = pipeline.forward(vlm.decoder, spec, x[a:b], buf)
+        want, plain = pipeline.forward(vlm.decoder, spec, x[a:b], plain)
+        diffs.append(float(np.abs(got - want).max()))
+    assert buf.length == 22 and buf.capacity >= 22  # grew from 4 while holding positions
+    diffs.append(max(float(np.abs(g - w).max()) for gw in zip(buf.view(), plain) for g, w in zip(*gw)))
+    buf.length = 10  # rewind: positions 10.. are overwritten
+    got, buf = pipeline.forward(vlm.decoder, spec, x[10:30], buf)
+    want, _ = pipeline.forward(vlm.decoder, spec, x[10:30], pipeline.trim_kv(plain, 10))
+    diffs.append(float(np.abs(got - want).max()))
+    print("KVBuffer vs plain arrays, max |diff| per run (logits, logits, logits, logits, kv, logits after rewind):",
+          diffs)
+    assert max(diffs) <= 1e-5 and buf.length == 30
+
+
+def test_kv_buffer_keeps_its_positions_when_a_run_fails(vlm):
+    spec, layers = vlm.kv_spec, vlm.num_layers
+    x = _tokens(vlm, 6)
+    buf = pipeline.KVBuffer(spec, layers, 8, vlm.context_length)
+    pipeline.forward(vlm.decoder, spec, x[:5], buf)
+    with pytest.raises(BackendError):
+        pipeline.forward(vlm.decoder, spec, np.zeros((1, x.shape[1] + 1), np.float32), buf)  # wrong width
+    assert buf.length == 5
+    got, _ = pipeline.forward(vlm.decoder, spec, x[5:], buf)
+    want, _ = pipeline.forward(vlm.decoder, spec, x, pipeline.empty_kv(spec, layers))
+    print("after a failed run, max |diff| from a fresh computation:", float(np.abs(got - want).max()))
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_prefix_cache_entries_are_copies_of_a_chats_kv_buffer(vlm, images):
+    """The chat's buffer runs on (and rewinds); what it gave the prefix cache must not change with it."""
+    vlm.caches.clear()
+    chat = vlm.chat()
+    list(chat.stream("what color is the circle?", image=images[0], max_tokens=4))
+    assert isinstance(chat._kv, pipeline.KVBuffer)
+    keys = list(chat._keys)
+    n, arrays, where, _ = vlm.caches.lookup_prefix(keys + [0])
+    assert n == len(keys) and where == "ram"
+    snapshot = {k: a.copy() for k, a in arrays.items()}
+    assert not any(np.shares_memory(a, b) for a in arrays.values() for pair in chat._kv.arrays for b in pair)
+    chat.messages, chat._images, chat._states = [], [], {}  # another first turn on the same buffer: it rewinds
+    r = list(chat.stream("is there a square?", image=images[1], max_tokens=4))
+    assert 0 < r[0].prompt_tokens - r[0].prefilled_tokens < n and r[0].prefix_cache_source == "chat"
+    assert all(np.array_equal(arrays[k], snapshot[k]) for k in arrays)
+
+
+def test_a_graph_that_concatenates_its_kv_refuses_the_buffer():
+    """A decoder whose present is Concat(past, new) (torch.onnx's form) cannot extend a KVBuffer: the run fails
+    with a BackendError (that is how load() picks the plain path for it) and the buffer is left as it was."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgevlm.backends.onnx import OnnxGraph
+    from edgevlm.manifest import KVSpec
+
+    d, heads, hd = 8, 1, 8
+    nodes = [helper.make_node("Reshape", ["inputs_embeds", "shape"], ["new"]),
+             helper.make_node("Concat", ["past_key_values.0.key", "new"], ["present.0.key"], axis=2),
+             helper.make_node("Concat", ["past_key_values.0.value", "new"], ["present.0.value"], axis=2),
+             helper.make_node("ReduceSum", ["inputs_embeds", "axes"], ["logits"], keepdims=1)]
+    kv = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, heads, None, hd])  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "concat-kv",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, None, d]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, None]),
+         helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, None]),
+         kv("past_key_values.0.key"), kv("past_key_values.0.value")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, None]), kv("present.0.key"),
+         kv("present.0.value")],
+        [helper.make_tensor("shape", TensorProto.INT64, [4], [1, heads, -1, hd]),
+         helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    g = OnnxGraph("decoder", model.SerializeToString())
+    spec = KVSpec(past="past_key_values.%d.%s", present="present.%d.%s", heads=heads, head_dim=hd)
+    x = np.ones((2, d), np.float32)
+    plain = pipeline.forward(g, spec, x, pipeline.empty_kv(spec, 1))[1]
+    assert plain[0][0].shape == (1, 1, 2, hd)  # the graph itself works
+    buf = pipeline.KVBuffer(spec, 1, 8, 64)
+    with pytest.raises(BackendError):
+        pipeline.forward(g, spec, x, buf, quiet=True)
+    assert buf.length == 0

@@ -64,3 +64,25 @@ class OnnxGraph:
         except Exception as e:
             raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
         return dict(zip(self.output_names, outs))
+
+    def run_inplace(self, feeds: dict[str, np.ndarray], inplace: dict[str, tuple[str, ort.OrtValue]],
+                    outputs: Sequence[str], quiet: bool = False) -> list[np.ndarray]:
+        """Run with each `inplace` input bound to an OrtValue the graph also writes as the paired output (a KV
+        cache that GroupQueryAttention extends in place: nothing is copied); returns `outputs` as arrays.
+        quiet: onnxruntime logs nothing if the graph refuses (a probe)."""
+        io = self.session.io_binding()
+        for name in outputs:  # bound first: get_outputs() lists the outputs in binding order
+            io.bind_output(name, "cpu")
+        for name, a in feeds.items():
+            io.bind_cpu_input(name, a)
+        for name, (out, value) in inplace.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(out, value)
+        opts = ort.RunOptions()
+        if quiet:
+            opts.log_severity_level = 4
+        try:
+            self.session.run_with_iobinding(io, opts)
+        except Exception as e:
+            raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
+        return [v.numpy() for v in io.get_outputs()[:len(outputs)]]
