@@ -350,9 +350,9 @@ def prompt_ids(bundle: Path, prompt: str) -> list[int]:
 
 
 def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread_counts) -> dict:
-    """In pairs of like precision — llama.cpp Q4_K_M and our int4, Q8_0 and int8, F32 and fp32 — at each
-    thread count, the two decoders take turns: load, warm up, one measured generation, unload, `reps` times
-    each (one decoder loaded at a time: memory, and no idle thread pool spinning beside the other). The
+    """In groups of like precision — llama.cpp Q4_K_M with our int4 (and int4 with 128-weight blocks), Q8_0
+    with int8, F32 with fp32 — at each thread count, the decoders take turns: load, warm up, one measured
+    generation, unload, `reps` times each (one decoder loaded at a time: memory, and no idle thread pool spinning beside the other). The
     machine's speed drifts over minutes; alternating puts both sides of a ratio in the same minutes. The read
     bandwidth is measured after each pair. A decoder's figure is its best thread count."""
     import edgevlm
@@ -381,9 +381,9 @@ def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread
         gc.collect()
         return r, nbytes
 
-    for p, q in (("int4", "Q4_K_M"), ("int8", "Q8_0"), ("fp32", "F32")):
+    for ps, q in ((("int4", "int4-b128"), "Q4_K_M"), (("int8",), "Q8_0"), (("fp32",), "F32")):
         pair = [("llama.cpp", q)] if q in gguf_quants else []
-        pair += [("edgevlm", p)] if p in precisions else []
+        pair += [("edgevlm", p) for p in ps if p.split("-")[0] in precisions]
         by_threads = {f"{k} {w}": {} for k, w in pair}
         nbytes = {}
         for t in thread_counts:

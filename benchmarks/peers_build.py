@@ -21,6 +21,7 @@ the real vocabulary size, which is what decides decode speed.
     onnx-fp32-R/         onnx-fp32-256 with vision-R's graph: the other files are hard links
     onnx-P-R-v9/         P = int8 / int4: onnx-P-256's language model with vision-R-int8c's graph (what
                          `edgevlm quant --scheme P --vision int8-static` writes)
+    onnx-int4-b128-256/  int4 with 128 weights per scale (`--block-size 128`; the default is 32): decode only
     gguf-Q/              `edgevlm export --format gguf --gguf-quant Q --bundle onnx-fp32-256`
 
 The fixed-size vision graph is why there is one bundle per resolution: the manifest gives the vision graph
@@ -137,7 +138,7 @@ def reference_logits(work: Path, fp32: Path):
     return np.load(path)
 
 
-def quantized(src: Path, dst: Path, level: str, ref_logits) -> Path:
+def quantized(src: Path, dst: Path, level: str, ref_logits, block_size: int | None = None) -> Path:
     """What `edgevlm quant --scheme LEVEL --vision fp32` writes, with the same onnxruntime quantizers and
     settings (quant/graphs.py), applied component by component from the files: the command itself holds the
     fp32 model several times over (~17 GB for this model), more than this shared machine has free."""
@@ -153,30 +154,40 @@ def quantized(src: Path, dst: Path, level: str, ref_logits) -> Path:
     from edgevlm.export import parity
     from edgevlm.manifest import Quant
     from edgevlm.quant.api import component_quant
+    from edgevlm.quant.bundle_io import load_graph
     from edgevlm.quant.graphs import UNTYPED_ARE_FLOAT, Options, quiet, weight_nodes
 
     m = open_bundle(src).manifest
-    opts = Options()
+    opts = Options() if block_size is None else Options(block_size=block_size)  # `edgevlm quant --block-size`
     tmp = _fresh(dst)
     comps = {"vision": m.components["vision"]}
     os.link(src / m.components["vision"].file, tmp / m.components["vision"].file)
+    source = open_bundle(src)
     for name in ("embed", "decoder"):
         comp = m.components[name]
-        nodes = weight_nodes(onnx.load(str(src / comp.file), load_external_data=False))
+        # the product's loader: external data from the verified bytes (onnx.load refuses hard-linked data files,
+        # and this cache hard-links the fp32 decoder's data into every resolution's bundle)
+        graph = load_graph(source, comp)
+        nodes = weight_nodes(graph)
         names = [n.name for n in nodes]
         ops = tuple(sorted({n.op for n in nodes}))
         with quiet():
             if level == "int8":
-                quantize_dynamic(src / comp.file, tmp / comp.file, weight_type=QuantType.QInt8,
+                onnx.save(graph, str(tmp / "source.onnx"), save_as_external_data=bool(comp.data_files),
+                          location="source.onnx.data")
+                del graph
+                quantize_dynamic(tmp / "source.onnx", tmp / comp.file, weight_type=QuantType.QInt8,
                                  nodes_to_quantize=names, op_types_to_quantize=list(ops), extra_options=UNTYPED_ARE_FLOAT)
                 model = onnx.load(str(tmp / comp.file))
+                for f in tmp.glob("source.onnx*"):
+                    f.unlink()
             else:
-                q = MatMulNBitsQuantizer(onnx.load(str(src / comp.file)), bits=4, block_size=opts.block_size,
+                q = MatMulNBitsQuantizer(graph, bits=4, block_size=opts.block_size,
                                          is_symmetric=opts.symmetric, accuracy_level=opts.accuracy_level,
                                          op_types_to_quantize=ops)
                 q.process()
                 model = q.model.model
-                del q
+                del q, graph
                 onnx.save(model, str(tmp / comp.file))
         section = component_quant(model, names, {n: level for n in names}, level, opts, (tmp / comp.file).stat().st_size)
         comps[name] = dataclasses.replace(comp, sha256=sha256_file(tmp / comp.file), data_files=(), precision=level,
@@ -372,7 +383,14 @@ def build(work: Path, gguf_quants=GGUF_QUANTS) -> dict:
         int8c = vision_int8(visions[r], "cpu")
         for p in PRECISIONS[1:]:
             onnx[p][r] = variant(bases[p], int8c, work / f"onnx-{p}-{r}-v9")
-    gguf = gguf_bundles(work, ckpts[RESOLUTIONS[0]], bases["fp32"], gguf_quants)
+    # decode only: int4 with 128-weight blocks (`edgevlm quant --scheme int4 --block-size 128`) next to the default 32
+    r0 = RESOLUTIONS[0]
+    b128 = work / f"onnx-int4-b128-{r0}"
+    if not b128.exists():
+        log(f"quantize int4, 128-weight blocks (vision stays fp32) -> {b128.name}")
+        quantized(bases["fp32"], b128, "int4", reference_logits(work, bases["fp32"]), block_size=128)
+    onnx["int4-b128"] = {r0: b128}
+    gguf = gguf_bundles(work, ckpts[r0], bases["fp32"], gguf_quants)
     return {"ckpt": ckpts, "onnx": onnx, "gguf": gguf}
 
 

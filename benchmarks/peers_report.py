@@ -113,7 +113,10 @@ def markdown(result: dict) -> str:
                                                             result["bandwidth_after"]]) + "); "
               "bound = bandwidth / bytes read per token (weights + KV cache). The last column divides by the "
               "bound at the bandwidth measured right after the decoder's pair instead (the goal is judged on the "
-              "best of the run).", "",
+              "best of the run). ONNX decoders extend their KV cache in place (GroupQueryAttention on a "
+              "preallocated buffer)."
+              + (" *edgevlm int4-b128*: `edgevlm quant --scheme int4 --block-size 128` (128 weights per scale; "
+                 "the default, *edgevlm int4*, has 32)." if "edgevlm int4-b128" in d["decoders"] else ""), "",
               "| decoder | best threads | tokens/s | vs llama.cpp Q4_K_M | tokens/s at 1 / 2 threads | MB read per token "
               "| bound tokens/s | fraction of bound | GB/s beside / fraction |", "|---|---|---|---|---|---|---|---|---|"]
     q4 = d["decoders"].get("llama.cpp Q4_K_M", {}).get("tps")
