@@ -14,7 +14,8 @@ COMPONENTS = ("vision", "embed", "decoder", "prefill", "compressor", "prefusion"
 
 EPILOG = """schemes (every weight goes through onnxruntime's own quantizers):
   fp16         fp16 weights and arithmetic, fp32 inputs/outputs (convert_float_to_float16, keep_io_types)
-  int8         dynamic int8: MatMulInteger / ConvInteger after DynamicQuantizeLinear; int8 embeddings
+  int8         dynamic int8: MatMulInteger / ConvInteger after DynamicQuantizeLinear; int8 embeddings; with
+               --target cpu a MatMul of one row per run (a decoder's lm_head) is 8-bit MatMulNBits instead
   int8-static  QDQ (QuantizeLinear/DequantizeLinear), int8 per-channel weights and activations calibrated on
                --calib-n shapes scenes: the form NPU providers (QNN, NNAPI) take (--target npu, the default
                for a static bundle); with --target cpu (the default otherwise) a Gelu between quantized
@@ -52,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
         "int8-static: cpu = a Gelu between quantized nodes runs in uint8 on onnxruntime's CPU kernels "
         "(QLinearSigmoid x QLinearMul, x*sigmoid(1.773x): max |diff| from Gelu 0.014; FastViTHD encode 0.81x "
         "of plain QDQ); "
-        "npu = plain QDQ, what NPU providers take; auto = npu for a static bundle, else cpu"))
+        "npu = plain QDQ, what NPU providers take; auto = npu for a static bundle, else cpu. int8: cpu = a "
+        "decoder's lm_head (one row per run) as 8-bit MatMulNBits"))
     p.add_argument("--budget", type=float, default=0.99, metavar="X", help="mixed: keep accuracy >= BUDGET x fp32 (0.99)")
     p.add_argument("--calib-seed", type=int, default=None, metavar="S", help="seed of the calibration scenes")
     p.add_argument("--calib-n", type=int, default=32, metavar="N", help="calibration prompts (32)")

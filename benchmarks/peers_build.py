@@ -9,8 +9,9 @@ the real vocabulary size, which is what decides decode speed.
     ckpt-256/            the checkpoint (export/checkpoints.py builder; processor at 256 px)
     ckpt-R/              the same weights (hard links), processor and image_seq_length at R px
     onnx-fp32-256/       `edgevlm export --from ckpt-256`  (parity vs PyTorch)
-    onnx-int8-256/       int8 dynamic language model, fp32 vision (what `edgevlm quant --scheme int8 --vision
-    onnx-int4-256/       fp32` / `--scheme int4` write, same quantizers and settings; see `quantized`)
+    lm-int8-v10/         int8 language model, fp32 vision (what `edgevlm quant --scheme int8 --vision fp32`
+    lm-int4-v10/         / `--scheme int4` write: the product's quantize() per component; see `quantized`)
+    lm-int4-b128-v10/    int4 with 128 weights per scale (`--block-size 128`; the default is 32): decode only
     vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch;
                          vision-256/ holds onnx-fp32-256's graph (a hard link)
     vision-R-int8s/      vision-R's graph int8-static (edgevlm's quantizer, `edgevlm quant`'s int8-static
@@ -19,9 +20,8 @@ the real vocabulary size, which is what decides decode speed.
     vision-R-int8c/      the same for target cpu (`edgevlm quant`'s default for a bundle that is not static):
                          the Gelus between quantized convolutions in uint8 (QLinearSigmoid x QLinearMul)
     onnx-fp32-R/         onnx-fp32-256 with vision-R's graph: the other files are hard links
-    onnx-P-R-v9/         P = int8 / int4: onnx-P-256's language model with vision-R-int8c's graph (what
+    onnx-P-R-v10/        P = int8 / int4: lm-P-v10's language model with vision-R-int8c's graph (what
                          `edgevlm quant --scheme P --vision int8-static` writes)
-    onnx-int4-b128-256/  int4 with 128 weights per scale (`--block-size 128`; the default is 32): decode only
     gguf-Q/              `edgevlm export --format gguf --gguf-quant Q --bundle onnx-fp32-256`
 
 The fixed-size vision graph is why there is one bundle per resolution: the manifest gives the vision graph
@@ -42,6 +42,7 @@ from pathlib import Path
 RESOLUTIONS = (256, 512, 768, 1024)
 PRECISIONS = ("fp32", "int8", "int4")
 GGUF_QUANTS = ("Q4_K_M", "Q8_0", "F32")
+LM_VERSION = "v10"  # of the quantized language models (v10: quant.graphs.quantize itself; int8's lm_head 8-bit MatMulNBits)
 MAX_LOGIT_DIFF = "1e-2"  # random 24-layer weights: logits of a few units; fp32 ONNX vs PyTorch is ~1e-5
 
 
@@ -115,7 +116,7 @@ def base_bundles(work: Path, ckpt: Path) -> dict[str, Path]:
                     "--max-logit-diff", MAX_LOGIT_DIFF)
     out = {"fp32": fp32}
     for p in PRECISIONS[1:]:
-        b = work / f"onnx-{p}-{r0}"
+        b = work / f"lm-{p}-{LM_VERSION}"
         if not b.exists():
             log(f"quantize {p} (vision stays fp32) -> {b.name}")
             quantized(fp32, b, p, reference_logits(work, fp32))
@@ -139,64 +140,44 @@ def reference_logits(work: Path, fp32: Path):
 
 
 def quantized(src: Path, dst: Path, level: str, ref_logits, block_size: int | None = None) -> Path:
-    """What `edgevlm quant --scheme LEVEL --vision fp32` writes, with the same onnxruntime quantizers and
-    settings (quant/graphs.py), applied component by component from the files: the command itself holds the
-    fp32 model several times over (~17 GB for this model), more than this shared machine has free."""
+    """What `edgevlm quant --scheme LEVEL --vision fp32 [--block-size N]` writes, through the product's own
+    per-graph function (`quant.graphs.quantize`, each graph quantized in place and written before the next is
+    loaded), without the command's accuracy checks on the shapes set (this model has random weights): the
+    first-token logits against fp32 are recorded instead."""
     import gc
 
     import numpy as np
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     import edgevlm
     from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
     from edgevlm.export import parity
     from edgevlm.manifest import Quant
     from edgevlm.quant.api import component_quant
-    from edgevlm.quant.bundle_io import load_graph
-    from edgevlm.quant.graphs import UNTYPED_ARE_FLOAT, Options, quiet, weight_nodes
+    from edgevlm.quant.bundle_io import load_graph, write_graph
+    from edgevlm.quant.graphs import Options, quantize, weight_nodes
 
-    m = open_bundle(src).manifest
-    opts = Options() if block_size is None else Options(block_size=block_size)  # `edgevlm quant --block-size`
+    source = open_bundle(src)
+    m = source.manifest
+    opts = Options() if block_size is None else Options(block_size=block_size)
     tmp = _fresh(dst)
     comps = {"vision": m.components["vision"]}
     os.link(src / m.components["vision"].file, tmp / m.components["vision"].file)
-    source = open_bundle(src)
     for name in ("embed", "decoder"):
         comp = m.components[name]
-        # the product's loader: external data from the verified bytes (onnx.load refuses hard-linked data files,
-        # and this cache hard-links the fp32 decoder's data into every resolution's bundle)
-        graph = load_graph(source, comp)
-        nodes = weight_nodes(graph)
-        names = [n.name for n in nodes]
-        ops = tuple(sorted({n.op for n in nodes}))
-        with quiet():
-            if level == "int8":
-                onnx.save(graph, str(tmp / "source.onnx"), save_as_external_data=bool(comp.data_files),
-                          location="source.onnx.data")
-                del graph
-                quantize_dynamic(tmp / "source.onnx", tmp / comp.file, weight_type=QuantType.QInt8,
-                                 nodes_to_quantize=names, op_types_to_quantize=list(ops), extra_options=UNTYPED_ARE_FLOAT)
-                model = onnx.load(str(tmp / comp.file))
-                for f in tmp.glob("source.onnx*"):
-                    f.unlink()
-            else:
-                q = MatMulNBitsQuantizer(graph, bits=4, block_size=opts.block_size,
-                                         is_symmetric=opts.symmetric, accuracy_level=opts.accuracy_level,
-                                         op_types_to_quantize=ops)
-                q.process()
-                model = q.model.model
-                del q, graph
-                onnx.save(model, str(tmp / comp.file))
-        section = component_quant(model, names, {n: level for n in names}, level, opts, (tmp / comp.file).stat().st_size)
+        graph = load_graph(source, comp)  # from the verified bytes (the cache hard-links the fp32 data files)
+        names = [n.name for n in weight_nodes(graph)]
+        levels = {n: level for n in names}
+        model = quantize(graph, levels, opts, copy=False)
+        del graph
+        write_graph(model, tmp / comp.file)
+        section = component_quant(model, names, levels, level, opts, (tmp / comp.file).stat().st_size)
         comps[name] = dataclasses.replace(comp, sha256=sha256_file(tmp / comp.file), data_files=(), precision=level,
                                           quant=section)
         del model
         gc.collect()
     os.link(src / m.tokenizer.file, tmp / m.tokenizer.file)
     details = {"components": {k: c.precision for k, c in comps.items()}, "options": dataclasses.asdict(opts),
-               "how": "onnxruntime quantize_dynamic / MatMulNBitsQuantizer per component (benchmarks/peers_build.py)"}
+               "how": "edgevlm.quant.graphs.quantize per component (benchmarks/peers_build.py)"}
     new = dataclasses.replace(m, components=comps, quant=Quant(scheme=level, details=details))
     (tmp / MANIFEST).write_text(new.to_json(), encoding="utf-8")
     logits = edgevlm.load(tmp, threads=2).prompt_logits(parity.probe_image(), parity.PROMPT)
@@ -382,10 +363,10 @@ def build(work: Path, gguf_quants=GGUF_QUANTS) -> dict:
                                                                               work / f"onnx-fp32-{r}")
         int8c = vision_int8(visions[r], "cpu")
         for p in PRECISIONS[1:]:
-            onnx[p][r] = variant(bases[p], int8c, work / f"onnx-{p}-{r}-v9")
+            onnx[p][r] = variant(bases[p], int8c, work / f"onnx-{p}-{r}-{LM_VERSION}")
     # decode only: int4 with 128-weight blocks (`edgevlm quant --scheme int4 --block-size 128`) next to the default 32
     r0 = RESOLUTIONS[0]
-    b128 = work / f"onnx-int4-b128-{r0}"
+    b128 = work / f"lm-int4-b128-{LM_VERSION}"
     if not b128.exists():
         log(f"quantize int4, 128-weight blocks (vision stays fp32) -> {b128.name}")
         quantized(bases["fp32"], b128, "int4", reference_logits(work, bases["fp32"]), block_size=128)

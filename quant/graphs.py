@@ -6,7 +6,10 @@ Levels (a weight node is a MatMul/Conv/Gather whose weight is a constant initial
     fp16         the whole graph's weights and arithmetic in fp16, inputs/outputs kept fp32
                  (onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True))
     int8         dynamic: int8 weights, activations quantized at run time
-                 (quantize_dynamic: MatMulInteger / ConvInteger after DynamicQuantizeLinear)
+                 (quantize_dynamic: MatMulInteger / ConvInteger after DynamicQuantizeLinear); for target
+                 "cpu", a MatMul that computes one row per run (a decoder's logits of the last position)
+                 becomes 8-bit MatMulNBits instead (`ROW_BLOCK` weights per scale), a faster matrix-vector
+                 kernel
     int8-static  QDQ: int8 per-channel weights and calibrated uint8 activations
                  (quantize_static, QuantFormat.QDQ: the form QNN / NNAPI need); for target "cpu", a Gelu
                  between two quantized nodes runs in uint8 too (`lut_gelu`)
@@ -31,6 +34,9 @@ from onnx import numpy_helper
 from edgevlm.errors import EdgeVLMError
 
 LEVELS = ("fp32", "fp16", "int8", "int8-static", "int4")
+# int8, target cpu: a one-row MatMul (the lm_head) as 8-bit MatMulNBits, symmetric, this many weights per scale.
+# Measured on Qwen2-0.5B's lm_head (896 x 151,936) at 2 threads: 4.9 ms vs 6.3 ms for DynamicQuantizeMatMul.
+ROW_BLOCK = 128
 WEIGHT_OPS = ("MatMul", "Conv", "Gather")
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int8-static": 8, "int4": 4}
 
@@ -308,6 +314,10 @@ def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
             model = _static(model, by["int8-static"], calibration, cache or tmp / "ranges.json", tmp)
             if opts.target != "npu":
                 lut_gelu(model)
+        rows = [n for n in by["int8"] if opts.target != "npu" and nodes[n].op == "MatMul" and _one_row(model, n)]
+        if rows:
+            model = _nbits(model, set(rows), nodes, 8, ROW_BLOCK, True, opts.accuracy_level)
+            by["int8"] = [n for n in by["int8"] if n not in rows]
         if by["int8"]:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -320,18 +330,34 @@ def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
     return model
 
 
+def _one_row(model: onnx.ModelProto, name: str) -> bool:
+    """Whether node `name`'s output is a graph output of fixed shape [1, ..., 1, N]: one row per run (a
+    decoder's logits of the last position), a matrix-vector product however long the prompt."""
+    node = next(n for n in model.graph.node if n.name == name)
+    for out in model.graph.output:
+        if out.name == node.output[0]:
+            dims = out.type.tensor_type.shape.dim
+            return len(dims) >= 2 and all(d.HasField("dim_value") and d.dim_value == 1 for d in dims[:-1])
+    return False
+
+
 def _int4(model, names: set[str], nodes: dict[str, WeightNode], opts: Options) -> onnx.ModelProto:
+    return _nbits(model, names, nodes, 4, opts.block_size, opts.symmetric, opts.accuracy_level)
+
+
+def _nbits(model, names: set[str], nodes: dict[str, WeightNode], bits: int, block_size: int, symmetric: bool,
+           accuracy_level: int) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     ops = tuple(sorted({nodes[n].op for n in names}))
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=opts.block_size, is_symmetric=opts.symmetric,
-                             accuracy_level=opts.accuracy_level, op_types_to_quantize=ops,
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level, op_types_to_quantize=ops,
                              nodes_to_exclude=[n.name for n in model.graph.node if n.name not in names])
     q.process()
     out = q.model.model
     left = {n.name for n in out.graph.node} & names
     if left:
-        raise QuantError(f"onnxruntime left {len(left)} node(s) unquantized at int4: {sorted(left)[:3]}")
+        raise QuantError(f"onnxruntime left {len(left)} node(s) unquantized at {bits} bits: {sorted(left)[:3]}")
     return out
 
 

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevlm.quant.api import resolve
-from edgevlm.quant.graphs import (GELU_ALPHA, Options, QuantError, allowed, fold_conv_scales, lut_gelu, quantize,
-                                  weight_nodes)
+from edgevlm.quant.graphs import (GELU_ALPHA, ROW_BLOCK, Options, QuantError, allowed, fold_conv_scales, lut_gelu,
+                                  quantize, weight_nodes)
 
 C = 8
 
@@ -179,3 +179,44 @@ def test_unknown_target_is_a_quant_error():
     model = gelu_graph()
     with pytest.raises(QuantError, match="unknown target"):
         quantize(model, {"fc1": "int8-static"}, Options(target="gpu"), calibration=lambda: iter([]))
+
+
+def head_graph(rows_out: int):
+    """h [1, S, 32] -> MatMul (hidden, 32 x 64) -> Slice the last position -> MatMul (head, 32 x 256) -> logits
+    [1, rows_out, 256] (rows_out 1: a decoder's logits of the last position; else a symbolic row count)."""
+    rng = np.random.default_rng(5)
+    inits = [_init("w_hidden", rng.standard_normal((32, 32)) * 0.2), _init("w_head", rng.standard_normal((32, 256))),
+             numpy_helper.from_array(np.array([-1], np.int64), "start"),
+             numpy_helper.from_array(np.array([2**62], np.int64), "end"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    last = [helper.make_node("Slice", ["hid", "start", "end", "axis"], ["last"], name="last")] if rows_out == 1 else []
+    nodes = [helper.make_node("MatMul", ["h", "w_hidden"], ["hid"], name="hidden")] + last + [
+        helper.make_node("MatMul", ["last" if last else "hid", "w_head"], ["logits"], name="head")]
+    out_shape = [1, 1, 256] if rows_out == 1 else [1, "S", 256]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "S", 32])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("target,rows_out,head_op", [("cpu", 1, "MatMulNBits"), ("npu", 1, "MatMulInteger"),
+                                                     ("cpu", 0, "MatMulInteger")])
+def test_int8_one_row_matmul_becomes_8_bit_matmulnbits_on_cpu(target, rows_out, head_op):
+    """int8 (dynamic) turns a MatMul that computes one row per run (a decoder's lm_head after the last-position
+    slice) into 8-bit MatMulNBits for target cpu — the faster matrix-vector kernel; npu keeps the plain form,
+    and a MatMul of many rows stays MatMulInteger."""
+    model = head_graph(rows_out)
+    q = quantize(model, {n.name: "int8" for n in weight_nodes(model)}, Options(target=target))
+    ops = [n.op_type for n in q.graph.node]
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == (head_op == "MatMulNBits")
+    assert ops.count("MatMulInteger") == 2 - len(nbits)  # the hidden MatMul stays dynamic int8 in every case
+    if nbits:
+        attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
+        assert attrs["bits"] == 8 and attrs["block_size"] == ROW_BLOCK
+    h = np.random.default_rng(6).standard_normal((1, 5, 32)).astype(np.float32)
+    run_ = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        ["logits"], {"h": h})[0]
+    want, got = run_(model), run_(q)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"int8 {target}, rows {rows_out or 'S'}: max |diff| {err:.4f} of max |logit|")
+    assert got.shape == want.shape and err < 0.03
