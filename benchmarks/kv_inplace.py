@@ -3,7 +3,8 @@
     python benchmarks/kv_inplace.py [--contexts 300,1000,2000] [--steps 16] [--reps 3]
 
 The FastVLM-0.5B-shaped language model (Qwen2-0.5B dimensions, RANDOM weights; the peers benchmark's bundles in
-benchmarks/.cache/peers, built by peers_build.py) at int4, int8 and fp32, one bundle loaded at a time. For each
+benchmarks/.cache/peers, built by peers_build.py) at int4, int8 and fp32, and the embedded demo's small decoder
+(trained; its context holds 512 positions, so only the contexts that fit), one bundle loaded at a time. For each
 context length both forms hold the same prompt (the same embeddings), then run `--steps` decode steps through
 `pipeline.forward`, the two forms taking turns `--reps` times; a step's time is the median over all of them.
 Plain arrays: onnxruntime writes new present arrays [1, 2, past + 1, 64] per layer each step (GroupQueryAttention
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).parent
-BUNDLES = {"int4": "lm-int4-{v}", "int8": "lm-int8-{v}", "fp32": "onnx-fp32-256"}
+BUNDLES = {"int4": "lm-int4-{v}", "int8": "lm-int8-{v}", "fp32": "onnx-fp32-256", "demo": None}  # None: embedded
 
 
 def steps(vlm, kv, x: np.ndarray, n: int) -> tuple[float, np.ndarray]:
@@ -56,15 +57,17 @@ def main() -> None:
     import peers_build
 
     rows = []
+    from edgevlm.model import DEFAULT_BUNDLE
+
     for prec, name in BUNDLES.items():
-        path = args.work / name.format(v=peers_build.LM_VERSION)
+        path = DEFAULT_BUNDLE if name is None else args.work / name.format(v=peers_build.LM_VERSION)
         if not path.exists():
             raise SystemExit(f"{path} is missing: run benchmarks/peers.py (or peers_build.py) first")
         vlm = edgevlm.load(path, threads=args.threads)
-        assert vlm.kv_inplace, "the peers decoder is a GroupQueryAttention graph"
+        assert vlm.kv_inplace, "these decoders are GroupQueryAttention graphs"
         spec, layers = vlm.kv_spec, vlm.num_layers
         vocab = vlm.tokenizer.get_vocab_size()
-        for ctx in (int(c) for c in args.contexts.split(",")):
+        for ctx in (int(c) for c in args.contexts.split(",") if int(c) + args.steps < vlm.context_length):
             x = pipeline.embed(vlm.embedder, (np.arange(ctx + args.steps, dtype=np.int64) * 7919 + 11) % vocab)
             _, plain = pipeline.forward(vlm.decoder, spec, x[:ctx], pipeline.empty_kv(spec, layers))
             times = {"plain": [], "inplace": []}
@@ -84,7 +87,7 @@ def main() -> None:
         del vlm, plain
         gc.collect()
     result = {"model": "Qwen2-0.5B dimensions (24 layers, 2 KV heads x 64), random weights (the peers benchmark's "
-                       "language models)", "threads": args.threads, "steps": args.steps, "reps": args.reps,
+                       "language models); demo: the embedded demo bundle's decoder", "threads": args.threads, "steps": args.steps, "reps": args.reps,
               "loadavg": round(os.getloadavg()[0], 2), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

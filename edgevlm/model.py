@@ -229,11 +229,7 @@ class VLM(ImageSide):
         return self.lm.n_ctx if self.lm else self.manifest.generation.context_length
 
     def _empty_kv(self):
-        if self.lm:
-            return None
-        if self.kv_inplace:
-            return pipeline.KVBuffer(self.kv_spec, self.num_layers, 256, self.context_length)
-        return pipeline.empty_kv(self.kv_spec, self.num_layers)
+        return None if self.lm else pipeline.empty_kv(self.kv_spec, self.num_layers)
 
     def _kv_inplace_works(self) -> bool:
         """Whether the decoder graph extends a KVBuffer in place (GroupQueryAttention: export/gqa.py's graphs)
@@ -250,17 +246,24 @@ class VLM(ImageSide):
         want = [want, pipeline.forward(self.decoder, self.kv_spec, x[2:], kv)[0]]
         return all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want))
 
-    def _own_kv(self, kv, reuse: int, n: int):
-        """The KV to run n positions in, its first `reuse` kept: a chat's own KVBuffer is cut back in place
-        (it is that chat's alone); a prefix-cache hit (plain arrays, the cache's) is copied into a new one."""
-        if not self.kv_inplace:
-            return pipeline.trim_kv(kv, reuse)
-        if not isinstance(kv, pipeline.KVBuffer):
-            buf = pipeline.KVBuffer(self.kv_spec, self.num_layers, max(n, 256), self.context_length)
-            buf.load(kv, reuse)
-            return buf
-        kv.length = min(kv.length, reuse)
-        return kv
+    @staticmethod
+    def _cut_kv(kv, reuse: int):
+        """The KV with its first `reuse` positions kept: a chat's own KVBuffer is cut back in place (it is that
+        chat's alone); plain arrays (a prefix-cache hit, a new chat) are sliced, and the prompt runs on them as
+        before — the KV moves into a buffer at the first decode step, after the first token."""
+        if isinstance(kv, pipeline.KVBuffer):
+            kv.length = min(kv.length, reuse)
+            return kv
+        return pipeline.trim_kv(kv, reuse)
+
+    def _as_buffer(self, kv):
+        """Plain KV arrays -> a KVBuffer holding them, with room to grow (the decoder extends it in place)."""
+        if not self.kv_inplace or isinstance(kv, pipeline.KVBuffer):
+            return kv
+        n = pipeline.kv_length(kv)
+        buf = pipeline.KVBuffer(self.kv_spec, self.num_layers, max(256, n * 3 // 2), self.context_length)
+        buf.load(kv, n)
+        return buf
 
     def _prefill(self, ids: np.ndarray, keys: list, states: dict, reuse: int, kv, stages: dict):
         """Run the prompt after its first `reuse` positions -> (logits [V], kv, positions actually reused)."""
@@ -269,7 +272,7 @@ class VLM(ImageSide):
             x = self._prompt_embeds(ids, keys, states, reuse, stages)
             stages["embed"] = time.perf_counter() - t - (stages.get("prefusion", 0.0) - fused)
             t = time.perf_counter()
-            logits, kv = pipeline.forward(self.decoder, self.kv_spec, x, self._own_kv(kv, reuse, len(ids)))
+            logits, kv = pipeline.forward(self.decoder, self.kv_spec, x, self._cut_kv(kv, reuse))
             stages["prefill"] = time.perf_counter() - t
             return logits, kv, reuse
         # llama.cpp: the decoder's own record of its cache decides the reuse (another chat may have used it)
@@ -297,7 +300,7 @@ class VLM(ImageSide):
     def _decode(self, token: int, kv, keys: list, states: dict):
         """One generated token after the cached `keys` -> (logits [V], kv)."""
         if self.lm is None:
-            return pipeline.forward(self.decoder, self.kv_spec, self._embed_one(token), kv)
+            return pipeline.forward(self.decoder, self.kv_spec, self._embed_one(token), self._as_buffer(kv))
         if self.lm.keys != keys:  # another chat used the llama context meanwhile: rebuild this one's cache
             ids = np.asarray([k if isinstance(k, int) else (k[2] if len(k) == 3 else self.manifest.image_token_id)
                               for k in keys + [token]], np.int64)

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .backends.onnx import OnnxGraph
+from .errors import BackendError
 from .manifest import KVSpec
 
 KV = list[tuple[np.ndarray, np.ndarray]]  # per layer (key, value), each [1, kv_heads, past, head_dim]
@@ -54,8 +55,8 @@ class KVBuffer:
     bound as both past and present (GroupQueryAttention then writes only the new positions, as
     onnxruntime-genai runs it); the first `length` positions are valid. The plain path copies the whole cache
     into new present arrays at every step instead (benchmarks/kv_inplace.py, 0.5B-shaped int4 decoder: a step
-    in place takes 0.94x as long at 300 positions, 0.64x at 2,000). A buffer belongs to one chat: what leaves
-    it (`copy`) is copied."""
+    in place takes 0.89-0.94x as long at 300 positions, 0.62-0.64x at 2,000). A buffer belongs to one chat:
+    what leaves it (`copy`) is copied."""
 
     def __init__(self, spec: KVSpec, num_layers: int, capacity: int, limit: int):
         self.spec, self.num_layers, self.limit, self.length = spec, num_layers, limit, 0
@@ -65,6 +66,22 @@ class KVBuffer:
         shape = (1, self.spec.heads, capacity, self.spec.head_dim)
         self.arrays = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.num_layers)]
         self.values = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.arrays]
+        self._bound = None  # (graph, its IOBinding over these arrays, the logits array it writes)
+
+    def bound(self, graph: OnnxGraph):
+        """The IOBinding that runs `graph` on this buffer, made once per graph and allocation (binding the
+        cache's 2 x layers arrays afresh each step cost more than a small decoder's step)."""
+        if self._bound is None or self._bound[0] is not graph:
+            shape = graph.output_shapes.get("logits", [])
+            if not shape or not all(isinstance(d, int) for d in shape):
+                raise BackendError(f"graph {graph.name!r}: logits of no fixed shape ({shape}); no in-place KV")
+            spec, logits = self.spec, np.empty(shape, np.float32)
+            inplace = {}
+            for i, (k, v) in enumerate(self.values):
+                inplace[spec.past % (i, "key")] = (spec.present % (i, "key"), k)
+                inplace[spec.past % (i, "value")] = (spec.present % (i, "value"), v)
+            self._bound = (graph, graph.bind_inplace(inplace, "logits", logits), logits)
+        return self._bound[1:]
 
     @property
     def capacity(self) -> int:
@@ -131,13 +148,10 @@ def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV | KVBuf
         "attention_mask": np.ones((1, past + s), np.int64),
         "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
     }
-    inplace = {}
-    for i, (k, v) in enumerate(kv.values):
-        inplace[spec.past % (i, "key")] = (spec.present % (i, "key"), k)
-        inplace[spec.past % (i, "value")] = (spec.present % (i, "value"), v)
-    logits = decoder.run_inplace(feeds, inplace, ["logits"], quiet=quiet)[0]
+    io, logits = kv.bound(decoder)
+    decoder.run_bound(io, feeds, quiet=quiet)
     kv.length = past + s
-    return logits[0, -1], kv
+    return logits[0, -1].copy(), kv  # (the array is written again by the next run)
 
 
 def compress(compressor: OnnxGraph, image_embeds: np.ndarray) -> np.ndarray:  # [N, D] -> [1, D]

@@ -53,6 +53,9 @@ class OnnxGraph:
         self.name = name
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        self._quiet = ort.RunOptions()
+        self._quiet.log_severity_level = 4
 
     @property
     def providers(self) -> list[str]:
@@ -65,24 +68,23 @@ class OnnxGraph:
             raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
         return dict(zip(self.output_names, outs))
 
-    def run_inplace(self, feeds: dict[str, np.ndarray], inplace: dict[str, tuple[str, ort.OrtValue]],
-                    outputs: Sequence[str], quiet: bool = False) -> list[np.ndarray]:
-        """Run with each `inplace` input bound to an OrtValue the graph also writes as the paired output (a KV
-        cache that GroupQueryAttention extends in place: nothing is copied); returns `outputs` as arrays.
-        quiet: onnxruntime logs nothing if the graph refuses (a probe)."""
+    def bind_inplace(self, inplace: dict[str, tuple[str, ort.OrtValue]], out: str, out_array: np.ndarray):
+        """An IOBinding, kept by the caller across runs, with each `inplace` input bound to an OrtValue the
+        graph also writes as the paired output (a KV cache that GroupQueryAttention extends in place: nothing is
+        copied) and output `out` written into out_array; `run_bound` then binds only the per-run inputs."""
         io = self.session.io_binding()
-        for name in outputs:  # bound first: get_outputs() lists the outputs in binding order
-            io.bind_output(name, "cpu")
+        io.bind_output(out, "cpu", 0, out_array.dtype, list(out_array.shape), out_array.ctypes.data)
+        for name, (present, value) in inplace.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(present, value)
+        return io
+
+    def run_bound(self, io, feeds: dict[str, np.ndarray], quiet: bool = False) -> None:
+        """Run an IOBinding from bind_inplace with these inputs (quiet: onnxruntime logs nothing if the graph
+        refuses, e.g. a probe)."""
         for name, a in feeds.items():
             io.bind_cpu_input(name, a)
-        for name, (out, value) in inplace.items():
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(out, value)
-        opts = ort.RunOptions()
-        if quiet:
-            opts.log_severity_level = 4
         try:
-            self.session.run_with_iobinding(io, opts)
+            self.session.run_with_iobinding(io, self._quiet if quiet else None)
         except Exception as e:
             raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
-        return [v.numpy() for v in io.get_outputs()[:len(outputs)]]
