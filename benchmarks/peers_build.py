@@ -9,8 +9,8 @@ the real vocabulary size, which is what decides decode speed.
     ckpt-256/            the checkpoint (export/checkpoints.py builder; processor at 256 px)
     ckpt-R/              the same weights (hard links), processor and image_seq_length at R px
     onnx-fp32-256/       `edgevlm export --from ckpt-256`  (parity vs PyTorch)
-    lm-int8-v10/         int8 language model, fp32 vision (what `edgevlm quant --scheme int8 --vision fp32`
-    lm-int4-v10/         / `--scheme int4` write: the product's quantize() per component; see `quantized`)
+    lm-int8-v10/         int8 language model, fp32 vision: `edgevlm quant --scheme int8 --vision fp32`
+    lm-int4-v10/         / `--scheme int4` (quant.api.quantize_bundle itself; see `quantized`)
     lm-int4-b128-v10/    int4 with 128 weights per scale (`--block-size 128`; the default is 32): decode only
     vision-R/            the vision graph at R px (export.graphs.export_vision), checked against PyTorch;
                          vision-256/ holds onnx-fp32-256's graph (a hard link)
@@ -42,7 +42,7 @@ from pathlib import Path
 RESOLUTIONS = (256, 512, 768, 1024)
 PRECISIONS = ("fp32", "int8", "int4")
 GGUF_QUANTS = ("Q4_K_M", "Q8_0", "F32")
-LM_VERSION = "v10"  # of the quantized language models (v10: quant.graphs.quantize itself; int8's lm_head 8-bit MatMulNBits)
+LM_VERSION = "v10"  # of the quantized language models (v10: edgevlm quant's own code; int8's lm_head 8-bit MatMulNBits)
 MAX_LOGIT_DIFF = "1e-2"  # random 24-layer weights: logits of a few units; fp32 ONNX vs PyTorch is ~1e-5
 
 
@@ -119,75 +119,21 @@ def base_bundles(work: Path, ckpt: Path) -> dict[str, Path]:
         b = work / f"lm-{p}-{LM_VERSION}"
         if not b.exists():
             log(f"quantize {p} (vision stays fp32) -> {b.name}")
-            quantized(fp32, b, p, reference_logits(work, fp32))
+            quantized(fp32, b, p)
         out[p] = b
     return out
 
 
-def reference_logits(work: Path, fp32: Path):
-    """The fp32 bundle's first-token logits on the parity prompt (cached): the quantized bundles' yardstick."""
-    import numpy as np
+def quantized(src: Path, dst: Path, level: str, block_size: int | None = None) -> Path:
+    """`edgevlm quant --scheme LEVEL --vision fp32 [--block-size N]` itself (quant.api.quantize_bundle; no
+    accuracy set: this model has random weights, so its manifest records the first-token logits against fp32
+    on the command's 8 verify prompts instead)."""
+    from edgevlm.quant import quantize_bundle
+    from edgevlm.quant.graphs import Options
 
-    path = work / "fp32-logits.npy"
-    if not path.exists():
-        import edgevlm
-        from edgevlm.export import parity
-
-        logits = edgevlm.load(fp32, threads=2).prompt_logits(parity.probe_image(), parity.PROMPT)
-        np.save(work / "fp32-logits.tmp.npy", logits)
-        os.replace(work / "fp32-logits.tmp.npy", path)
-    return np.load(path)
-
-
-def quantized(src: Path, dst: Path, level: str, ref_logits, block_size: int | None = None) -> Path:
-    """What `edgevlm quant --scheme LEVEL --vision fp32 [--block-size N]` writes, through the product's own
-    per-graph function (`quant.graphs.quantize`, each graph quantized in place and written before the next is
-    loaded), without the command's accuracy checks on the shapes set (this model has random weights): the
-    first-token logits against fp32 are recorded instead."""
-    import gc
-
-    import numpy as np
-
-    import edgevlm
-    from edgevlm.bundle import MANIFEST, open_bundle, sha256_file
-    from edgevlm.export import parity
-    from edgevlm.manifest import Quant
-    from edgevlm.quant.api import component_quant
-    from edgevlm.quant.bundle_io import load_graph, write_graph
-    from edgevlm.quant.graphs import Options, quantize, weight_nodes
-
-    source = open_bundle(src)
-    m = source.manifest
     opts = Options() if block_size is None else Options(block_size=block_size)
-    tmp = _fresh(dst)
-    comps = {"vision": m.components["vision"]}
-    os.link(src / m.components["vision"].file, tmp / m.components["vision"].file)
-    for name in ("embed", "decoder"):
-        comp = m.components[name]
-        graph = load_graph(source, comp)  # from the verified bytes (the cache hard-links the fp32 data files)
-        names = [n.name for n in weight_nodes(graph)]
-        levels = {n: level for n in names}
-        model = quantize(graph, levels, opts, copy=False)
-        del graph
-        write_graph(model, tmp / comp.file)
-        section = component_quant(model, names, levels, level, opts, (tmp / comp.file).stat().st_size)
-        comps[name] = dataclasses.replace(comp, sha256=sha256_file(tmp / comp.file), data_files=(), precision=level,
-                                          quant=section)
-        del model
-        gc.collect()
-    os.link(src / m.tokenizer.file, tmp / m.tokenizer.file)
-    details = {"components": {k: c.precision for k, c in comps.items()}, "options": dataclasses.asdict(opts),
-               "how": "edgevlm.quant.graphs.quantize per component (benchmarks/peers_build.py)"}
-    new = dataclasses.replace(m, components=comps, quant=Quant(scheme=level, details=details))
-    (tmp / MANIFEST).write_text(new.to_json(), encoding="utf-8")
-    logits = edgevlm.load(tmp, threads=2).prompt_logits(parity.probe_image(), parity.PROMPT)
-    details["fidelity"] = {"prompts": 1, "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
-                           "same_first_token": bool(logits.argmax() == ref_logits.argmax())}
-    log(f"  {level}: first-token logits max |diff| vs fp32 {details['fidelity']['max_abs_logit_diff']:.3g}")
-    (tmp / MANIFEST).write_text(dataclasses.replace(new, quant=Quant(scheme=level, details=details)).to_json(),
-                                encoding="utf-8")
-    open_bundle(tmp)
-    os.replace(tmp, dst)
+    m = quantize_bundle(src, dst, level, overrides={"vision": "fp32"}, opts=opts, threads=2)
+    log(f"  {level}: first-token logits max |diff| vs fp32 {m.quant.details['fidelity']['max_abs_logit_diff']:.3g}")
     return dst
 
 
@@ -369,7 +315,7 @@ def build(work: Path, gguf_quants=GGUF_QUANTS) -> dict:
     b128 = work / f"lm-int4-b128-{LM_VERSION}"
     if not b128.exists():
         log(f"quantize int4, 128-weight blocks (vision stays fp32) -> {b128.name}")
-        quantized(bases["fp32"], b128, "int4", reference_logits(work, bases["fp32"]), block_size=128)
+        quantized(bases["fp32"], b128, "int4", block_size=128)
     onnx["int4-b128"] = {r0: b128}
     gguf = gguf_bundles(work, ckpts[r0], bases["fp32"], gguf_quants)
     return {"ckpt": ckpts, "onnx": onnx, "gguf": gguf}

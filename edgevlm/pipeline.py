@@ -111,22 +111,24 @@ class KVBuffer:
         return [(k.copy(), v.copy()) for k, v in self.view()]
 
 
-def kv_length(kv) -> int | None:
-    """Positions a KV holds (None: none here; llama.cpp and CoreML keep theirs)."""
-    if kv is None:
-        return None
+def kv_length(kv: KV | KVBuffer) -> int:
+    """Positions a KV holds."""
     return kv.length if isinstance(kv, KVBuffer) else kv[0][0].shape[2]
+
+
+def _step_feeds(embeds: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """The per-run inputs of a decoder-with-KV graph: embeds [S, D] at positions past .. past + S - 1."""
+    s = embeds.shape[0]
+    return {
+        "inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
+        "attention_mask": np.ones((1, past + s), np.int64),
+        "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
+    }
 
 
 def run(graph: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV) -> tuple[dict[str, np.ndarray], KV]:
     """Run a decoder-with-KV graph on embeds [S, D] after the `past` positions held in kv."""
-    past = kv[0][0].shape[2]
-    s = embeds.shape[0]
-    feeds = {
-        "inputs_embeds": embeds[None],
-        "attention_mask": np.ones((1, past + s), np.int64),
-        "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
-    }
+    feeds = _step_feeds(embeds, kv[0][0].shape[2])
     for i, (k, v) in enumerate(kv):
         feeds[spec.past % (i, "key")] = k
         feeds[spec.past % (i, "value")] = v
@@ -143,13 +145,8 @@ def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV | KVBuf
         return out["logits"][0, -1], kv
     past, s = kv.length, embeds.shape[0]
     kv.reserve(past + s)
-    feeds = {
-        "inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
-        "attention_mask": np.ones((1, past + s), np.int64),
-        "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
-    }
     io, logits = kv.bound(decoder)
-    decoder.run_bound(io, feeds, quiet=quiet)
+    decoder.run_bound(io, _step_feeds(embeds, past), quiet=quiet)
     kv.length = past + s
     return logits[0, -1].copy(), kv  # (the array is written again by the next run)
 

@@ -65,8 +65,11 @@ class OnnxGraph:
         try:
             outs = self.session.run(None, feeds)
         except Exception as e:
-            raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
+            raise self._failed(e) from None
         return dict(zip(self.output_names, outs))
+
+    def _failed(self, e: Exception) -> BackendError:  # onnxruntime raises its own Fail/InvalidArgument/... types
+        return BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}")
 
     def bind_inplace(self, inplace: dict[str, tuple[str, ort.OrtValue]], out: str, out_array: np.ndarray):
         """An IOBinding, kept by the caller across runs, with each `inplace` input bound to an OrtValue the
@@ -87,4 +90,4 @@ class OnnxGraph:
         try:
             self.session.run_with_iobinding(io, self._quiet if quiet else None)
         except Exception as e:
-            raise BackendError(f"graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
+            raise self._failed(e) from None
