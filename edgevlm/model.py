@@ -58,11 +58,8 @@ class VLM(ImageSide):
                 source = str(bundle.path(comp.file))
             else:
                 source = bundle.read(comp.file)
-            # only the decoder, run step after step, keeps its threads spinning between runs (see OnnxGraph);
-            # the token embedding (a gather) runs on the calling thread: a pool of its own woke up between two
-            # decode steps cost ~1 ms a token beside the decoder's spinning threads (12 us alone)
-            self.graphs[name] = OnnxGraph(name, source, providers, 1 if name == "embed" else threads,
-                                          spin=name == "decoder")
+            # only the decoder, run step after step, keeps its threads spinning between runs (see OnnxGraph)
+            self.graphs[name] = OnnxGraph(name, source, providers, threads, spin=name == "decoder")
         try:
             self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
         except Exception as e:
