@@ -34,6 +34,11 @@ def goals(result: dict) -> dict:
         "decode_fraction_of_bound": {k: dec[k]["fraction_of_bound"] for k in dec},
         "warm_over_cold_1024": warms,
     }
+    # the stricter reading of the decode goals: one decoder at >= 1.0x llama.cpp AND >= 70% of a bound, on the
+    # run's best bound and on the bound measured right after that decoder's group
+    ours = {k: v for k, v in dec.items() if k.startswith("edgevlm") and q4}
+    for key, frac in (("decode_both_goals", "fraction_of_bound"), ("decode_both_goals_beside", "fraction_of_bound_beside")):
+        out[key] = {k: [v["tps"] / q4, v[frac]] for k, v in ours.items() if frac in v}
     one = result.get("ttft_1_thread", {}).get("1024")
     if one:  # the verdict holds only if it also holds with both at 1 thread (the same bundle, if measured)
         out["cold_ttft_1024_vs_transformers"]["fp32_1_thread"] = one["ratio"]
@@ -130,6 +135,7 @@ def markdown(result: dict) -> str:
                         if "fraction_of_bound_beside" in v else "- |"))
     g = goals(result)
     m = g["met"]
+    g_dec = result["goals"]["decode_vs_llama_cpp"]
     lines += ["", "**Goals** (issue 6):", "",
               f"- cold TTFT at 1024 px <= 0.25x transformers: {_verdict(m['cold_ttft_1024_vs_transformers'])} "
               f"(fp32 {g['cold_ttft_1024_vs_transformers']['fp32']:.2f}x; best {g['cold_ttft_1024_vs_transformers']['best'][0]} "
@@ -144,6 +150,15 @@ def markdown(result: dict) -> str:
               + (", ".join(k for k, v in g["decode_fraction_of_bound"].items()
                            if k.startswith("edgevlm") and v >= _bound_goal(result)) or "none of ours") + "; "
               + ", ".join(f"{k} {v:.2f}" for k, v in g["decode_fraction_of_bound"].items()) + ")",
+              "- one decoder meeting both decode goals at once (>= 1.0x Q4_K_M and >= 70% of the bound; shown, not "
+              "a verdict): " + "; ".join(
+                  f"on the {which}: " + (", ".join(f"{k} ({r:.2f}x, {f:.2f})" for k, (r, f) in g[key].items()
+                                                   if r >= g_dec and f >= _bound_goal(result)) or "none")
+                  + (" (closest: {} {:.2f}x, {:.2f})".format(*max(((k, *rf) for k, rf in g[key].items() if rf[0] >= g_dec),
+                                                                  key=lambda t: t[2], default=("-", 0.0, 0.0)))
+                     if not any(r >= g_dec and f >= _bound_goal(result) for r, f in g[key].values()) else "")
+                  for which, key in (("run's best bound", "decode_both_goals"),
+                                     ("bound measured beside it", "decode_both_goals_beside"))),
               "- warm TTFT <= 0.05x cold (1024 px; judged on the new question and the second turn after "
               "chat.prepare()): " + "; ".join(
                   f"{p} bundle {_verdict(ok)} (new question {g['warm_over_cold_1024'][p]['new_question']:.3f}x, "
