@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .backends.onnx import OnnxGraph
-from .errors import BackendError
+from .errors import BackendError, ContextOverflowError
 from .manifest import KVSpec
 
 KV = list[tuple[np.ndarray, np.ndarray]]  # per layer (key, value), each [1, kv_heads, past, head_dim]
@@ -91,6 +91,8 @@ class KVBuffer:
         """Room for n positions (grown 1.5x at a time, up to the context length; the valid ones move along)."""
         if n <= self.capacity:
             return
+        if n > self.limit:  # checked here: onnxruntime would only refuse the run, in its own words, on stderr
+            raise ContextOverflowError(f"{n} positions do not fit in the context of {self.limit}")
         old, length = self.view(), self.length
         self._allocate(min(max(n, self.capacity * 3 // 2, 256), self.limit))
         self.length = 0

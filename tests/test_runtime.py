@@ -252,6 +252,19 @@ def test_kv_buffer_keeps_its_positions_when_a_run_fails(vlm):
     assert np.abs(got - want).max() <= 1e-5
 
 
+def test_kv_buffer_refuses_to_grow_past_the_context(vlm):
+    spec, layers = vlm.kv_spec, vlm.num_layers
+    x = _tokens(vlm, 8)
+    buf = pipeline.KVBuffer(spec, layers, 4, 6)  # a context of 6 positions
+    pipeline.forward(vlm.decoder, spec, x[:5], buf)
+    with pytest.raises(ContextOverflowError, match="8 positions do not fit in the context of 6"):
+        pipeline.forward(vlm.decoder, spec, x[5:8], buf)
+    assert buf.length == 5 and buf.capacity == 6
+    got, _ = pipeline.forward(vlm.decoder, spec, x[5:6], buf)  # the last position that fits still runs
+    want, _ = pipeline.forward(vlm.decoder, spec, x[:6], pipeline.empty_kv(spec, layers))
+    assert buf.length == 6 and np.abs(got - want).max() <= 1e-5
+
+
 def test_prefix_cache_entries_are_copies_of_a_chats_kv_buffer(vlm, images):
     """The chat's buffer runs on (and rewinds); what it gave the prefix cache must not change with it."""
     vlm.caches.clear()
