@@ -10,6 +10,7 @@ import pytest
 
 import edgevlm
 from edgevlm import make_sampler, pipeline
+from edgevlm.backends.onnx import OnnxGraph
 from edgevlm.errors import BackendError, ContextOverflowError, TemplateError
 from edgevlm.template import render
 
@@ -263,6 +264,15 @@ def test_kv_buffer_refuses_to_grow_past_the_context(vlm):
     got, _ = pipeline.forward(vlm.decoder, spec, x[5:6], buf)  # the last position that fits still runs
     want, _ = pipeline.forward(vlm.decoder, spec, x[:6], pipeline.empty_kv(spec, layers))
     assert buf.length == 6 and np.abs(got - want).max() <= 1e-5
+
+
+def test_sessions_keep_no_copy_of_their_graphs_bytes(vlm, images):
+    """onnxruntime's Python session keeps the model bytes it was built from (the graph's size once more in RAM,
+    benchmarks/load_memory.py); the runtime lets go of them and still answers."""
+    graphs = [g for g in vlm.graphs.values() if isinstance(g, OnnxGraph)]
+    assert graphs and all(getattr(g.session, "_model_bytes", None) is None for g in graphs)
+    assert not any(g.session._enable_fallback for g in graphs)  # nothing left to rebuild a session from
+    assert list(vlm.stream(images[0], "what color is the circle?", max_tokens=2))[-1].generated_tokens >= 1
 
 
 def test_prefix_cache_entries_are_copies_of_a_chats_kv_buffer(vlm, images):
