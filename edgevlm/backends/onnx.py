@@ -56,8 +56,7 @@ class OnnxGraph:
         # long as it lives, for that rebuild only, while the session holds the weights already -- the graph's
         # size once more in RAM (0.5B-shaped int8 bundle: 1.92 -> 1.12 GB after load, load_memory.py).
         self.session.disable_fallback()
-        if getattr(self.session, "_model_bytes", None) is not None:
-            self.session._model_bytes = None
+        self.session._model_bytes = None
         self.name = name
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
