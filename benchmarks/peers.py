@@ -365,9 +365,10 @@ def prompt_ids(bundle: Path, prompt: str) -> list[int]:
 def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread_counts) -> dict:
     """In groups of like precision — llama.cpp Q4_K_M with our int4 (and int4 with 128-weight blocks), Q8_0
     with int8, F32 with fp32 — at each thread count, the decoders take turns: load, warm up, one measured
-    generation, unload, `reps` times each (one decoder loaded at a time: memory, and no idle thread pool spinning beside the other). The
-    machine's speed drifts over minutes; alternating puts both sides of a ratio in the same minutes. The read
-    bandwidth is read between every two generations. A decoder's figure is its best thread count."""
+    generation, unload, `reps` times each (one decoder loaded at a time: memory, and no idle thread pool
+    spinning beside the other). The machine's speed drifts over minutes; alternating puts both sides of a ratio
+    in the same minutes. The read bandwidth is read between every two generations. A decoder's figure is its
+    best thread count."""
     import edgevlm
 
     from edgevlm.export.checkpoints import CORPUS

@@ -129,8 +129,8 @@ def markdown(result: dict) -> str:
     bw = result["bandwidth_GBps"]
     paired = sorted(d["bandwidth_paired"])
     lines += ["", f"**Decode** ({d['new_tokens']} greedy tokens after the same {d['prompt_tokens']}-token prompt; "
-              f"{RANDOM}). Read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads, each sustained for 0.3 s; "
-              f"the best) read "
+              f"{RANDOM}). Read bandwidth (numpy streaming reads of a 1 GiB buffer, 1 and 2 threads, each sustained "
+              "for 0.3 s; the best) read "
               f"{len(paired)} times between the generations: {paired[0]:.1f}-{paired[-1]:.1f} GB/s, median "
               f"{paired[len(paired) // 2]:.1f}; before and after the run {result['bandwidth_before']['best_GBps']:.1f}"
               f" and {result['bandwidth_after']['best_GBps']:.1f}. A generation's bound = the higher of the readings "
@@ -141,8 +141,8 @@ def markdown(result: dict) -> str:
               "buffer)."
               + (" *edgevlm int4-b128*: `edgevlm quant --scheme int4 --block-size 128` (128 weights per scale; "
                  "the default, *edgevlm int4*, has 32)." if "edgevlm int4-b128" in d["decoders"] else ""), "",
-              "| decoder | best threads | tokens/s | vs llama.cpp Q4_K_M | tokens/s at 1 / 2 threads | MB read per token "
-              "| GB/s around its generations | fraction of the bound | of the run's best reading |",
+              "| decoder | best threads | tokens/s | vs llama.cpp Q4_K_M | tokens/s at 1 / 2 threads "
+              "| MB read per token | GB/s around its generations | fraction of the bound | of the run's best reading |",
               "|---|---|---|---|---|---|---|---|---|"]
     q4 = d["decoders"].get("llama.cpp Q4_K_M", {}).get("tps")
     for name, v in d["decoders"].items():
