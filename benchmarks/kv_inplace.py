@@ -87,7 +87,8 @@ def main() -> None:
         del vlm, plain
         gc.collect()
     result = {"model": "Qwen2-0.5B dimensions (24 layers, 2 KV heads x 64), random weights (the peers benchmark's "
-                       "language models); demo: the embedded demo bundle's decoder", "threads": args.threads, "steps": args.steps, "reps": args.reps,
+                       "language models); demo: the embedded demo bundle's decoder",
+              "threads": args.threads, "steps": args.steps, "reps": args.reps,
               "loadavg": round(os.getloadavg()[0], 2), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -379,44 +379,46 @@ def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread
     out = {"new_tokens": n, "prompt_tokens": len(ids), "ids": ids, "decoders": {}}
     ctx = len(ids) + n // 2  # mean context over the measured tokens
 
-    def once(kind: str, what: str, t: int) -> tuple[dict, int]:
+    def bytes_per_token(kind: str, what: str) -> int:  # reads the graph/GGUF: once per decoder, 3-12 s each
+        if kind == "edgevlm":
+            return onnx_weight_bytes(built["onnx"][what][res]) + kv_bytes(ctx, 4)
+        return gguf_weight_bytes(built["gguf"][what]) + kv_bytes(ctx, 4 if what == "F32" else 2)
+
+    def once(kind: str, what: str, t: int) -> dict:
         if kind == "edgevlm":
             vlm = edgevlm.load(built["onnx"][what][res], threads=t)
             our_decode(vlm, prompt, 2)  # warm
             r = our_decode(vlm, prompt, n)
-            nbytes = onnx_weight_bytes(built["onnx"][what][res]) + kv_bytes(ctx, 4)
             del vlm
         else:
             lc = LlamaCpp(built["gguf"][what], threads=t)
             lc.decode(ids, 2)
             r = lc.decode(ids, n)
-            nbytes = gguf_weight_bytes(built["gguf"][what]) + kv_bytes(ctx, 4 if what == "F32" else 2)
             del lc
         gc.collect()
-        return r, nbytes
+        return r
 
     # the bandwidth is read between every two generations, each decoder unloaded (no thread pool left spinning):
     # a generation's bound is the higher of the readings right before and right after it
     out["bandwidth_paired"] = [read_bandwidth()["best_GBps"]]
 
-    def paired(kind: str, what: str, t: int) -> tuple[dict, int]:
-        r, nbytes = once(kind, what, t)
+    def paired(kind: str, what: str, t: int, nbytes: int) -> dict:
+        r = once(kind, what, t)
         out["bandwidth_paired"].append(read_bandwidth()["best_GBps"])
         r["bandwidth_GBps"] = max(out["bandwidth_paired"][-2:])
         r["fraction"] = r["tps"] * nbytes / (r["bandwidth_GBps"] * 1e9)
-        return r, nbytes
+        return r
 
     for ps, q in ((("int4", "int4-b128"), "Q4_K_M"), (("int8",), "Q8_0"), (("fp32",), "F32")):
         pair = [("llama.cpp", q)] if q in gguf_quants else []
         pair += [("edgevlm", p) for p in ps if p.split("-")[0] in precisions]
         by_threads = {f"{k} {w}": {} for k, w in pair}
-        nbytes = {}
+        nbytes = {f"{k} {w}": bytes_per_token(k, w) for k, w in pair}
         for t in thread_counts:
             rs = {name: [] for name in by_threads}
             for _ in range(reps):
                 for kind, what in pair:
-                    r, nbytes[f"{kind} {what}"] = paired(kind, what, t)
-                    rs[f"{kind} {what}"].append(r)
+                    rs[f"{kind} {what}"].append(paired(kind, what, t, nbytes[f"{kind} {what}"]))
             for name, runs in rs.items():
                 by_threads[name][str(t)] = {"tps": med([r["tps"] for r in runs]), "runs": [r["tps"] for r in runs],
                                             "load": os.getloadavg()[0],
@@ -427,7 +429,7 @@ def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread
                     by_threads[name][str(t)]["eval_only_tps"] = med([r["eval_only_tps"] for r in runs])
                 print(f"[peers] decode {name}, {t} thread(s): {by_threads[name][str(t)]['tps']:.2f} tok/s "
                       f"(runs {', '.join(f'{r:.1f}' for r in by_threads[name][str(t)]['runs'])}; "
-                      f"of the bound read beside each: {by_threads[name][str(t)]['fraction_paired']:.2f}; "
+                      f"of the bound read around each: {by_threads[name][str(t)]['fraction_paired']:.2f}; "
                       f"load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
         for name, bt in by_threads.items():
             best = max(bt, key=lambda k: bt[k]["tps"])
