@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import one_line_errors
+from .common import one_line_errors, requires
 
 QUESTIONS = ("What color is the star?", "How many objects are there?", "Is there a red circle?",
              "What shape is the blue object?", "Describe the image.")
@@ -135,10 +135,13 @@ def plot(rows: list[dict], out: str, title: str = "TTFT per stage (median)") -> 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import edgevlm
+    from edgevlm.cpu import isa
     from edgevlm.errors import ArgumentError
 
     if args.repeats < 1:
         raise ArgumentError("--repeats must be at least 1")
+    if args.plot:  # before the measuring, not after it
+        requires("bench --plot", "plot")
     native = args.resolutions.strip() == "native"
     try:
         resolutions = [] if native else [int(x) for x in args.resolutions.split(",") if x.strip()]
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
         print(f"\n{n}")
     result = {"command": "edgevlm bench", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version()},
+                          "isa": isa(), "python": platform.python_version()},
               "notes": notes, "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

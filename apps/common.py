@@ -3,10 +3,37 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import sys
 
-from edgevlm.errors import EdgeVLMError
+from edgevlm.errors import DependencyError, EdgeVLMError
+
+# extra -> the modules its commands import (pyproject.toml's optional dependencies install them)
+EXTRAS = {
+    "export": ("torch", "torchvision", "timm", "transformers", "onnx", "onnxscript", "safetensors", "tqdm",
+               "huggingface_hub"),
+    "quant": ("onnx", "onnx_ir", "rich", "matplotlib"),
+    "gguf": ("gguf", "llama_cpp"),
+    "coreml": ("coremltools", "sklearn"),
+    "server": ("starlette", "uvicorn"),
+    "plot": ("matplotlib",),
+}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked in sys.modules (set to None)
+        return False
+
+
+def requires(command: str, extra: str, modules: tuple[str, ...] | None = None) -> None:
+    """Refuse a command at once, in one line, when a module of the extra it needs is not installed."""
+    missing = [m for m in (modules or EXTRAS[extra]) if not _importable(m)]
+    if missing:
+        raise DependencyError(f"`edgevlm {command}` needs the {extra} extra: pip install 'edgevlm[{extra}]' "
+                              f"(missing: {', '.join(missing)})")
 
 
 def one_line_errors(fn):

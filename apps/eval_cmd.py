@@ -32,17 +32,16 @@ def main(argv=None) -> int:
 
     vlm = edgevlm.load(args.bundle)
     seed = shapes.TEST_SEED if args.seed is None else args.seed
-    bar = None
-    if not args.json and sys.stderr.isatty():
-        from tqdm import tqdm
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = tqdm(total=args.n, desc="eval", unit="q", file=sys.stderr)
-    result = evaluate(vlm, args.dataset, seed, args.n, progress=bar.update if bar else None,
-                      max_image_tokens=args.max_image_tokens)
-    if bar:
-        bar.close()
+    with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), disable=args.json or not sys.stderr.isatty(), transient=True) as bar:
+        task = bar.add_task("eval", total=args.n)
+        result = evaluate(vlm, args.dataset, seed, args.n, progress=lambda k: bar.advance(task, k),
+                          max_image_tokens=args.max_image_tokens)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"dataset": args.dataset, "seed": seed, **result}))
         return 0
     print(f"{args.dataset} seed {seed}, n={result['n']}: accuracy {result['accuracy']:.4f}")
     for t, acc in result["per_type"].items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import one_line_errors
+from .common import one_line_errors, requires
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,6 +53,9 @@ def main(argv=None) -> int:
         from edgevlm.errors import ArgumentError
 
         raise ArgumentError("--static applies to --format onnx only")
+    requires("export", "export")
+    if args.format in ("gguf", "coreml"):
+        requires(f"export --format {args.format}", args.format)
     if args.format == "gguf":
         from edgevlm.export.gguf import export_gguf  # torch is imported only here
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import one_line_errors
+from .common import one_line_errors, requires
 
 LEVELS = ("fp32", "fp16", "int8", "int8-static", "int4")
 SCHEMES = LEVELS[1:] + ("mixed",)
@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
         "of plain QDQ); "
         "npu = plain QDQ, what NPU providers take; auto = npu for a static bundle, else cpu. int8: cpu = a "
         "decoder's lm_head (one row per run) as 8-bit MatMulNBits"))
+    p.add_argument("--int8-range", choices=["portable", "full"], default="portable", help=(
+        "int8 / int8-static weights: portable = 7 bits, exact on every CPU's int8 kernels (x86 with or without "
+        "VNNI, ARM); full = 8 bits, one bit more precision on VNNI / ARM, but x86 CPUs without VNNI (AVX2 only) "
+        "saturate their int16 sums and lose accuracy -- edgevlm warns when it loads such a bundle there "
+        "(default: portable)"))
     p.add_argument("--budget", type=float, default=0.99, metavar="X", help="mixed: keep accuracy >= BUDGET x fp32 (0.99)")
     p.add_argument("--calib-seed", type=int, default=None, metavar="S", help="seed of the calibration scenes")
     p.add_argument("--calib-n", type=int, default=32, metavar="N", help="calibration prompts (32)")
@@ -90,8 +95,10 @@ def _dataset(choice: str, bundle) -> str | None:
 @one_line_errors
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    requires("quant", "quant")
     from pathlib import Path
 
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgevlm.data import shapes
@@ -107,7 +114,7 @@ def main(argv=None) -> int:
         raise ArgumentError(f"--block-size must be a power of two >= 16, got {args.block_size}")
     report = args.report or (str(Path(args.dst)) + "-search/pareto" if args.scheme == "mixed" else None)
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=not sys.stderr.isatty(), console=None,
+                  TimeElapsedColumn(), transient=not sys.stderr.isatty(), console=Console(stderr=True),
                   disable=not sys.stderr.isatty()) as bar:
         tasks = {}
 
@@ -117,7 +124,8 @@ def main(argv=None) -> int:
             bar.update(tasks[stage], completed=done, total=total)
 
         m = quantize_bundle(src, args.dst, args.scheme, overrides=overrides,
-                            opts=Options(block_size=args.block_size, symmetric=args.symmetric, target=args.target),
+                            opts=Options(block_size=args.block_size, symmetric=args.symmetric, target=args.target,
+                                         int8_range=args.int8_range),
                             budget=args.budget,
                             calib_seed=CALIB_SEED if args.calib_seed is None else args.calib_seed, calib_n=args.calib_n,
                             dataset=_dataset(args.dataset, args.bundle),

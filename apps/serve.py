@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from .common import one_line_errors
+from .common import one_line_errors, requires
 from .openai_api import Limits
 
 
@@ -65,12 +65,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from edgevlm.errors import ArgumentError
 
-    try:
-        import uvicorn
+    requires("serve", "server")
+    import uvicorn
 
-        from .server import create_app
-    except ImportError as e:
-        raise ArgumentError(f"`edgevlm serve` needs the server extra: pip install 'edgevlm[server]' ({e.name})")
+    from .server import create_app
     for name in ("parallel", "max_body_bytes", "max_image_pixels", "max_images", "max_tokens"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")

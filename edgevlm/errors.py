@@ -33,5 +33,9 @@ class ExportError(EdgeVLMError):
     """A checkpoint could not be exported (unsupported family, failed parity, ...)."""
 
 
+class DependencyError(EdgeVLMError):
+    """An optional part of edgevlm is used without the extra that installs it (e.g. `pip install 'edgevlm[quant]'`)."""
+
+
 class ArgumentError(EdgeVLMError, ValueError):
     """A generation or API argument is out of range (e.g. top_p = 0)."""

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from . import pipeline, template
+from . import cpu, pipeline, template
 from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
@@ -36,6 +36,7 @@ class VLM(ImageSide):
         self.bundle = bundle
         self.threads = threads
         self.manifest = m = bundle.manifest
+        cpu.check_int8(m, bundle.sha256)
         self.graphs: dict[str, OnnxGraph] = {}
         self.lm = None  # a GgufDecoder when the manifest places the decoder in llama.cpp
         for name, comp in m.components.items():

@@ -177,14 +177,16 @@ def validate(logits_fn, conv: Conversations, n: int = 512) -> dict:
             "per_type": {k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())}}
 
 
-def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", init: Path | None = None,
+def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "standard", init: Path | None = None,
           vision_minutes: float = 5.0, scenes: int = 16, per_scene: int = 6, lr: float = 2e-3, vision_lr: float = 2e-3,
           threads: int = 2, tower_lr: float = 0.0, max_steps: int | None = None, text: dict = TEXT,
           aux: float = 0.1, bf16: bool = True, check_minutes: float = 0.0, tower_from: Path | None = None,
+          vision_steps: int | None = None,
           ref_aux: float = 0.2, ref_layer: int | None = None, log=print) -> dict:
     """Stage 1 (standard only): the tower alone learns what sits in each cell of its output grid (a linear
     probe per attribute, dropped afterwards). Stage 2: the tower is frozen; projector and language model
-    (plus, for LLaVA-Mini, compressor and pre-fusion) learn to answer. `minutes` covers both stages."""
+    (plus, for LLaVA-Mini, compressor and pre-fusion) learn to answer. `minutes` covers both stages; with
+    minutes=None only `vision_steps` and `max_steps` end them (runs that must not depend on the clock)."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -226,8 +228,9 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
             pixels, targets = stream.vision_batch(32)
             return cell_loss(head, tower_grid(tower, pixels), targets)
 
-        steps, hist = timed_loop(vision_minutes * 60, list(tower.parameters()) + list(head.parameters()), vision_lr,
-                                 vision_step, log, every=25, tag="vision")
+        budget = math.inf if minutes is None else vision_minutes * 60
+        steps, hist = timed_loop(budget, list(tower.parameters()) + list(head.parameters()), vision_lr,
+                                 vision_step, log, every=25, tag="vision", max_steps=vision_steps)
         recalibrate_bn(tower, stream)
         tower.eval()
         with torch.no_grad():
@@ -276,7 +279,8 @@ def train(out: Path, minutes: float, seed: int = 0, variant: str = "standard", i
 
     model.train()
     tower.eval()
-    left = minutes * 60 - (time.perf_counter() - t0) - 30  # keep time for validation and saving
+    # keep time for validation and saving; minutes=None: no clock at all, the step counts decide
+    left = math.inf if minutes is None else minutes * 60 - (time.perf_counter() - t0) - 30
     steps, hist = timed_loop(left, params, lr, text_step, log, tag="language", max_steps=max_steps,
                              check=check, check_every_s=check_minutes * 60)
     summary["history"] += hist

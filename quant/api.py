@@ -65,6 +65,8 @@ def component_quant(model: onnx.ModelProto, source_nodes: list[str], levels: dic
                "ops": {k: v for k, v in op_counts(model).items() if k in QUANT_OPS}}
     if counts["int8-static"]:
         section["target"] = opts.target
+    if counts["int8-static"] or counts["int8"]:  # which CPUs' int8 kernels run it exactly (edgevlm/cpu.py)
+        section["int8_range"] = opts.int8_range
     if counts["int4"]:
         section.update(block_size=opts.block_size, symmetric=opts.symmetric, accuracy_level=opts.accuracy_level)
     if label == "mixed":

@@ -15,6 +15,17 @@ Levels (a weight node is a MatMul/Conv/Gather whose weight is a constant initial
                  between two quantized nodes runs in uint8 too (`lut_gelu`)
     int4         block-wise 4-bit weights: MatMul -> MatMulNBits, Gather -> GatherBlockQuantized
                  (matmul_nbits_quantizer.MatMulNBitsQuantizer; Conv has no 4-bit kernel)
+
+int8 weight range (`Options.int8_range`, recorded per component in the manifest): onnxruntime's x86 int8
+kernels multiply uint8 activations by int8 weights. With VNNI (vpdpbusd) the products are summed in 32 bits;
+without it (AVX2-only CPUs) vpmaddubsw adds two products into a saturating int16 first, and 255 x 127 x 2
+overflows it. "portable" (the default) quantizes those weights to 7 bits ([-64, 64], onnxruntime's
+reduce_range), per output channel so that the lost bit costs little accuracy: 255 x 64 x 2 = 32,640 fits, so the same graph is exact on every CPU, at the same speed. Which
+ops saturate was measured (tests/test_int8_isa.py, on an emulated AVX2 CPU): dynamic MatMulInteger and static
+QLinearConv / QLinearMatMul do; dynamic ConvInteger does not, and keeps 8-bit weights. "full" keeps 8-bit
+weights: one bit more precision where VNNI (or ARM's dot product) runs it, saturation where it does not --
+`edgevlm.cpu` warns when such a bundle loads on a CPU without VNNI. (uint8 weights would not saturate
+either, but measured 2x slower than int8 ones on both kernels.)
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ class Options:
     # "npu" keeps plain QDQ, the form NPU providers take; "auto" = "npu" for a static bundle, else "cpu"
     # (quantize_bundle decides; `quantize`, which sees one graph, treats "auto" as "cpu")
     target: str = "auto"
+    int8_range: str = "portable"  # "portable": 7-bit int8 weights, exact on every CPU; "full": 8-bit (VNNI, ARM)
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,7 @@ def fold_conv_scales(model: onnx.ModelProto) -> int:
 # constant, gives 0.0203); the 1/255 step of the quantized σ adds at most |x|/510.
 GELU_ALPHA = 1.773
 TARGETS = ("auto", "cpu", "npu")
+INT8_RANGES = ("portable", "full")
 
 
 def _scalar(inits: dict, name: str, dtype) -> np.ndarray | None:
@@ -286,6 +299,9 @@ def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
     """
     if opts.target not in TARGETS:
         raise QuantError(f"unknown target {opts.target!r} (one of {', '.join(TARGETS)})")
+    if opts.int8_range not in INT8_RANGES:
+        raise QuantError(f"unknown int8 range {opts.int8_range!r} (one of {', '.join(INT8_RANGES)})")
+    reduce_range = opts.int8_range == "portable"
     nodes = {n.name: n for n in weight_nodes(model)}
     for name, level in levels.items():
         if name not in nodes:
@@ -311,23 +327,49 @@ def quantize(model: onnx.ModelProto, levels: dict[str, str], opts: Options,
         if by["int8-static"]:
             if calibration is None:
                 raise QuantError("int8-static needs calibration data")
-            model = _static(model, by["int8-static"], calibration, cache or tmp / "ranges.json", tmp)
+            model = _static(model, by["int8-static"], calibration, cache or tmp / "ranges.json", tmp, reduce_range)
             if opts.target != "npu":
                 lut_gelu(model)
         rows = [n for n in by["int8"] if opts.target != "npu" and nodes[n].op == "MatMul" and _one_row(model, n)]
         if rows:
             model = _nbits(model, set(rows), nodes, 8, ROW_BLOCK, True, opts.accuracy_level)
             by["int8"] = [n for n in by["int8"] if n not in rows]
-        if by["int8"]:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            src, dst = tmp / "in8.onnx", tmp / "out8.onnx"
-            onnx.save(model, src)
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_quantize=by["int8"],
-                             op_types_to_quantize=sorted({nodes[n].op for n in by["int8"]}),
-                             extra_options=UNTYPED_ARE_FLOAT)
-            model = onnx.load(dst)
+        # dynamic int8 MatMuls run on the u8s8 GEMM that saturates without VNNI; ConvInteger does not (its
+        # kernel widens to 16 bits first: tests/test_int8_isa.py), so convolutions keep 8-bit weights
+        for part in ([n for n in by["int8"] if nodes[n].op != "Conv"], [n for n in by["int8"] if nodes[n].op == "Conv"]):
+            if part:
+                model = _dynamic(model, part, nodes, reduce_range and nodes[part[0]].op != "Conv", tmp)
     return model
+
+
+def _dynamic(model, names: list[str], nodes: dict[str, WeightNode], reduce_range: bool, tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp / "in8.onnx", tmp / "out8.onnx"
+    onnx.save(model, src)
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, nodes_to_quantize=names,
+                     op_types_to_quantize=sorted({nodes[n].op for n in names}), reduce_range=reduce_range,
+                     per_channel=reduce_range, extra_options=UNTYPED_ARE_FLOAT)
+    model = onnx.load(dst)
+    if reduce_range:
+        _drop_zero_weight_zero_points(model)
+    return model
+
+
+def _drop_zero_weight_zero_points(model: onnx.ModelProto) -> None:
+    """7-bit weights are quantized per output channel, symmetric: their zero points are all 0. A MatMulInteger
+    given none computes the same; given a per-column vector, onnxruntime's fused kernel takes a slower path
+    (measured up to 1.5x a decode step's MatMuls). Drop them."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "MatMulInteger" and len(n.input) == 4 and n.input[3] in inits:
+            if not numpy_helper.to_array(inits[n.input[3]]).any():
+                del n.input[3]
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    live = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(live)
 
 
 def _one_row(model: onnx.ModelProto, name: str) -> bool:
@@ -361,7 +403,7 @@ def _nbits(model, names: set[str], nodes: dict[str, WeightNode], bits: int, bloc
     return out
 
 
-def _static(model, names: list[str], calibration, cache: Path, tmp: Path) -> onnx.ModelProto:
+def _static(model, names: list[str], calibration, cache: Path, tmp: Path, reduce_range: bool) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -375,7 +417,7 @@ def _static(model, names: list[str], calibration, cache: Path, tmp: Path) -> onn
     onnx.save(model, src)
     quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=names,
-                    calibration_cache_path=cache, extra_options=UNTYPED_ARE_FLOAT)
+                    reduce_range=reduce_range, calibration_cache_path=cache, extra_options=UNTYPED_ARE_FLOAT)
     return onnx.load(dst)
 
 

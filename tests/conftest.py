@@ -47,6 +47,15 @@ SPECS = {
 }
 
 
+def pytest_report_header(config):
+    """The CPU decides int8 kernels (VNNI or not) and float rounding: every run says which it had."""
+    import platform
+
+    from edgevlm.cpu import isa
+
+    return f"CPU: {platform.machine()}, ISA {isa()} (edgevlm.cpu.isa)"
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(name) -> a checkpoint directory, built once per session."""

@@ -297,8 +297,6 @@ def test_sigkilled_writers_never_get_a_torn_entry_served(tmp_path):
             meta, arrays = entry
             assert name == f"kv-{meta['k']:032x}" and np.array_equal(arrays["a"], _content(meta["k"], meta["n"]))
             served += 1
-        if time.monotonic() - t0 > 20:
-            break
     print(f"{kills} kills in {time.monotonic() - t0:.1f} s: {served} entries served intact, {rejected} torn "
           f"entries rejected (non-atomic writers), {len(temps)} temp files left by killed atomic writers")
     assert kills >= 10 and served > 0 and rejected > 0

@@ -57,3 +57,28 @@ def test_help_and_unknown_command(capsys):
     assert "chat" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         chat.main(["--help"])
+
+
+@pytest.mark.parametrize("argv,extra,missing", [
+    (["quant", "--to", "{tmp}/q", "--scheme", "int4"], "quant", "onnx_ir"),
+    (["quant", "--to", "{tmp}/q", "--scheme", "int8"], "quant", "onnx"),
+    (["export", "--from", "{tmp}/ckpt", "--to", "{tmp}/b"], "export", "torch"),
+    (["export", "--from", "{tmp}/ckpt", "--to", "{tmp}/b", "--format", "gguf"], "gguf", "llama_cpp"),
+    (["bench", "--plot", "{tmp}/b.png"], "plot", "matplotlib"),
+    (["serve", "--port", "0"], "server", "uvicorn"),
+])
+def test_a_command_without_its_extra_says_which_to_install(argv, extra, missing, tmp_path):
+    """The module is made unimportable in a fresh interpreter (as in a venv without the extra); the command
+    refuses at once, in one line naming the extra, before any work."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from edgevlm.apps.cli import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code] + [a.format(tmp=tmp_path) for a in argv],
+                       capture_output=True, text=True, timeout=120)
+    print(p.stderr.strip())
+    assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert f"pip install 'edgevlm[{extra}]'" in p.stderr and missing in p.stderr
+    assert not (tmp_path / "q").exists() and not (tmp_path / "b.png").exists()

@@ -210,6 +210,8 @@ def test_int8_one_row_matmul_becomes_8_bit_matmulnbits_on_cpu(target, rows_out, 
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == (head_op == "MatMulNBits")
     assert ops.count("MatMulInteger") == 2 - len(nbits)  # the hidden MatMul stays dynamic int8 in every case
+    # 7-bit weights per output channel, symmetric: no zero points (the fused kernel's fast path)
+    assert all(len(n.input) == 3 for n in q.graph.node if n.op_type == "MatMulInteger")
     if nbits:
         attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
         assert attrs["bits"] == 8 and attrs["block_size"] == ROW_BLOCK

@@ -50,9 +50,9 @@ def test_packed_segments_match_single_questions(parts):
 
 def test_recipe_runs_and_exports(tmp_path):
     out = tmp_path / "ckpt"
-    summary = td.train(out, minutes=1.0, vision_minutes=0.02, scenes=2, per_scene=2, threads=1, max_steps=3,
+    summary = td.train(out, minutes=None, vision_steps=2, scenes=2, per_scene=2, threads=1, max_steps=3,
                        text=td.text_config(2, 64), aux=0.1, bf16=True, log=lambda s: None)
-    assert summary["language"]["steps"] == 3
+    assert summary["language"]["steps"] == 3 and summary["vision"]["steps"] == 2
     assert set(summary["val_teacher_forced"]["per_type"]) >= set(shapes.QTYPES)
     saved = json.loads((out / "training.json").read_text())
     assert saved["variant"] == "standard" and (out / "model.safetensors").exists()
