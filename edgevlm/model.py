@@ -60,7 +60,8 @@ class VLM(ImageSide):
             else:
                 source = bundle.read(comp.file)
             # only the decoder, run step after step, keeps its threads spinning between runs (see OnnxGraph)
-            self.graphs[name] = OnnxGraph(name, source, providers, threads, spin=name == "decoder")
+            self.graphs[name] = OnnxGraph(name, source, providers, threads, spin=name == "decoder",
+                                          base_dir=str(bundle.path(comp.file).parent))
         try:
             self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
         except Exception as e:

@@ -11,14 +11,27 @@ from __future__ import annotations
 
 from .errors import BundleError
 
-# message -> {field number: message it holds}; a tensor (TensorProto) is where locations live
-_MODEL = {7: "graph", 25: "function"}  # ModelProto.graph, .functions
+# message -> {field number: message it holds}; a tensor (TensorProto) is where locations live. Every field of
+# onnx.proto (IR 11) that can hold a tensor, directly or through a graph, function or attribute, is listed;
+# a length-delimited field a table does not know (a future field) is walked generically (`_unknown`).
+_MODEL = {7: "graph", 20: "training", 25: "function"}  # ModelProto.graph, .training_info, .functions
 _SUBMESSAGES = {
     "graph": {1: "node", 5: "tensor", 15: "sparse"},  # GraphProto.node, .initializer, .sparse_initializer
-    "function": {7: "node"},  # FunctionProto.node
+    "training": {1: "graph", 2: "graph"},  # TrainingInfoProto.initialization, .algorithm
+    "function": {7: "node", 11: "attribute"},  # FunctionProto.node, .attribute_proto (attribute defaults)
     "node": {5: "attribute"},  # NodeProto.attribute
     "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
     "sparse": {1: "tensor", 2: "tensor"},  # SparseTensorProto.values, .indices
+}
+# length-delimited fields known to hold no tensor (names, docs, strings, packed numbers, type protos, ...)
+_LEAVES = {
+    "model": {2, 3, 4, 6, 8, 14},  # producer_name/version, domain, doc_string, opset_import, metadata_props
+    "graph": {2, 10, 11, 12, 13, 14, 16},  # name, doc_string, input, output, value_info, quantization, metadata
+    "training": {3, 4},  # initialization_binding, update_binding
+    "function": {1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 13, 14},  # name, input, output, attribute names, doc, ...
+    "node": {1, 2, 3, 4, 6, 7, 8, 9},  # input, output, name, op_type, doc_string, domain, overload, metadata
+    "attribute": {1, 4, 7, 8, 9, 13, 14, 15, 21},  # name, s, floats, ints, strings, doc, type protos, ref
+    "sparse": {3},  # dims (packed)
 }
 _MAX_DEPTH = 64  # subgraphs nest (If / Loop bodies); a deeper file is refused, not recursed into
 
@@ -80,10 +93,34 @@ def _walk(buf: memoryview, kind: str, start: int, end: int, out: list[str], dept
     if kind == "tensor":
         _tensor_locations(buf, start, end, out)
         return
-    table = _MODEL if kind == "model" else _SUBMESSAGES[kind]
+    table, leaves = (_MODEL if kind == "model" else _SUBMESSAGES[kind]), _LEAVES[kind]
     for num, wire, value in _fields(buf, start, end):
-        if wire == 2 and num in table:
+        if wire != 2:
+            continue
+        if num in table:
             _walk(buf, table[num], value[0], value[1], out, depth + 1)
+        elif num not in leaves:
+            _unknown(buf, value[0], value[1], out, depth + 1)
+
+
+def _unknown(buf: memoryview, start: int, end: int, out: list[str], depth: int) -> None:
+    """A field no table knows: if its bytes parse as a message, any tensor-like part of it (an external-data
+    location, field 13, or data_location EXTERNAL, field 14 -- TensorProto's numbers) counts, at any depth."""
+    if depth > _MAX_DEPTH:
+        raise ValueError("graphs nested too deeply")
+    try:
+        fields = list(_fields(buf, start, end))
+    except ValueError:
+        return  # not a message: a string or bytes
+    if any(num == 14 and wire == 0 and value == 1 for num, wire, value in fields) or \
+            any(num == 13 and wire == 2 for num, wire, _ in fields):
+        before = len(out)
+        _tensor_locations(buf, start, end, out)
+        if len(out) > before:
+            return
+    for num, wire, value in fields:
+        if wire == 2 and value[1] > value[0]:
+            _unknown(buf, value[0], value[1], out, depth + 1)
 
 
 def external_locations(blob: bytes, name: str = "graph") -> list[str]:

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -201,3 +202,62 @@ def test_malformed_onnx_protobuf_is_a_bundle_error(tmp_path):
     _save(b, m)
     with pytest.raises(BundleError):
         open_bundle(b)
+
+
+def _external_tensor(location: str) -> onnx.TensorProto:
+    t = onnx.numpy_helper.from_array(np.zeros(4, np.float32), "v")
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def _plant(b: Path, where: str, location: str) -> None:
+    """Put a tensor with external data at `location` in embed.onnx, somewhere the graph walk must look."""
+    model = onnx.load(str(b / "embed.onnx"))
+    t = _external_tensor(location)
+    if where == "function attribute default":  # CVE-2022-25882's shape: a model-local function's default
+        f = model.functions.add()
+        f.name, f.domain = "F", "custom"
+        f.attribute_proto.extend([onnx.helper.make_attribute("value", t)])
+    elif where == "training info":
+        init = model.training_info.add().initialization
+        init.name = "init"
+        init.initializer.extend([t])
+    elif where == "sparse initializer":
+        s = model.graph.sparse_initializer.add()
+        s.values.CopyFrom(t)
+        s.indices.CopyFrom(onnx.numpy_helper.from_array(np.zeros(1, np.int64), "i"))
+        s.dims.extend([4])
+    else:  # a field this onnx does not know (what a later onnx might add): the bytes of a tensor there
+        body = t.SerializeToString()
+        field = _varint((99 << 3) | 2) + _varint(len(body)) + body  # field 99, length-delimited
+        (b / "embed.onnx").write_bytes(model.SerializeToString() + field)
+        return
+    (b / "embed.onnx").write_bytes(model.SerializeToString())
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+@pytest.mark.parametrize("where", ["function attribute default", "training info", "sparse initializer",
+                                   "unknown field"])
+def test_external_data_anywhere_in_the_model_is_found(tmp_path, where, parsers, monkeypatch):
+    b = _copy("shapes-fastvlm", tmp_path)
+    _plant(b, where, "canary.bin")
+    m = _manifest(b)
+    m["components"]["embed"]["sha256"] = _sha(b / "embed.onnx")
+    _save(b, m)
+    (tmp_path / "canary.bin").write_bytes(b"\x01" * 16)
+    monkeypatch.chdir(tmp_path)  # where onnxruntime would resolve a relative location of a graph given as bytes
+    with pytest.raises(BundleError, match="canary.bin"):
+        edgevlm.load(b)
+    assert parsers == []  # refused before onnxruntime saw the graph

@@ -34,12 +34,15 @@ class OnnxGraph:
     """One ONNX graph in one InferenceSession."""
 
     def __init__(self, name: str, model: bytes | str, providers: Sequence[ProviderSpec] | None = None,
-                 threads: int = 0, spin: bool = True):
+                 threads: int = 0, spin: bool = True, base_dir: str | None = None):
         """spin: the intra-op threads busy-wait for work after a run. Right for a graph run back to back (the
         decoder); wrong for one followed by another graph: every session has its own thread pool, and threads
         spinning after the vision graph took the cores from the pre-fusion layers that ran next (2x their time
-        on 2 cores)."""
+        on 2 cores). base_dir: where external data of a graph given as bytes may be (the bundle's directory;
+        the bundle reader refused every location outside it already): never the working directory."""
         opts = ort.SessionOptions()
+        if base_dir is not None and isinstance(model, (bytes, bytearray)):
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         if not spin:
