@@ -5,9 +5,10 @@
     vlm.generate("cat.jpg", "What is this?")
 """
 
-from .errors import (ArgumentError, BackendError, BundleError, ContextOverflowError, EdgeVLMError, ExportError, ImageError,
-                     IntegrityError, TemplateError)
+from .errors import (ArgumentError, BackendError, BundleError, ContextOverflowError, DependencyError, EdgeVLMError,
+                     ExportError, ImageError, IntegrityError, TemplateError)
 from .generate import Chat, Response
+from .limits import Limits
 from .model import VLM, load
 from .sampling import make_sampler
 
@@ -15,5 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "VLM", "ArgumentError", "Chat", "Response", "make_sampler", "EdgeVLMError", "BundleError", "IntegrityError",
-    "ImageError", "ContextOverflowError", "TemplateError", "BackendError", "ExportError", "__version__",
+    "ImageError", "ContextOverflowError", "TemplateError", "BackendError", "ExportError", "DependencyError", "Limits",
+    "__version__",
 ]

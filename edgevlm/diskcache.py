@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -98,13 +99,18 @@ def decode_entry(blob: bytes, bundle: str, kind: str, name: str) -> tuple[dict, 
     arrays = {}
     try:
         for key, dt, shape, offset, nbytes in header["arrays"]:
-            if dt not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise EntryError(f"array {key!r}: bad dtype or shape")
-            count = int(np.prod(shape, dtype=np.int64))
-            if nbytes != count * np.dtype(dt).itemsize or offset < 0 or offset + nbytes > len(payload):
+            if (not isinstance(key, str) or dt not in DTYPES or not isinstance(shape, list) or len(shape) > 8
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= len(payload)
+                               for d in shape)):
+                raise EntryError(f"array {key!r}: bad name, dtype or shape")
+            count = 1
+            for d in shape:  # in Python ints, stopping at the payload's size: no overflow, no huge product
+                count = min(count * d, len(payload) + 1)
+            if (not isinstance(offset, int) or not isinstance(nbytes, int) or nbytes != count * np.dtype(dt).itemsize
+                    or offset < 0 or offset + nbytes > len(payload)):
                 raise EntryError(f"array {key!r} does not fit the payload")
             arrays[key] = np.frombuffer(payload, dtype=dt, count=count, offset=offset).reshape(shape)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise EntryError("malformed array table") from None
     meta = header.get("meta")
     if not isinstance(meta, dict):
@@ -127,6 +133,10 @@ class DiskStore:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "not readable and writable", str(self.root))
+            for d, own in ((self.root.parent, False), (self.root, True)):
+                if (why := _private(d, own)) is not None:
+                    self.disable(why)
+                    return
             self._sweep_temps()
         except OSError as e:
             self.disable(e)
@@ -153,9 +163,12 @@ class DiskStore:
             return None
         p = self.path(name)
         try:
-            blob = p.read_bytes()
+            blob = _read_regular(p, self.max_bytes)
         except FileNotFoundError:
             self.misses += 1
+            return None
+        except EntryError as e:  # a FIFO, a device, a symlink or a file larger than the whole tier
+            self.reject(name, str(e))
             return None
         except OSError as e:
             log.debug("cache entry %s unreadable: %s", p.name, e)
@@ -196,16 +209,13 @@ class DiskStore:
                     continue
                 seen.add(name)
                 try:
-                    st = d.stat()
+                    st = d.stat(follow_symlinks=False)
                 except OSError:
                     continue
                 cached = self._headers.get(name)
                 if cached is None or cached[:2] != (st.st_mtime, st.st_size):
                     try:
-                        with open(d.path, "rb") as f:
-                            head = f.read(16)
-                            n = struct.unpack("<Q", head[8:16])[0] if len(head) == 16 else 0
-                            header = read_header(head + f.read(min(n, MAX_HEADER)))
+                        header = read_header(_read_regular(d.path, self.max_bytes, header_only=True))
                     except OSError:
                         continue
                     except EntryError as e:  # only whole files get an entry's name (rename): this one is junk
@@ -248,14 +258,14 @@ class DiskStore:
             return 0
         if self._size is None:
             try:
-                self._size = sum(d.stat().st_size for d in os.scandir(self.root) if d.name.endswith(SUFFIX))
+                self._size = sum(d.stat(follow_symlinks=False).st_size for d in os.scandir(self.root) if d.name.endswith(SUFFIX))
             except OSError:
                 return 0
         return self._size
 
     def _evict(self) -> None:
         try:
-            files = [(d.stat().st_mtime, d.stat().st_size, d.path) for d in os.scandir(self.root)
+            files = [(d.stat(follow_symlinks=False).st_mtime, d.stat(follow_symlinks=False).st_size, d.path) for d in os.scandir(self.root)
                      if d.name.endswith(SUFFIX)]
         except OSError:
             return
@@ -278,10 +288,56 @@ class DiskStore:
             if m is None:
                 continue
             try:
-                if not _alive(int(m.group(1))) or now - d.stat().st_mtime > STALE_TMP_S:
+                if not _alive(int(m.group(1))) or now - d.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
                     os.unlink(d.path)
             except OSError:
                 pass
+
+
+def _private(d: Path, own: bool) -> str | None:
+    """None if no other user can plant files in directory d, else why the disk tier must stay off. A directory
+    of ours that others could write is made private (one warning). own: d must be ours (the bundle's entry
+    directory); else (the cache directory given) a shared sticky directory such as /tmp is fine, since the entry
+    directory inside it is ours and others cannot rename it there."""
+    if os.name != "posix":
+        return None
+    st = d.stat()
+    mine = st.st_uid == os.getuid()
+    if own and not mine:
+        return f"{d} belongs to another user"
+    if not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return None
+    if mine:
+        os.chmod(d, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+        log.warning("cache directory %s was writable by other users (mode %o); made it private", d,
+                    stat.S_IMODE(st.st_mode))
+        return None
+    if st.st_mode & stat.S_ISVTX:
+        return None
+    return f"{d} is writable by other users"
+
+
+def _read_regular(path, limit: int, header_only: bool = False) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (only its magic + header with header_only).
+    Opened without following a symlink and without blocking on a FIFO; anything else is an EntryError."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise EntryError("a symlink, not an entry file") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise EntryError("not a regular file")
+        if st.st_size > limit:
+            raise EntryError(f"{st.st_size} bytes, more than the whole disk tier holds")
+        if not header_only:
+            return f.read(st.st_size)
+        head = f.read(16)
+        n = struct.unpack("<Q", head[8:16])[0] if len(head) == 16 else 0
+        return head + f.read(min(n, MAX_HEADER, st.st_size))
 
 
 def _alive(pid: int) -> bool:

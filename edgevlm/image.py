@@ -6,6 +6,7 @@ EXIF orientation and converts every mode to RGB (transparency composited on whit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -13,45 +14,59 @@ import stat
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError
+from .limits import DEFAULT, Limits
 from .manifest import Preprocess
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 OPENED_FORMATS = ACCEPTED_FORMATS + ("MPO",)  # Pillow names a multi-picture JPEG (phone cameras) "MPO"
-MAX_PIXELS = 40_000_000  # decoded RGB at this size is ~120 MB
-MAX_BYTES = 64 << 20
-MAX_SIDE_RATIO = 200  # a 1x100000 strip is not a picture
+MAX_PIXELS = DEFAULT.image_pixels  # (the defaults of edgevlm.limits.Limits)
+MAX_BYTES = DEFAULT.image_bytes
+MAX_SIDE_RATIO = DEFAULT.image_side_ratio
 _CHUNK = 1 << 20  # pixels per step when widening high-bit-depth samples (bounds the int64 temporaries)
 
+SizeCheck = Callable[[int, int], None]  # (width, height) from the header -> raise ImageError to refuse
 
-def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Path, bytes, PIL image or HxWx3 uint8 array -> HxWx3 uint8 RGB array."""
+
+def load_image(image, max_pixels: int | None = None, *, limits: Limits = DEFAULT,
+               check: SizeCheck | None = None) -> np.ndarray:
+    """Path, bytes, PIL image or HxWx3 uint8 array -> HxWx3 uint8 RGB array. Sizes are checked from the
+    header before anything is decoded: limits.image_* and, with `check`, what the caller will make of it."""
+    if max_pixels is not None:
+        limits = dataclasses.replace(limits, image_pixels=max_pixels)
     if isinstance(image, np.ndarray):
-        return _from_array(image, max_pixels)
+        return _from_array(image, limits, check)
     if isinstance(image, Image.Image):  # may be lazily opened: its decoding is guarded like our own
-        return _guarded(lambda: _to_rgb(image, max_pixels))
+        if image.format is not None and image.format not in OPENED_FORMATS:  # (None: made in memory)
+            raise ImageError(f"image format {image.format} is not accepted ({', '.join(ACCEPTED_FORMATS)})")
+        return _guarded(lambda: _to_rgb(image, limits, check))
     if isinstance(image, (str, os.PathLike)):
-        data = _read_file(image)
+        data = _read_file(image, limits.image_bytes)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or an array")
     if not data:
         raise ImageError("image is empty (0 bytes)")
-    if len(data) > MAX_BYTES:
-        raise ImageError(f"image is {len(data)} bytes; the limit is {MAX_BYTES}")
-    return _guarded(lambda: _open(data, max_pixels))
+    if len(data) > limits.image_bytes:
+        raise ImageError(f"image is {len(data)} bytes; the limit is {limits.image_bytes}")
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > limits.jpeg_scans:
+        # each scan of a progressive JPEG re-decodes the whole image; 0xFFDA (start of scan) cannot occur inside
+        # entropy-coded data (a 0xFF there is followed by 0x00 or a restart marker), so this counts the scans
+        raise ImageError(f"JPEG has {scans} scans; the limit is {limits.jpeg_scans} (re-encode it)")
+    return _guarded(lambda: _open(data, limits, check))
 
 
-def _open(data: bytes, max_pixels: int) -> np.ndarray:
+def _open(data: bytes, limits: Limits, check: SizeCheck | None) -> np.ndarray:
     im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     if im.format not in OPENED_FORMATS:  # a plugin may hand back a subclass of another format
         raise ImageError(f"image format {im.format} is not accepted ({', '.join(ACCEPTED_FORMATS)})")
-    return _to_rgb(im, max_pixels)
+    return _to_rgb(im, limits, check)
 
 
 def _guarded(decode) -> np.ndarray:
@@ -74,17 +89,17 @@ def _guarded(decode) -> np.ndarray:
         raise ImageError(f"image is corrupt ({type(e).__name__}: {e})") from None
 
 
-def _read_file(image: str | os.PathLike) -> bytes:
-    """A regular file's bytes, at most MAX_BYTES + 1 of them; ImageError otherwise."""
+def _read_file(image: str | os.PathLike, limit: int = MAX_BYTES) -> bytes:
+    """A regular file's bytes, at most limit + 1 of them; ImageError otherwise."""
     path = Path(image)
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, /dev/zero: nothing to read, or no end
             raise ImageError(f"image {str(image)!r} is not a regular file")
-        if st.st_size > MAX_BYTES:
-            raise ImageError(f"image file {path.name!r} is {st.st_size} bytes; the limit is {MAX_BYTES}")
+        if st.st_size > limit:
+            raise ImageError(f"image file {path.name!r} is {st.st_size} bytes; the limit is {limit}")
         with open(path, "rb") as f:
-            return f.read(MAX_BYTES + 1)  # the size may have changed since stat
+            return f.read(limit + 1)  # the size may have changed since stat
     except OSError as e:
         raise ImageError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
     except ValueError as e:  # e.g. a NUL byte in the path
@@ -96,6 +111,8 @@ def input_digest(image) -> str | None:
     that changes how it decodes), or None when it cannot be told cheaply (then the pixels decide)."""
     h = hashlib.sha256()
     if isinstance(image, np.ndarray):
+        if image.size > 4 * MAX_PIXELS:  # (load_image refuses it before copying anything)
+            return None
         h.update(f"array {image.dtype.str} {image.shape}".encode())
         h.update(np.ascontiguousarray(image).tobytes())
     elif isinstance(image, Image.Image):
@@ -123,17 +140,19 @@ def input_digest(image) -> str | None:
     return h.hexdigest()
 
 
-def _check_size(w: int, h: int, max_pixels: int) -> None:
+def _check_size(w: int, h: int, limits: Limits, check: SizeCheck | None) -> None:
     if w <= 0 or h <= 0:
         raise ImageError(f"image has no pixels ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} (downscale it first)")
-    if max(w, h) > MAX_SIDE_RATIO * min(w, h):
-        raise ImageError(f"image is {w}x{h}: aspect ratio beyond {MAX_SIDE_RATIO}:1 is not accepted")
+    if w * h > limits.image_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {limits.image_pixels} (downscale it first)")
+    if max(w, h) > limits.image_side_ratio * min(w, h):
+        raise ImageError(f"image is {w}x{h}: aspect ratio beyond {limits.image_side_ratio}:1 is not accepted")
+    if check is not None:
+        check(w, h)
 
 
-def _to_rgb(im: Image.Image, max_pixels: int) -> np.ndarray:
-    _check_size(*im.size, max_pixels)  # from the header: nothing decoded yet
+def _to_rgb(im: Image.Image, limits: Limits, check: SizeCheck | None = None) -> np.ndarray:
+    _check_size(*im.size, limits, check)  # from the header: nothing decoded yet
     if im.tell() != 0:
         im.seek(0)  # animated: the first frame (never n_frames: that walks every frame of the file)
     im.load()
@@ -153,14 +172,14 @@ def _to_rgb(im: Image.Image, max_pixels: int) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def _from_array(a: np.ndarray, max_pixels: int) -> np.ndarray:
+def _from_array(a: np.ndarray, limits: Limits, check: SizeCheck | None) -> np.ndarray:
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageError(f"array images must be HxW or HxWx{{1,3,4}} uint8, got {a.dtype} {a.shape}")
-    _check_size(a.shape[1], a.shape[0], max_pixels)
+    _check_size(a.shape[1], a.shape[0], limits, check)
     if a.ndim == 2 or a.shape[2] == 1:
         return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
     if a.shape[2] == 4:
-        return _to_rgb(Image.fromarray(a, "RGBA"), max_pixels)
+        return _to_rgb(Image.fromarray(a, "RGBA"), limits)
     return np.ascontiguousarray(a)
 
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import budget, pipeline, tiling
+from . import budget, limits, pipeline, tiling
 from .errors import BackendError
 from .image import input_digest, load_image, preprocess
 
@@ -36,7 +36,7 @@ class ImageSide:
         stages["cache"] = time.perf_counter() - t
         if state is None:
             t = time.perf_counter()
-            rgb = load_image(image)
+            rgb = load_image(image, limits=self.limits, check=self._check_work)
             lay = m.image_layout
             tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
             # the resize takes a second thread unless the caller asked for one (threads=1)
@@ -64,6 +64,10 @@ class ImageSide:
             reduced = self._reduce_image(state, limit)
             self.caches.put_image(small, reduced)
         return small, reduced, where, stages
+
+    def _check_work(self, w: int, h: int) -> None:  # an image's header size, before it is decoded
+        m = self.manifest
+        limits.check_image_work(w, h, m.preprocess, m.image_layout, self.limits)
 
     def _encode(self, pixels: np.ndarray, stages: dict[str, float], tiles=None) -> dict:
         t = time.perf_counter()
@@ -129,8 +133,19 @@ class ImageSide:
             self._encode(self._blank_pixels(), {})
         if rows.ndim != 2 or rows.shape[1] != self._row_shape[1] or rows.dtype != np.float32:
             return False
-        if m.image_layout is None and rows.shape[0] > m.image_tokens:
+        if not 1 <= rows.shape[0] <= limits.max_rows(m):  # a budget may have cut them, nothing adds any
             return False
+        split = m.image_layout is not None and m.image_layout.tiling == "split"
+        if split != ("layout" in state):
+            return False
+        if split:  # [tile rows, tile cols, rows per tile] must account for every row
+            lay = state["layout"]
+            if lay.shape != (3,) or lay.dtype != np.int64:
+                return False
+            r, c, per = (int(x) for x in lay)
+            if min(r, c) < 0 or per < 1 or (r * c + (1 if r * c else 0)) * per != rows.shape[0] \
+                    or r * c + 1 > limits.max_tiles(m):
+                return False
         if m.fusion == "prefusion":
             kv = state.get("kv")
             return kv is not None and len(kv) == self.prefusion_layers and pipeline.kv_ok(kv, self.prefusion_kv, None)

@@ -12,9 +12,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tokenizers import Tokenizer
 
-from . import cpu, pipeline, template
+from . import cpu, pipeline
+from . import limits as limits_mod
+from .limits import DEFAULT as DEFAULT_LIMITS, Limits
 from .pipeline import common_prefix
 from .backends.onnx import OnnxGraph, ProviderSpec
 from .bundle import Bundle, open_bundle
@@ -23,6 +24,7 @@ from .contract import check_graphs
 from .errors import ArgumentError, BundleError, EdgeVLMError
 from .generate import Chat, Response
 from .image_side import ImageSide
+from .prompt import Prompter, load_tokenizer
 from .image import load_image
 from .sampling import make_sampler
 
@@ -32,10 +34,13 @@ GGUF_MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front: cap 
 
 class VLM(ImageSide):
     def __init__(self, bundle: Bundle, providers: Sequence[ProviderSpec] | None = None, threads: int = 0,
-                 warmup: bool = True, cache_dir: str | os.PathLike | None = None, cache_bytes: dict | None = None):
+                 warmup: bool = True, cache_dir: str | os.PathLike | None = None, cache_bytes: dict | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self.bundle = bundle
         self.threads = threads
         self.manifest = m = bundle.manifest
+        self.limits = limits
+        limits_mod.check_bundle(m, limits)  # before any graph or array is sized by the manifest
         cpu.check_int8(m, bundle.sha256)
         self.graphs: dict[str, OnnxGraph] = {}
         self.lm = None  # a GgufDecoder when the manifest places the decoder in llama.cpp
@@ -62,10 +67,9 @@ class VLM(ImageSide):
             # only the decoder, run step after step, keeps its threads spinning between runs (see OnnxGraph)
             self.graphs[name] = OnnxGraph(name, source, providers, threads, spin=name == "decoder",
                                           base_dir=str(bundle.path(comp.file).parent))
-        try:
-            self.tokenizer = Tokenizer.from_str(bundle.read(m.tokenizer.file).decode("utf-8"))
-        except Exception as e:
-            raise BundleError(f"tokenizer {m.tokenizer.file!r} does not load: {e}") from None
+        raw = bundle.read(m.tokenizer.file)
+        self.tokenizer = load_tokenizer(raw, m.tokenizer.file)
+        self.prompter = Prompter(self.tokenizer, raw.decode("utf-8"), m, limits.prompt_chars)
         check_graphs(m, {k: g for k, g in self.graphs.items() if isinstance(g, OnnxGraph)})
         self.vision, self.embedder = self.graphs["vision"], self.graphs.get("embed")
         if m.components["decoder"].backend == "coreml":  # stateful program: the KV cache lives in CoreML state
@@ -190,16 +194,8 @@ class VLM(ImageSide):
         """Token ids of the rendered prompt, each image marker expanded to its image's placeholder text
         (from states[i]; without states, image_tokens placeholders)."""
         m = self.manifest
-        text = template.render(m.chat_template, messages, add_generation_prompt=True, **m.special_tokens)
-        if text.count(m.image_token) != n_images:
-            raise EdgeVLMError(
-                f"the chat template placed {text.count(m.image_token)} image markers for {n_images} image(s)")
         fills = [self._placeholder(s) for s in states] if states else [m.image_token * m.image_tokens] * n_images
-        parts = text.split(m.image_token)
-        text = parts[0] + "".join(f + p for f, p in zip(fills, parts[1:]))
-        bos = m.special_tokens.get("bos_token")
-        add_special = not (bos and text.startswith(bos))  # as HF processors' apply_chat_template decides
-        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special).ids, np.int64)
+        ids = self.prompter.ids(messages, fills)
         rows = sum(s["rows"].shape[0] for s in states) if states else n_images * m.image_tokens
         if int((ids == m.image_token_id).sum()) != rows:
             raise BundleError("the tokenizer does not map the image token to image_token_id")
@@ -228,7 +224,11 @@ class VLM(ImageSide):
 
     @property
     def context_length(self) -> int:
-        return self.lm.n_ctx if self.lm else self.manifest.generation.context_length
+        """Positions a prompt and its answer may take: the manifest's, cut to what the KV memory cap allows
+        (llama.cpp: the context it allocated)."""
+        if self.lm:
+            return self.lm.n_ctx
+        return limits_mod.context_for_memory(self.manifest, self.manifest.generation.context_length, self.limits)
 
     def _empty_kv(self):
         return None if self.lm else pipeline.empty_kv(self.kv_spec, self.num_layers)
@@ -346,12 +346,13 @@ class VLM(ImageSide):
 
 def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec] | None = None,
          threads: int = 0, warmup: bool = True, cache_dir: str | os.PathLike | None = None,
-         cache_bytes: dict | None = None) -> VLM:
+         cache_bytes: dict | None = None, limits: Limits = DEFAULT_LIMITS) -> VLM:
     """Verify a bundle (every file's sha256 before any parser sees it), open its graphs and warm them up.
 
     With no path, the embedded default demo bundle is loaded. cache_dir adds a disk tier to the image and
     prefix KV caches that survives restarts (shared safely between processes); cache_bytes bounds the tiers
-    ({"image_bytes": ..., "prefix_bytes": ..., "disk_bytes": ...}).
+    ({"image_bytes": ..., "prefix_bytes": ..., "disk_bytes": ...}). limits: the caps on untrusted input
+    (edgevlm.Limits: image sizes, tiles, KV memory, template budgets).
     """
     if path is None:
         path = DEFAULT_BUNDLE
@@ -361,5 +362,7 @@ def load(path: str | os.PathLike | None = None, providers: Sequence[ProviderSpec
         raise BundleError(f"a bundle is a directory path, not a {type(path).__name__}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ArgumentError(f"threads must be a non-negative integer (0: onnxruntime decides), got {threads!r}")
+    if not isinstance(limits, Limits):
+        raise ArgumentError(f"limits must be an edgevlm.Limits, got {type(limits).__name__}")
     return VLM(open_bundle(path), providers=providers, threads=threads, warmup=warmup, cache_dir=cache_dir,
-               cache_bytes=cache_bytes)
+               cache_bytes=cache_bytes, limits=limits)

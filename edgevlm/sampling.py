@@ -7,7 +7,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ArgumentError
+from .errors import ArgumentError, BackendError
 
 Sampler = Callable[[np.ndarray, Sequence[int]], int]  # (logits [vocab], tokens so far) -> next token
 
@@ -27,14 +27,18 @@ def make_sampler(
     a number in [-100, 100] added to that token's logit before anything else (-100 bans it in practice).
     """
     real = (int, float, np.integer, np.floating)
-    if not all(isinstance(x, real) and not isinstance(x, bool) and math.isfinite(x)
-               for x in (temperature, top_k, top_p, repetition_penalty)) or int(top_k) != top_k:
+    try:
+        ok = all(isinstance(x, real) and not isinstance(x, bool) and math.isfinite(x)
+                 for x in (temperature, top_p, repetition_penalty))
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok or not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool):
         raise ArgumentError("temperature, top_p and repetition_penalty must be finite numbers, top_k an integer")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
         raise ArgumentError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
     if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
         raise ArgumentError(f"seed must be a non-negative integer or None, got {seed!r}")
-    top_k = int(top_k)
+    top_k = min(int(top_k), 1 << 31)  # beyond any vocabulary: no top-k cut
     rng = np.random.default_rng(seed)
     bias_ids, bias = _bias_arrays(logit_bias)
 
@@ -55,12 +59,19 @@ def make_sampler(
             logits[bias_ids] += bias
         logits = penalise(logits, history)
         if temperature == 0:
-            return int(np.argmax(logits))
-        x = logits.astype(np.float64) / temperature
+            best = int(np.argmax(logits))  # a NaN anywhere, or +inf, would be picked: no sound choice then
+            if not math.isfinite(float(logits[best])):
+                raise BackendError(f"the model produced a non-finite logit ({float(logits[best])}) for token {best}")
+            return best
+        top = float(logits.max())
+        if not math.isfinite(top):  # NaN, +inf, or every token banned (-inf)
+            raise BackendError(f"the model produced non-finite logits (max {top}): cannot sample")
+        # shifted first: every value <= 0, so a tiny temperature gives -inf (probability 0), never inf - inf
+        x = (logits.astype(np.float64) - top) / temperature
         if top_k and top_k < x.size:
             kth = np.partition(x, -top_k)[-top_k]
             x = np.where(x < kth, -np.inf, x)
-        p = np.exp(x - x.max())
+        p = np.exp(x)  # the kept maximum is 0: exp(0) = 1, so the sum is at least 1
         p /= p.sum()
         if top_p < 1.0:
             order = np.argsort(-p, kind="stable")
@@ -82,8 +93,8 @@ def _bias_arrays(logit_bias: Mapping[int, float] | None) -> tuple[np.ndarray, np
         raise ArgumentError("logit_bias must map token ids to numbers")
     items = sorted(logit_bias.items())
     for tok, b in items:
-        if not isinstance(tok, (int, np.integer)) or isinstance(tok, bool) or tok < 0:
-            raise ArgumentError(f"logit_bias keys must be non-negative token ids, got {tok!r}")
+        if not isinstance(tok, (int, np.integer)) or isinstance(tok, bool) or not 0 <= tok < 1 << 31:
+            raise ArgumentError(f"logit_bias keys must be token ids (0 .. 2**31-1), got {tok!r:.40}")
         if not isinstance(b, (int, float, np.integer, np.floating)) or isinstance(b, bool) or not -100 <= b <= 100:
             raise ArgumentError(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
     return np.array([t for t, _ in items], np.int64), np.array([b for _, b in items], np.float32)

@@ -37,7 +37,7 @@ def parsers(monkeypatch):
     import onnxruntime
     from tokenizers import Tokenizer
 
-    from edgevlm import model
+    from edgevlm import prompt
     from edgevlm.backends import onnx as onnx_backend
 
     calls = []
@@ -54,7 +54,7 @@ def parsers(monkeypatch):
             return Tokenizer.from_str(s)
 
     monkeypatch.setattr(onnx_backend.ort, "InferenceSession", Session)
-    monkeypatch.setattr(model, "Tokenizer", Tok)
+    monkeypatch.setattr(prompt, "Tokenizer", Tok)
     return calls
 
 
