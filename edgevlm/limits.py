@@ -85,6 +85,15 @@ def check_bundle(m, limits: Limits = DEFAULT) -> None:
     if lay is not None and lay.tiling != "none":
         if lay.tiling == "anyres" and len(lay.pinpoints) > limits.pinpoints:
             raise BundleError(f"manifest: {len(lay.pinpoints)} anyres pinpoints; the limit is {limits.pinpoints}")
+        from .tiling import MAX_SIDE
+
+        if lay.tile_size > MAX_SIDE:
+            raise BundleError(f"manifest: image_layout.tile_size {lay.tile_size} is over {MAX_SIDE} pixels")
+        if lay.tiling == "split":  # the image is resized up to whole tiles first: that canvas is bounded too
+            side = _ceil(min(lay.longest_edge, MAX_SIDE), lay.tile_size) * lay.tile_size
+            if side * side > limits.work_pixels:
+                raise BundleError(f"manifest: split tiling makes images of up to {side}x{side} pixels; the limit "
+                                  f"is {limits.work_pixels}")
         tiles = max_tiles(m)
         if tiles > limits.tiles:
             raise BundleError(f"manifest: image_layout lets one image become {tiles} tiles; the limit is "

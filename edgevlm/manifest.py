@@ -224,6 +224,11 @@ def _check_ranges(m: Manifest) -> None:
         _in("preprocess.pad_to_square", c, 0, 255)
     if not all(math.isfinite(x) for x in (p.rescale, *p.mean, *p.std)) or p.rescale == 0 or 0 in p.std:
         raise BundleError("manifest: preprocess.rescale, mean and std must be finite (std and rescale non-zero)")
+    # pixel values stay finite and meaningful: (pixel * rescale - mean) / std with pixel in 0..255
+    if not (all(abs(x) <= 1e4 for x in p.mean) and all(1e-6 <= abs(x) <= 1e4 for x in p.std)
+            and 1e-6 <= abs(p.rescale) <= 1e4):
+        raise BundleError("manifest: preprocess.mean must lie in [-1e4, 1e4], std and rescale in 1e-6 .. 1e4 "
+                          "(in absolute value)")
     _in("image_tokens", m.image_tokens, 0, 1 << 16)
     _in("image_token_id", m.image_token_id, 0, MAX_TOKEN_ID)
     _in("generation.context_length", g.context_length, 1, 1 << 24)

@@ -67,7 +67,8 @@ def make_sampler(
         if not math.isfinite(top):  # NaN, +inf, or every token banned (-inf)
             raise BackendError(f"the model produced non-finite logits (max {top}): cannot sample")
         # shifted first: every value <= 0, so a tiny temperature gives -inf (probability 0), never inf - inf
-        x = (logits.astype(np.float64) - top) / temperature
+        with np.errstate(over="ignore", divide="ignore"):  # a tiny temperature: -inf, probability 0
+            x = (logits.astype(np.float64) - top) / temperature
         if top_k and top_k < x.size:
             kth = np.partition(x, -top_k)[-top_k]
             x = np.where(x < kth, -np.inf, x)
