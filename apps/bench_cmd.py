@@ -55,8 +55,7 @@ def measure(vlm, resolution: int, repeats: int = 5, seed: int = 7) -> dict:
     for i in range(repeats):
         image = shapes.make_example(seed, i, "eval", size=resolution).image
         vlm.caches.clear()
-        if vlm.lm is not None:
-            vlm.lm.trim(0)  # GGUF/CoreML: the decoder's own context is a cache too
+        vlm.decoder.reset()  # GGUF/CoreML/static: the decoder's own context is a cache too
         q1, q2 = QUESTIONS[i % len(QUESTIONS)], QUESTIONS[(i + 1) % len(QUESTIONS)]
         cold.append(list(vlm.stream(image, q1, max_tokens=2))[-1].profile)
         warm.append(list(vlm.stream(image, q2, max_tokens=2))[-1].profile)

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     vlm = edgevlm.load(args.bundle, providers=args.providers.split(",") if args.providers else None,
                        cache_dir=args.cache_dir)
-    if args.parallel > 1 and vlm.lm is not None:
+    if args.parallel > 1 and vlm.decoder.shared:
         raise ArgumentError("--parallel > 1 needs an ONNX decoder (llama.cpp / CoreML hold one context)")
     model_id = args.model_name or Path(args.bundle or DEFAULT_BUNDLE).resolve().name
     limits = Limits(args.max_body_bytes, args.max_image_pixels, args.max_images, args.max_tokens)

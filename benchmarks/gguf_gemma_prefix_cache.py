@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgevlm.backends.gguf import GgufText
+from gguf_text import GgufText
 
 # Gemma 3's turn format (the GGUF file carries no chat template); a system message joins the first user turn.
 GEMMA_TEMPLATE = (

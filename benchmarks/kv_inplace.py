@@ -36,7 +36,7 @@ def steps(vlm, kv, x: np.ndarray, n: int) -> tuple[float, np.ndarray]:
     ts = []
     for i in range(n):
         t = time.perf_counter()
-        logits, kv = pipeline.forward(vlm.decoder, vlm.kv_spec, x[i:i + 1], kv)
+        logits, kv = pipeline.forward(vlm.decoder.graph, vlm.decoder.spec, x[i:i + 1], kv)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts), logits
 
@@ -64,12 +64,12 @@ def main() -> None:
         if not path.exists():
             raise SystemExit(f"{path} is missing: run benchmarks/peers.py (or peers_build.py) first")
         vlm = edgevlm.load(path, threads=args.threads)
-        assert vlm.kv_inplace, "these decoders are GroupQueryAttention graphs"
-        spec, layers = vlm.kv_spec, vlm.num_layers
+        assert vlm.decoder.inplace, "these decoders are GroupQueryAttention graphs"
+        spec, layers = vlm.decoder.spec, vlm.decoder.num_layers
         vocab = vlm.tokenizer.get_vocab_size()
         for ctx in (int(c) for c in args.contexts.split(",") if int(c) + args.steps < vlm.context_length):
             x = pipeline.embed(vlm.embedder, (np.arange(ctx + args.steps, dtype=np.int64) * 7919 + 11) % vocab)
-            _, plain = pipeline.forward(vlm.decoder, spec, x[:ctx], pipeline.empty_kv(spec, layers))
+            _, plain = pipeline.forward(vlm.decoder.graph, spec, x[:ctx], pipeline.empty_kv(spec, layers))
             times = {"plain": [], "inplace": []}
             diff = 0.0
             for rep in range(args.reps):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .diskcache import DiskStore
-from .pipeline import common_prefix
+from .decoders.base import common_prefix
 
 KV = list[tuple[np.ndarray, np.ndarray]]
 

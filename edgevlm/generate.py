@@ -1,20 +1,25 @@
-"""The generation loop: a Chat holds messages and the KV cache; `stream` yields one Response per token."""
+"""The generation loop, in three layers (as mlx-lm's generate_step -> stream_generate -> generate):
+
+    token_steps(decoder, state, ...)   sample a token, process, stop (EOS, length, context end), decode one more
+    Chat.stream(text, image, ...)      a turn: the prompt, its prefill, token_steps, text (incremental), Responses
+    Chat.send / VLM.generate           the joined text of stream
+
+A Chat holds the messages and its decoder State (the KV cache and what it holds) between turns.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+from tokenizers.decoders import DecodeStream
 
+from .decoders import Decoder, Prompt, State, common_prefix
 from .errors import ArgumentError, ContextOverflowError
-from .pipeline import common_prefix
 from .profile import STAGES, peak_rss_bytes
-from .sampling import make_sampler
-
-if TYPE_CHECKING:
-    from .model import VLM
+from .sampling import Processor, Sampler, make_logits_processors, make_sampler
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,8 @@ class Response:
     @property
     def profile(self) -> dict:
         """One flat, JSON-ready record of this call's first-token path: every stage of profile.STAGES (0.0
-        when it did not run), cold/warm, cache hits and sizes, peak RSS. The CLI, the server's /stats and
-        `edgevlm bench` all read this."""
+        when it did not run), cold/warm, cache hits and sizes, peak RSS. The CLI's /stats, the server's
+        `edgevlm` response field and `edgevlm bench` all read this."""
         return {"ttft_s": self.ttft_s, "warm": self.warm, "backend": self.backend,
                 **{f"{s}_s": self.stages.get(s, 0.0) for s in STAGES},
                 "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
@@ -57,6 +62,54 @@ class Response:
                 "prefix_cache_source": self.prefix_cache_source, "prompt_tps": self.prompt_tps,
                 "decode_tps": self.decode_tps, "generated_tokens": self.generated_tokens,
                 "peak_rss_bytes": self.peak_rss_bytes, **{f"cache_{k}": v for k, v in self.cache_bytes.items()}}
+
+
+def token_steps(decoder: Decoder, state: State, prompt: Prompt, logits: np.ndarray, sample: Sampler,
+                processors: Sequence[Processor], max_tokens: int, eos: set[int],
+                timings: dict | None = None) -> Iterator[tuple[int, str | None]]:
+    """(token, finish reason) per generated token: None while generating, then "stop" (an end-of-turn token) or
+    "length" (max_tokens, or the context's end). The first decode step's seconds go to timings["first_decode"]."""
+    history: list[int] = []
+    while True:
+        for p in processors:
+            logits = p(logits, history)
+        tok = sample(logits)
+        history.append(tok)
+        finish = "stop" if tok in eos else None
+        if finish is None and (len(history) >= max_tokens or len(state.keys) + 1 >= decoder.n_ctx):
+            finish = "length"
+        yield tok, finish
+        if finish:
+            return
+        t = time.perf_counter()
+        logits = decoder.step(state, tok, prompt)
+        if timings is not None and len(history) == 1:
+            timings["first_decode"] = time.perf_counter() - t
+
+
+class Detokenizer:
+    """Token ids -> text, incrementally (tokenizers' DecodeStream: each token costs its own bytes, not a decode of
+    the whole answer), held back at stop strings that may be forming. `add` -> the text that can be shown now."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self.text, self.shown, self.stopped, self.ids = "", 0, False, []
+
+    def add(self, token: int, last: bool) -> str:
+        piece = self._stream.step(self.tokenizer, token)
+        self.text += piece or ""
+        self.ids.append(token)
+        if last:  # bytes of an unfinished character are held back by the stream: show them as the full decode does
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if full.startswith(self.text):
+                self.text = full
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        safe = len(self.text) if (last or self.stopped) else len(self.text) - _pending_stop(self.text, self.stops)
+        delta, self.shown = self.text[self.shown:max(safe, self.shown)], max(self.shown, safe)
+        return delta
 
 
 def _pending_stop(text: str, stops: Sequence[str]) -> int:
@@ -70,14 +123,10 @@ def _pending_stop(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _strings(x) -> bool:
-    return x is None or (isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x))
-
-
 class Chat:
     """A multi-turn conversation. The KV cache is kept between turns; each image is encoded once."""
 
-    def __init__(self, vlm: "VLM", system: str | None = None):
+    def __init__(self, vlm, system: str | None = None):  # vlm: edgevlm.model.VLM
         self.vlm = vlm
         self.system = system
         self.reset()
@@ -86,15 +135,19 @@ class Chat:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._images: list[str] = []  # image keys in prompt order
         self._states: dict[str, dict] = {}  # image key -> what depends only on that image
-        self._keys: list = []  # what the KV cache holds: token ids, or (image key, row) at image positions
-        self._kv = self.vlm._empty_kv()
+        self._state = self.vlm.decoder.new_state()  # the KV cache and the keys of its positions
+        self._prompt: Prompt | None = None  # the last prefill's (a shared decoder context may need it again)
+
+    @property
+    def images(self) -> list[str]:
+        return list(self._images)
 
     def add_turn(self, text: str, answer: str, image=None, max_image_tokens: int | None = None) -> None:
         """Record a past exchange without generating (e.g. the history an API request carries); the next
         `stream` prefills it, reusing cached image embeds and KV where it can."""
         content = [{"type": "text", "text": text}]
         if image is not None:
-            key, state, _, _ = self.vlm._image_embeds(image, max_image_tokens)
+            key, state, _, _ = self.vlm.image_state(image, max_image_tokens)
             self._states[key] = state
             self._images = self._images + [key]
             content.insert(0, {"type": "image"})
@@ -110,134 +163,108 @@ class Chat:
         whose client sends the whole conversation again as a new chat."""
         vlm = self.vlm
         states = [self._states[k] for k in self._images]
-        probes = [vlm._prompt_ids(self.messages + [{"role": "user", "content": [{"type": "text", "text": t}]}],
-                                  len(self._images), states).tolist() for t in ("0", "1")]
+        probes = [vlm.prompt_ids(self.messages + [{"role": "user", "content": [{"type": "text", "text": t}]}],
+                                 states).tolist() for t in ("0", "1")]
         n = common_prefix(probes[0], probes[1])  # where the two user messages start to differ
         if n == 0 or n >= vlm.context_length - 1:
             return 0
         ids = np.asarray(probes[0][:n], np.int64)
-        keys = vlm._keys_for(ids, self._images, states)
-        if common_prefix(self._keys, keys) >= n:
+        keys = vlm.cache_keys(ids, self._images, states)
+        if common_prefix(self._state.keys, keys) >= n:
             return 0
-        reuse, kv, _ = vlm._find_prefix(keys, self._keys, self._kv)
-        _, kv, got = vlm._prefill(ids, keys, self._states, reuse, kv, {})
-        self._keys, self._kv = keys, kv
+        state, reuse, _ = vlm.decoder.reuse(self._state, keys, vlm.caches.lookup_prefix)
+        self._prompt = vlm.prompt(ids, keys, self._states)
+        vlm.decoder.prefill(state, self._prompt, reuse)
+        self._state = state
         if share:
-            vlm._remember(self._keys, self._kv)
-        return n - got
+            vlm.remember(self._state)
+        return n - reuse
 
     def send(self, text: str, image=None, **kwargs) -> str:
         return "".join(r.text for r in self.stream(text, image=image, **kwargs))
 
-    def stream(
-        self,
-        text: str,
-        image=None,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        max_image_tokens: int | None = None,
-        logit_bias: dict[int, float] | None = None,
-    ) -> Iterator[Response]:
+    def stream(self, text: str, image=None, max_tokens: int | None = None, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | str | None = None, max_image_tokens: int | None = None,
+               logit_bias: dict[int, float] | None = None) -> Iterator[Response]:
+        """One turn: a Response per generated token (the last one carries finish_reason)."""
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
-        hits, image_source = 0, ""
+        hits, image_source, key = 0, "", None
         if image is not None:
-            key, state, image_source, img_stages = vlm._image_embeds(image, max_image_tokens)
+            key, state, image_source, img_stages = vlm.image_state(image, max_image_tokens)
             stages.update(img_stages)
             hits += bool(image_source)
             self._states[key] = state
-        sampler = make_sampler(temperature, top_k, top_p, repetition_penalty, seed, logit_bias)
+        sample = make_sampler(temperature, top_k, top_p, seed)
         vocab = int(m.components["decoder"].outputs["logits"][-1])
-        if logit_bias and max(logit_bias) >= vocab:  # keys are checked to be ints by make_sampler
-            raise ArgumentError(f"logit_bias names token {max(logit_bias)}; the vocabulary has {vocab}")
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s] if _strings(stop) else None
-        if stops is None:
-            raise ArgumentError("stop must be a string or a list of strings")
-        try:
-            max_tokens = m.generation.max_new_tokens if max_tokens is None else int(max_tokens)
-        except (TypeError, ValueError, OverflowError):
-            raise ArgumentError(f"max_tokens must be an integer, got {max_tokens!r}") from None
-        if max_tokens < 1:
-            raise ArgumentError("max_tokens must be at least 1")
+        processors = make_logits_processors(repetition_penalty, logit_bias, vocab)
+        stops = _stop_strings(stop)
+        max_tokens = _max_tokens(max_tokens, m.generation.max_new_tokens)
 
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
         messages = self.messages + [{"role": "user", "content": content}]
         images = self._images + ([key] if image is not None else [])
         t = time.perf_counter()
         image_states = [self._states[k] for k in images]
-        ids = vlm._prompt_ids(messages, len(images), image_states)
+        ids = vlm.prompt_ids(messages, image_states)
         ctx = vlm.context_length
         if len(ids) >= ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten the prompt, "
-                "start a new chat, or use fewer images"
-            )
-        keys = vlm._keys_for(ids, images, image_states)
-        t_ids = time.perf_counter() - t  # template + tokenizer: counted in the embed stage
+            raise ContextOverflowError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten the "
+                                       "prompt, start a new chat, or use fewer images")
+        keys = vlm.cache_keys(ids, images, image_states)
+        stages["embed"] = time.perf_counter() - t  # template + tokenizer (+ the embedding graph, below)
         t = time.perf_counter()
-        reuse, kv, source = vlm._find_prefix(keys, self._keys, self._kv)  # at least one position runs (logits)
+        state, reuse, source = vlm.decoder.reuse(self._state, keys, vlm.caches.lookup_prefix)
         stages["cache"] = stages.get("cache", 0.0) + time.perf_counter() - t
-        logits, kv, got = vlm._prefill(ids, keys, self._states, reuse, kv, stages)
-        stages["embed"] += t_ids
-        if got > reuse:  # a GGUF/CoreML decoder still held a longer prefix from another call
-            source = "decoder"
-        reuse = got
-        source = source if reuse else ""
-        suffix = ids[reuse:]
+        prompt = vlm.prompt(ids, keys, self._states, stages)
+        t, inner = time.perf_counter(), stages["embed"] + stages.get("prefusion", 0.0)
+        logits = vlm.decoder.prefill(state, prompt, reuse)
+        stages["prefill"] = time.perf_counter() - t - (stages["embed"] + stages.get("prefusion", 0.0) - inner)
+        # commit the prompt now: even if the caller stops iterating, the chat stays consistent
+        self.messages, self._images, self._state, self._prompt = messages, images, state, prompt
+        suffix = len(ids) - reuse
         profile = dict(image_cache_hits=hits, image_cache_source=image_source, prefix_cache_source=source,
                        prefix_cache_hit_tokens=reuse if source in ("ram", "disk", "decoder") else 0,
-                       backend=m.components["decoder"].backend)
-        # commit the prompt now: even if the caller stops iterating, the chat stays consistent
-        self.messages, self._images = messages, images
-        self._keys, self._kv = keys, kv
-
-        generated: list[int] = []
-        emitted = 0
-        ttft = 0.0
-        t_first = 0.0
-        eos = set(m.generation.eos_token_ids)
-        finish = None
-        answer = ""
+                       backend=vlm.decoder.backend, prompt_tokens=len(ids), prefilled_tokens=suffix,
+                       prompt_tps=suffix / max(stages["prefill"], 1e-9))
+        detok = Detokenizer(vlm.tokenizer, stops)
+        steps = token_steps(vlm.decoder, state, prompt, logits, sample, processors, max_tokens,
+                            set(m.generation.eos_token_ids), stages)
+        n, t_first, ttft = 0, 0.0, 0.0
         try:
-            while True:
-                tok = sampler(logits, generated)
-                generated.append(tok)
-                now = time.perf_counter()
-                if len(generated) == 1:
+            for tok, finish in steps:
+                n, now = n + 1, time.perf_counter()
+                if n == 1:
                     ttft, t_first = now - t0, now
-                    profile.update(peak_rss_bytes=peak_rss_bytes(), cache_bytes=vlm.caches.stats())
-                full = vlm.tokenizer.decode(generated, skip_special_tokens=True)
-                if tok in eos:
+                    profile.update(peak_rss_bytes=peak_rss_bytes(), cache_bytes=vlm.caches.stats(), ttft_s=ttft)
+                delta = detok.add(tok, last=finish is not None)
+                if detok.stopped:
                     finish = "stop"
-                cut = min((full.find(s) for s in stops if s in full), default=-1)
-                if cut >= 0:
-                    full, finish = full[:cut], "stop"
-                if finish is None and (len(generated) >= max_tokens or len(self._keys) + 1 >= ctx):
-                    finish = "length"
-                safe = len(full) if finish else len(full) - _pending_stop(full, stops)
-                while safe > emitted and full[safe - 1] == "\ufffd" and not finish:
-                    safe -= 1  # an incomplete UTF-8 sequence: wait for the next token
-                delta, emitted, answer = full[emitted:safe], max(emitted, safe), full
-                n = len(generated)
-                yield Response(
-                    text=delta, token=tok, finish_reason=finish, ttft_s=ttft, stages=dict(stages),
-                    prompt_tokens=len(ids), prefilled_tokens=len(suffix),
-                    prompt_tps=len(suffix) / max(stages["prefill"], 1e-9), generated_tokens=n,
-                    decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, **profile,
-                )
+                yield Response(text=delta, token=tok, finish_reason=finish, stages=dict(stages), generated_tokens=n,
+                               decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, **profile)
                 if finish:
                     break
-                t = time.perf_counter()
-                logits, self._kv = vlm._decode(tok, self._kv, self._keys, self._states)
-                self._keys.append(tok)
-                if n == 1:
-                    stages["first_decode"] = time.perf_counter() - t
         finally:
-            self.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-            vlm._remember(self._keys, self._kv)  # prefix cache; disk writes happen here, after the first token
+            steps.close()
+            self.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": detok.text}]}]
+            vlm.remember(self._state)  # prefix cache; disk writes happen here, after the first token
+
+
+def _stop_strings(stop) -> list[str]:
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    if stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+        return [s for s in (stop or []) if s]
+    raise ArgumentError("stop must be a string or a list of strings")
+
+
+def _max_tokens(value, default: int) -> int:
+    try:
+        n = default if value is None else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ArgumentError(f"max_tokens must be an integer, got {value!r:.40}") from None
+    if n < 1:
+        raise ArgumentError("max_tokens must be at least 1")
+    return n

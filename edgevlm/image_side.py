@@ -20,7 +20,7 @@ from .image import input_digest, load_image, preprocess
 class ImageSide:
     """Image -> state (cached by content), budgets, placeholders, and the check of states read from disk."""
 
-    def _image_embeds(self, image, max_image_tokens: int | None = None) -> tuple[str, dict, str, dict[str, float]]:
+    def image_state(self, image, max_image_tokens: int | None = None) -> tuple[str, dict, str, dict[str, float]]:
         """-> (cache key, image state, where it was cached: "ram", "disk" or "" (computed now), stage seconds).
         The state is all that depends only on the image: {"rows": embeds for the placeholders [N, D],
         "kv": the pre-fusion KV of the image prefix (pre-fusion bundles) or None, and for tiled images

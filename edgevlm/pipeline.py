@@ -1,12 +1,11 @@
-"""The pipeline stages, each a function of arrays (batch size 1 throughout).
+"""The ONNX pipeline stages, each a function of arrays (batch size 1 throughout), and the KV cache they extend.
 
-    pixels --encode--> image embeds       ids --embed--> text embeds
-    splice(text embeds, image embeds) --prefill--> logits, kv --decode_one--> logits, kv
+    ids --embed--> text embeds     splice(text embeds, image rows) --forward--> logits, kv
+    text embeds --prefuse (LLaVA-Mini, after the image's cached prefix)--> fused embeds
+    image rows --compress (LLaVA-Mini)--> one token
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -16,11 +15,6 @@ from .errors import BackendError, ContextOverflowError
 from .manifest import KVSpec
 
 KV = list[tuple[np.ndarray, np.ndarray]]  # per layer (key, value), each [1, kv_heads, past, head_dim]
-
-
-def encode(vision: OnnxGraph, pixels: np.ndarray) -> np.ndarray:  # [1, 3, H, W] -> [N, D]
-    feeds = {vision.input_names[0]: pixels}
-    return vision.run(feeds)[vision.output_names[0]][0]
 
 
 def embed(embedder: OnnxGraph, ids: np.ndarray) -> np.ndarray:  # ids: [S] int64 -> [S, D]
@@ -161,13 +155,3 @@ def prefuse(prefusion: OnnxGraph, spec: KVSpec, text: np.ndarray, image_kv: KV) 
     """Pre-fusion: text embeds [S, D] attend (causally) after the image's cached prefix -> fused [S, D]."""
     out, _ = run(prefusion, spec, text, image_kv)
     return out["fused"][0]
-
-
-def common_prefix(a: Sequence, b: Sequence) -> int:
-    """How many leading positions two cache-key lists share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -228,7 +228,7 @@ def check_parity(mini: MiniVLM, processor, bundle_dir, max_new_tokens: int = 16)
                                              max_new_tokens)
     logits = vlm.prompt_logits(image, PROMPT)
     ours = [r.token for r in vlm.stream(image, PROMPT, max_tokens=max_new_tokens)]
-    our_ids = vlm._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], 1)
+    our_ids = vlm.prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], None, 1)
     return {
         "prompt_ids_match": bool(our_ids.shape == ids.shape and (our_ids == ids).all()),
         "max_abs_logit_diff": float(np.abs(logits - ref_first.numpy()).max()),

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 import edgevlm
 from edgevlm import pipeline, tiling
+from edgevlm.decoders import Prompt
 from edgevlm.image import load_image, preprocess
 
 PROMPT = "What is in the image?"
@@ -36,13 +37,11 @@ def hf_inputs(processor, image: Image.Image, prompt: str):
 
 def first_logits(vlm, x: np.ndarray) -> np.ndarray:
     """Logits [V] of the language model on prompt embeds x [S, D] from an empty cache."""
-    if vlm.lm is None:
-        logits, _ = pipeline.forward(vlm.decoder, vlm.kv_spec, x, pipeline.empty_kv(vlm.kv_spec, vlm.num_layers))
-        return logits
-    vlm.lm.trim(0)  # a decoder keeping its own cache (static KV)
-    vlm.lm.eval_embeds(x, [None] * len(x))
-    logits = vlm.lm.logits()
-    vlm.lm.trim(0)
+    n = len(x)
+    prompt = Prompt(np.zeros(n, np.int64), [None] * n, lambda ids, keys, start: x[start:], lambda keys: x[:0])
+    vlm.decoder.reset()  # a decoder keeping its own cache (static KV): nothing reused, nothing left behind
+    logits = vlm.decoder.prefill(vlm.decoder.new_state(), prompt, 0)
+    vlm.decoder.reset()
     return logits
 
 
@@ -60,9 +59,9 @@ def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image
     pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess)
     hf_pixels = adapter.hf_pixels(inputs).numpy()
     pixel_diff = float(np.abs(pixels - hf_pixels).max()) if pixels.shape == hf_pixels.shape else float("inf")
-    _, state, _, _ = vlm._image_embeds(image)
+    _, state, _, _ = vlm.image_state(image)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    our_ids = vlm._prompt_ids(msgs, 1, [state])
+    our_ids = vlm.prompt_ids(msgs, [state])
     ids_match = bool(our_ids.shape == ids.shape and (our_ids == ids).all())
 
     # the vision graph (and tile assembly) on the processor's own pixels, against the PyTorch model

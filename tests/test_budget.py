@@ -84,7 +84,7 @@ def test_chat_keeps_a_reduced_image_across_turns():
 def test_smolvlm_budget_is_shared_by_the_tiles(bundle):
     vlm = edgevlm.load(bundle("smolvlm-llama"))
     arr = np.random.default_rng(3).integers(0, 256, (20, 90, 3), dtype=np.uint8)  # 1 x 3 tiles + global
-    _, state, _, _ = vlm._image_embeds(arr, 8)
+    _, state, _, _ = vlm.image_state(arr, 8)
     text = vlm._placeholder(state)
     assert len(state["rows"]) == 8 and text.count("<image>") == 8
     assert text.count("<fake_token_around_image>") == 5  # marker tokens untouched

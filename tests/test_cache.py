@@ -24,7 +24,7 @@ from edgevlm import diskcache
 from edgevlm.cache import LRU, keys_digest
 from edgevlm.diskcache import DiskStore, encode_entry
 from edgevlm.model import DEFAULT_BUNDLE
-from edgevlm.pipeline import common_prefix
+from edgevlm.decoders import common_prefix
 
 IMAGE = str(Path(edgevlm.__file__).parent / "assets" / "examples" / "shapes-1.png")
 OTHER = str(Path(edgevlm.__file__).parent / "assets" / "examples" / "shapes-2.png")
@@ -63,7 +63,7 @@ def reference(vlm, question, image=IMAGE, n=6) -> list[int]:
 
 
 def shared_prefix(vlm, a: str, b: str) -> int:
-    ids = [vlm._prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], 1)
+    ids = [vlm.prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], None, 1)
            for q in (a, b)]
     return common_prefix(ids[0].tolist(), ids[1].tolist())
 

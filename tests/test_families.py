@@ -46,9 +46,9 @@ def test_tiles_and_placeholders_match_the_processor(name, bundle, checkpoint):
         ref = adapter.hf_pixels(inputs).numpy()
         assert tiles.pixels.shape == ref.shape, (h, w)
         maxdiff = float(np.abs(tiles.pixels - ref).max())
-        _, state, _, _ = vlm._image_embeds(arr)
+        _, state, _, _ = vlm.image_state(arr)
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-        ids = vlm._prompt_ids(msgs, 1, [state])
+        ids = vlm.prompt_ids(msgs, [state])
         with torch.no_grad():
             rows_ref = adapter.reference_rows(model, inputs).numpy()
         rows_diff = float(np.abs(state["rows"] - rows_ref).max())
@@ -68,14 +68,14 @@ def test_onevision_large_grids_are_shrunk(bundle):
     arr = np.full((300, 300, 3), 128, np.uint8)
     tiles = tiling.make_tiles(arr, vlm.manifest.preprocess, lay)
     assert (tiles.rows, tiles.cols) == (3, 3)
-    _, state, _, _ = vlm._image_embeds(arr)
+    _, state, _, _ = vlm.image_state(arr)
     full = 16 + 12 * 13  # base tile + 12 rows of 12 features and a row end each
     assert 16 < len(state["rows"]) < full
 
 
 def test_smolvlm_marker_tokens_in_the_prompt(bundle):
     vlm = edgevlm.load(bundle("smolvlm-llama"))
-    _, state, _, _ = vlm._image_embeds(np.zeros((20, 90, 3), np.uint8))  # wide: 1 x 3 tiles + the global one
+    _, state, _, _ = vlm.image_state(np.zeros((20, 90, 3), np.uint8))  # wide: 1 x 3 tiles + the global one
     text = vlm._placeholder(state)
     assert text.count("<fake_token_around_image>") == 5 and "<row_1_col_3>" in text and "<global-img>" in text
     assert text.count("<image>") == len(state["rows"]) == 4 * 4

@@ -75,7 +75,7 @@ def test_gguf_file_has_what_llama_cpp_expects(gguf_bundle, checkpoint, name, arc
 @pytest.mark.parametrize("name", ["fastvlm-qwen2-gqa", "llava-clip-llama"])
 def test_gguf_f32_greedy_tokens_equal_onnx(gguf_bundle, bundle, name):
     onnx_vlm, gguf_vlm = edgevlm.load(bundle(name)), edgevlm.load(gguf_bundle(name))
-    assert gguf_vlm.lm is not None and "embed" not in gguf_vlm.manifest.components
+    assert gguf_vlm.decoder.backend == "gguf" and "embed" not in gguf_vlm.manifest.components
     maxdiff, answers = 0.0, set()
     for k in range(3):
         img = scene(k)
@@ -104,7 +104,7 @@ def test_gguf_chat_reuses_the_kv_cache_across_turns(gguf_bundle):
     # the same conversation from scratch, in a new chat, gives the same tokens
     fresh = vlm.chat()
     fresh.messages, fresh._images, fresh._states = chat.messages[:2], list(chat._images[:1]), dict(chat._states)
-    vlm.lm.trim(0)  # nothing cached: the whole prompt runs again
+    vlm.decoder.reset()  # nothing cached: the whole prompt runs again
     vlm.caches.clear()  # (the prefix cache would restore the first turn's llama state)
     b2 = list(fresh.stream("and the square?", max_tokens=6))
     assert b2[-1].prefilled_tokens == b2[-1].prompt_tokens
@@ -126,7 +126,7 @@ def test_gguf_chat_prepare_runs_the_next_turns_header_in_llama_cpp(gguf_bundle):
     vlm = edgevlm.load(gguf_bundle("fastvlm-qwen2-gqa"))
     runs = []
     for prepared in (False, True):
-        vlm.lm.trim(0)
+        vlm.decoder.reset()
         vlm.caches.clear()
         chat = vlm.chat()
         list(chat.stream("what color is the circle?", image=scene(3), max_tokens=6))
@@ -194,7 +194,7 @@ def test_quantized_gguf_runs_and_records_llama_cpp_fallbacks(gguf_bundle, bundle
     agree = []
     for k in range(3):
         rs = list(vlm.stream(scene(k), QUESTIONS[k], max_tokens=10))
-        assert rs[-1].finish_reason in ("stop", "length") and all(0 <= r.token < vlm.lm.n_vocab for r in rs)
+        assert rs[-1].finish_reason in ("stop", "length") and all(0 <= r.token < vlm.decoder.n_vocab for r in rs)
         want = [r.token for r in ref.stream(scene(k), QUESTIONS[k], max_tokens=10)]
         agree.append(next((i for i, (x, y) in enumerate(zip(want, rs)) if x != y.token), len(want)))
     print(f"{quant}: greedy tokens agreeing with ONNX before the first difference: {agree}")
@@ -205,7 +205,7 @@ def test_quantized_gguf_runs_and_records_llama_cpp_fallbacks(gguf_bundle, bundle
 def test_tampered_gguf_is_rejected_before_llama_cpp_sees_it(gguf_bundle, tmp_path, monkeypatch):
     import shutil
 
-    from edgevlm.backends import gguf as backend
+    from edgevlm.decoders import gguf as backend
 
     src = gguf_bundle("fastvlm-qwen2-gqa")
     bad = tmp_path / "bad"

@@ -53,11 +53,11 @@ def test_every_graph_has_fixed_shapes_and_the_manifest_declares_them(static_bund
 
 def test_static_bundle_matches_the_dynamic_one(static_bundle, bundle, images):
     dyn, st = edgevlm.load(bundle(NAME)), edgevlm.load(static_bundle)
-    assert type(st.lm).__name__ == "StaticDecoder" and st.context_length == CAPACITY
+    assert type(st.decoder).__name__ == "StaticDecoder" and st.context_length == CAPACITY
     rng = np.random.default_rng(0)
     worst, outs = 0.0, []
     for image in images[:3]:
-        for arr in st.lm.cache.k + st.lm.cache.v:  # garbage in the free slots: the mask must keep it out
+        for arr in st.decoder.cache.k + st.decoder.cache.v:  # garbage in the free slots: the mask must keep it out
             arr[...] = 100 * rng.standard_normal(arr.shape)
         a, b = dyn.prompt_logits(image, "what is it?"), st.prompt_logits(image, "what is it?")
         worst = max(worst, float(np.abs(a - b).max()))
@@ -98,7 +98,7 @@ def test_int8_static_qdq_keeps_a_static_bundle_static(static_bundle, tmp_path):
     print("QDQ static bundle fidelity:", f)
     assert np.isfinite(f["max_abs_logit_diff"]) and f["mean_kl"] < 0.5
     q = edgevlm.load(tmp_path / "qdq")
-    assert type(q.lm).__name__ == "StaticDecoder" and q.generate(None, "hello", max_tokens=3) is not None
+    assert type(q.decoder).__name__ == "StaticDecoder" and q.generate(None, "hello", max_tokens=3) is not None
 
 
 def test_manifest_rejects_a_static_decoder_without_prefill(static_bundle, tmp_path):

@@ -10,12 +10,10 @@ Not run on Linux (coremltools cannot predict there); the export side is verified
 from __future__ import annotations
 
 import platform
-from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import BackendError, ContextOverflowError
-from ..pipeline import common_prefix
+from ..errors import BackendError
 
 
 def _coremltools():
@@ -58,36 +56,3 @@ class CoremlGraph:
         except Exception as e:
             raise BackendError(f"CoreML graph {self.name!r} failed: {str(e).splitlines()[0][:300]}") from None
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
-
-
-class CoremlDecoder:
-    """The stateful decoder program, with the GgufDecoder interface (keys, trim, eval_*, logits)."""
-
-    def __init__(self, graph: CoremlGraph, embed: Callable[[np.ndarray], np.ndarray], n_ctx: int, n_vocab: int):
-        self.graph, self.embed = graph, embed
-        self.state = graph.model.make_state()
-        self.n_ctx, self.n_vocab = n_ctx, n_vocab
-        self.keys: list = []
-        self._logits = np.zeros(n_vocab, np.float32)
-
-    def common_prefix(self, keys: Sequence) -> int:
-        return common_prefix(self.keys, keys)
-
-    def trim(self, n: int) -> None:  # later positions are masked out, then overwritten
-        del self.keys[n:]
-
-    def eval_tokens(self, ids: np.ndarray, keys: Sequence) -> None:
-        self.eval_embeds(self.embed(np.asarray(ids, np.int64)), keys)
-
-    def eval_embeds(self, x: np.ndarray, keys: Sequence) -> None:  # x: [S, D]
-        past, s = len(self.keys), x.shape[0]
-        if past + s > self.n_ctx:
-            raise ContextOverflowError(f"{past + s} positions, the CoreML decoder's state holds {self.n_ctx}")
-        mask = np.triu(np.full((s, past + s), -np.inf, np.float32), k=past + 1)[None, None]
-        feeds = {"inputs_embeds": x[None].astype(np.float16), "position_ids": np.arange(past, past + s, dtype=np.int32)[None],
-                 "causal_mask": mask.astype(np.float16)}
-        self._logits = self.graph.run(feeds, state=self.state)["logits"].reshape(-1)
-        self.keys.extend(keys)
-
-    def logits(self) -> np.ndarray:
-        return self._logits.copy()

@@ -66,12 +66,15 @@ class OnnxGraph:
         self.output_shapes = {o.name: o.shape for o in self.session.get_outputs()}
         self._quiet = ort.RunOptions()
         self._quiet.log_severity_level = 4
+        self.tap: list | None = None  # when a list: every run's feeds are appended (copies), e.g. calibration
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.tap is not None:
+            self.tap.append({k: np.array(v, copy=True) for k, v in feeds.items()})
         try:
             outs = self.session.run(None, feeds)
         except Exception as e:

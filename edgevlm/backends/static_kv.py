@@ -13,13 +13,11 @@ so trimming the cache is forgetting a count, and a later call overwrites them.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import ContextOverflowError
-from ..manifest import Component, KVSpec
-from ..pipeline import common_prefix
+from ..manifest import KVSpec
 
 
 class StaticCache:
@@ -72,42 +70,6 @@ def run_chunks(graph, spec: KVSpec, cache: StaticCache, chunk: int, x: np.ndarra
     return np.concatenate(rows) if all_rows else rows[-1]
 
 
-class StaticDecoder:
-    """The language model over a StaticCache, with the GgufDecoder / CoremlDecoder interface (keys, trim,
-    eval_tokens, eval_embeds, logits): the runtime drives it like any decoder that keeps its own cache."""
-
-    takes_embeds = True  # a whole prompt (text + image rows) goes in as one run of embeds: fewer padded chunks
-
-    def __init__(self, prefill, step, embed: Callable[[np.ndarray], np.ndarray], spec: KVSpec, num_layers: int,
-                 capacity: int, chunk: int):
-        self.prefill, self.step, self.embed = prefill, step, embed
-        self.spec, self.chunk = spec, chunk
-        self.cache = StaticCache(spec, num_layers, capacity)
-        self.n_ctx = capacity
-        self.keys: list = []
-        self._logits: np.ndarray | None = None
-
-    def common_prefix(self, keys: Sequence) -> int:
-        return common_prefix(self.keys, keys)
-
-    def trim(self, n: int) -> None:  # slots from n on are masked out, then overwritten
-        del self.keys[n:]
-        self.cache.length = len(self.keys)
-
-    def eval_tokens(self, ids: np.ndarray, keys: Sequence) -> None:  # ids: [S] int
-        self.eval_embeds(self.embed(np.asarray(ids, np.int64)), keys)
-
-    def eval_embeds(self, x: np.ndarray, keys: Sequence) -> None:  # x: [S, D]
-        if x.shape[0] == 1:
-            self._logits = run_chunks(self.step, self.spec, self.cache, 1, x, "logits", all_rows=False)
-        else:
-            self._logits = run_chunks(self.prefill, self.spec, self.cache, self.chunk, x, "logits", all_rows=False)
-        self.keys.extend(keys)
-
-    def logits(self) -> np.ndarray:  # -> [V] of the last evaluated position
-        return self._logits.copy()
-
-
 class StaticKVGraph:
     """A static KV graph behind the dynamic graphs' run(feeds) (past k/v [1, H, P, d] in, present k/v
     [1, H, P + S, d] out): lets pipeline.run drive the pre-fusion layers, which run once per prompt."""
@@ -151,18 +113,3 @@ class StaticEmbed:
         parts = [self.graph.run({self.input_names[0]: padded[None, a:a + self.chunk]})[self.output_names[0]][0]
                  for a in range(0, padded.shape[0], self.chunk)]
         return {self.output_names[0]: np.concatenate(parts)[None, :s]}
-
-
-def bind(vlm) -> None:
-    """Put a static bundle's wrappers on a VLM whose graphs are open (also after quant's graph swaps)."""
-    m = vlm.manifest
-    comps: dict[str, Component] = m.components
-    vlm.embedder = StaticEmbed(vlm.graphs["embed"], comps["embed"].static.chunk)
-    dec, pre = comps["decoder"], comps["prefill"]
-    embedder = vlm.embedder
-    vlm.lm = vlm.decoder = StaticDecoder(
-        vlm.graphs["prefill"], vlm.graphs["decoder"], lambda ids: embedder.run({embedder.input_names[0]: ids[None]})[
-            embedder.output_names[0]][0], dec.kv, dec.num_layers, dec.static.kv_capacity, pre.static.chunk)
-    if m.fusion == "prefusion":
-        c = comps["prefusion"]
-        vlm.prefusion = StaticKVGraph(vlm.graphs["prefusion"], c.kv, c.num_layers, c.static, "fused")

@@ -11,15 +11,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ..errors import ArgumentError, BackendError, ContextOverflowError, IntegrityError
-from ..pipeline import common_prefix
+from ..errors import BackendError, ContextOverflowError
+from .base import ContextDecoder
 
 log = logging.getLogger("edgevlm")
+MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front: cap what a long-context model asks
 
 
 def _llama():
@@ -50,11 +50,18 @@ class _VerifiedFile:
             self.fd = None
 
 
-class GgufDecoder:
-    """A GGUF language model in a llama context: eval token runs and embedding runs after a cached prefix."""
+class GgufDecoder(ContextDecoder):
+    """A GGUF language model in a llama context: eval token runs and embedding runs after a cached prefix.
+    Text positions run as tokens through llama.cpp's own embedding table; image rows as embeddings. The prefix
+    cache holds llama.cpp's sequence state (llama_state_seq_get_data), tagged with what it depends on."""
+
+    backend = "gguf"
+    takes_embeds = False
 
     def __init__(self, name: str, blob: bytes | None, path: str, *, n_ctx: int, threads: int = 0,
-                 kv_f32: bool = False, n_batch: int = 512):
+                 kv_f32: bool = False, n_batch: int = 512, prefusion: bool = False):
+        super().__init__(n_ctx)
+        self.takes_embeds = prefusion  # LLaVA-Mini's fused text is no token: it goes in as embeddings
         L = self._L = _llama()
         L.llama_backend_init()
         src = _VerifiedFile(blob, path)
@@ -85,7 +92,12 @@ class GgufDecoder:
         self.n_embd = int(L.llama_model_n_embd(self.model))
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         self.n_ctx = int(L.llama_n_ctx(self.ctx))
-        self.keys: list = []  # what the KV cache holds, position by position
+
+    @classmethod
+    def from_bundle(cls, m, bundle, graphs: dict, embed_ids, threads: int, n_ctx: int) -> "GgufDecoder":
+        comp = m.components["decoder"]
+        return cls("decoder", bundle.read(comp.file), str(bundle.path(comp.file)), n_ctx=min(n_ctx, MAX_CONTEXT),
+                   threads=threads, kv_f32=comp.precision == "fp32", prefusion=m.fusion == "prefusion")
 
     def __del__(self):
         L = getattr(self, "_L", None)
@@ -95,9 +107,6 @@ class GgufDecoder:
             self.ctx = None
 
     # ---- the cache ----------------------------------------------------------------------------------
-
-    def common_prefix(self, keys: Sequence) -> int:
-        return common_prefix(self.keys, keys)
 
     def trim(self, n: int) -> None:
         """Keep the first n cached positions."""
@@ -110,24 +119,30 @@ class GgufDecoder:
     # ---- the sequence state, for the prefix cache (RAM and disk) ---------------------------------------
 
     @property
-    def state_variant(self) -> str:
+    def entry_variant(self) -> str:
         """What a saved state depends on besides the bundle: llama.cpp's build and this context's KV type."""
         return f"llama.cpp-seq-state {getattr(self._L, '__version__', '?')} ctx={self.n_ctx} kv={self.kv_type}"
 
-    def state(self) -> np.ndarray:
-        """The KV cache of sequence 0 (what `keys` describe) as bytes [n] uint8."""
+    def entry(self, state) -> dict[str, np.ndarray] | None:
+        """The KV cache of sequence 0 as bytes [n] uint8, when it is this chat's."""
+        if not state.keys or self.keys != state.keys:
+            return None
         L = self._L
         n = L.llama_state_seq_get_size(self.ctx, 0)
         buf = (ctypes.c_uint8 * n)()
         got = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
-        return np.frombuffer(buf, np.uint8, got).copy()
+        return {"state": np.frombuffer(buf, np.uint8, got).copy()}
 
-    def restore(self, state: np.ndarray, keys: Sequence) -> bool:
+    def entry_fits(self, arrays: dict[str, np.ndarray], length: int) -> bool:
+        state = arrays.get("state")
+        return len(arrays) == 1 and state is not None and state.dtype == np.uint8 and state.ndim == 1
+
+    def restore(self, arrays: dict[str, np.ndarray], keys: Sequence) -> bool:
         """Replace the cache with a saved state of `keys`; False (and an empty cache) if llama.cpp refuses it."""
         L = self._L
         L.llama_memory_clear(self.mem, True)
         self.keys = []
-        data = np.ascontiguousarray(state, np.uint8)
+        data = np.ascontiguousarray(arrays["state"], np.uint8)
         if L.llama_state_seq_set_data(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size, 0) == 0:
             L.llama_memory_clear(self.mem, True)
             return False
@@ -166,98 +181,3 @@ class GgufDecoder:
     def logits(self) -> np.ndarray:  # -> [vocab] of the last evaluated position
         ptr = self._L.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-
-# ---- the text path: a plain GGUF chat model (its own tokenizer), e.g. a downloaded Gemma --------------
-
-
-class GgufText:
-    """A text-only GGUF with a chat template: `stream(messages)` yields edgevlm Responses; the prompt's
-    longest prefix already in the KV cache (an earlier turn, or an earlier chat with the same system
-    prompt) is not run again."""
-
-    def __init__(self, path: str | os.PathLike, chat_template: str, *, sha256: str | None = None,
-                 n_ctx: int = 4096, threads: int = 0, special_tokens: dict[str, str] | None = None):
-        blob = None
-        if sha256 is not None:
-            import hashlib
-
-            with open(path, "rb") as f:
-                blob = f.read()
-            if hashlib.sha256(blob).hexdigest() != sha256:
-                raise IntegrityError(f"{os.fspath(path)!r} does not match the expected sha256")
-        self.decoder = GgufDecoder(os.path.basename(path), blob, os.fspath(path), n_ctx=n_ctx, threads=threads)
-        self.chat_template = chat_template
-        L, v = self.decoder._L, self.decoder.vocab
-        self.special_tokens = {"bos_token": self.piece(L.llama_vocab_bos(v), special=True),
-                               "eos_token": self.piece(L.llama_vocab_eos(v), special=True), **(special_tokens or {})}
-
-    def tokenize(self, text: str, add_special: bool = False) -> np.ndarray:
-        L, raw = self.decoder._L, text.encode("utf-8")
-        buf = (L.llama_token * (len(raw) + 8))()
-        n = L.llama_tokenize(self.decoder.vocab, raw, len(raw), buf, len(buf), add_special, True)
-        if n < 0:
-            raise BackendError("llama.cpp could not tokenize the prompt")
-        return np.frombuffer(buf, np.int32, n).astype(np.int64)
-
-    def piece(self, token: int, special: bool = False) -> str:
-        return self._piece(token, special).decode("utf-8", errors="replace")
-
-    def _piece(self, token: int, special: bool = False) -> bytes:
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self.decoder._L.llama_token_to_piece(self.decoder.vocab, int(token), buf, size, 0, special)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n  # the piece needs -n bytes
-
-    def stream(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator:
-        from ..generate import Response
-        from ..profile import peak_rss_bytes
-        from ..sampling import make_sampler
-        from ..template import render
-
-        if max_tokens < 1:
-            raise ArgumentError("max_tokens must be at least 1")
-        dec, L = self.decoder, self.decoder._L
-        t0 = time.perf_counter()
-        text = render(self.chat_template, messages, add_generation_prompt=True, **self.special_tokens)
-        ids = self.tokenize(text)
-        keys = ids.tolist()
-        reuse = min(dec.common_prefix(keys), len(keys) - 1)
-        dec.trim(reuse)
-        t = time.perf_counter()
-        dec.eval_tokens(ids[reuse:], keys[reuse:])
-        stages = {"prefill": time.perf_counter() - t}
-        sampler = make_sampler(temperature, top_k, top_p, 1.0, seed)
-        generated: list[int] = []
-        out = b""
-        t_first = 0.0
-        while True:
-            tok = sampler(dec.logits(), generated)
-            generated.append(tok)
-            now = time.perf_counter()
-            if len(generated) == 1:
-                ttft, t_first = now - t0, now
-                rss = peak_rss_bytes()
-            finish = "stop" if L.llama_vocab_is_eog(dec.vocab, tok) else None
-            if finish is None and (len(generated) >= max_tokens or len(dec.keys) + 1 >= dec.n_ctx):
-                finish = "length"
-            piece = b"" if finish == "stop" else self._piece(tok)
-            before = out.decode("utf-8", errors="ignore")
-            out += piece
-            n = len(generated)
-            yield Response(text=out.decode("utf-8", errors="ignore")[len(before):], token=tok, finish_reason=finish,
-                           ttft_s=ttft, stages=dict(stages), prompt_tokens=len(ids), prefilled_tokens=len(ids) - reuse,
-                           prompt_tps=(len(ids) - reuse) / max(stages["prefill"], 1e-9), generated_tokens=n,
-                           decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, backend="gguf",
-                           prefix_cache_hit_tokens=reuse, prefix_cache_source="decoder" if reuse else "",
-                           peak_rss_bytes=rss)
-            if finish:
-                break
-            dec.eval_tokens(np.asarray([tok]), [tok])
-
-    def generate(self, messages: list[dict], **kwargs) -> str:
-        return "".join(r.text for r in self.stream(messages, **kwargs))
