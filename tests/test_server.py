@@ -7,6 +7,8 @@ import http.client
 import io
 import json
 import signal
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -320,6 +322,48 @@ def test_client_disconnect_stops_generation(slow, long_bundle):
     print(f"generation stopped {time.monotonic() - t:.3f} s after the client left; health {after}")
     assert after["timed_out"] == before["timed_out"] and after["completed"] == before["completed"]
     assert after["running"] == 0
+
+
+def test_every_disconnect_is_counted_as_cancelled(serve, long_bundle):
+    """50 clients hang up mid-stream, after their first token (every other one with a TCP reset), and 10 as soon as
+    their request is sent, all at once: /health counts every one as cancelled, none as failed or completed."""
+    url = serve("--bundle", str(long_bundle), "--queue", "64", "--max-tokens", str(LONG))
+    before = health(url)
+    body = json.dumps({"model": "bundle", "messages": ask("go on"), "stream": True, **long_answer(long_bundle)})
+    u = urlparse(url)
+    tokens = []
+
+    def mid_stream(i: int) -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        while not (line := r.readline().decode()).startswith("data: ") or not json.loads(
+                line[6:])["choices"][0]["delta"].get("content"):
+            assert line, "the stream ended before its first token"
+        tokens.append(i)
+        if i % 2:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.sock.close()
+        conn.close()
+
+    def at_once(i: int) -> None:
+        with socket.create_connection((u.hostname, u.port), timeout=120) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+
+    threads = [threading.Thread(target=mid_stream, args=(i,)) for i in range(50)]
+    threads += [threading.Thread(target=at_once, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(tokens) == 50
+    wait_for(lambda: (h := health(url))["cancelled"] - before["cancelled"] >= 60 and h["running"] == h["waiting"] == 0,
+             timeout=300)
+    after = health(url)
+    delta = {k: after[k] - before[k] for k in ("cancelled", "failed", "completed", "timed_out", "rejected")}
+    print("counters after 60 disconnects:", delta)
+    assert delta == {"cancelled": 60, "failed": 0, "completed": 0, "timed_out": 0, "rejected": 0}
 
 
 def wait_for(cond, timeout: float = 10.0) -> None:
