@@ -37,9 +37,10 @@ def parser() -> argparse.ArgumentParser:
                    "its body must have arrived by then too (else 408)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",
                    help="open connections (256); beyond, the one idle longest is closed (503 if none is idle)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
-                   help="a request's headers must arrive within S seconds of the connection opening or of the "
-                        "previous response (10); else 408 and the connection is closed")
+    p.add_argument("--client-timeout", type=float, default=10.0, metavar="S",
+                   help="how long a stalled client is waited for (10): a request's headers must arrive within S "
+                        "seconds of the connection opening or of the previous response (else 408), and a reply the "
+                        "client stops reading for S seconds is cut off")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
                    help=f"largest request body (default {d.max_body_bytes}); beyond: 413")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="N",
@@ -93,15 +94,12 @@ def main(argv=None) -> int:
     from edgevlm.errors import ArgumentError
 
     requires("serve", "server")
-    import uvicorn
-
-    from .connections import H11_MAX_INCOMPLETE, bounded_h11
     from .server import create_app
     for name in ("parallel", "max_body_bytes", "max_image_pixels", "max_images", "max_tokens", "max_connections"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.queue < 0 or args.timeout <= 0 or args.header_timeout <= 0:
-        raise ArgumentError("--queue must be >= 0, --timeout and --header-timeout > 0")
+    if args.queue < 0 or args.timeout <= 0 or args.client_timeout <= 0:
+        raise ArgumentError("--queue must be >= 0, --timeout and --client-timeout > 0")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -128,17 +126,27 @@ def main(argv=None) -> int:
         sock = bind(args.host, args.port)
     except OSError as e:
         raise ArgumentError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    return run(app, sock, model_id, args)
+
+
+def run(app, sock, model_id: str, args) -> int:
+    """Serve `app` on `sock` until Ctrl-C / SIGTERM -> the exit code."""
+    import uvicorn
+
+    from .connections import H11_MAX_INCOMPLETE, bounded_h11
+
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     # Connections are bounded by BoundedH11 (apps/connections.py): a cap that closes idle connections to admit new
-    # ones, a header timeout, a head-size cap. uvicorn's limit_concurrency stays off (it counts idle sockets, so
-    # a few hundred of them locked every client out with 503); work is bounded by the engine's queue (429).
+    # ones, a client timeout (headers, stalled readers), a head-size cap. uvicorn's limit_concurrency stays off:
+    # it counts idle sockets, so a few hundred of them locked every client out with 503. Work is bounded by the
+    # engine's queue (429).
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
                             lifespan="off", server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-                            http=bounded_h11(fit_file_limit(args.max_connections), args.header_timeout),
-                            limit_concurrency=None,
-                            h11_max_incomplete_event_size=H11_MAX_INCOMPLETE)
+                            http=bounded_h11(fit_file_limit(args.max_connections), args.client_timeout),
+                            limit_concurrency=None, h11_max_incomplete_event_size=H11_MAX_INCOMPLETE)
     print(f"edgevlm serve: model {model_id!r} at http://{shown}:{port}/  (API: http://{shown}:{port}/v1)", flush=True)
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):  # Ctrl-C / SIGTERM: stop generating, then close connections
             app.state.engine.stop()

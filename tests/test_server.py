@@ -366,6 +366,34 @@ def test_every_disconnect_is_counted_as_cancelled(serve, long_bundle):
     assert delta == {"cancelled": 60, "failed": 0, "completed": 0, "timed_out": 0, "rejected": 0}
 
 
+def test_a_client_that_stops_reading_is_cut_off(serve, long_bundle):
+    """A client that asks for a long streamed answer and reads none of it: once more than the server's buffers
+    wait for it for --client-timeout, the connection is cut and the generation stops (counted as cancelled). The
+    deadline is far off, so that however slow the machine, the buffers fill first."""
+    url = serve("--bundle", str(long_bundle), "--max-tokens", str(LONG), "--client-timeout", "1", "--timeout", "900")
+    before = health(url)
+    u = urlparse(url)
+    body = json.dumps({"model": "bundle", "messages": ask("go on"), "stream": True, **long_answer(long_bundle)})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's side fills up first
+    s.connect((u.hostname, u.port))
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    wait_for(lambda: health(url)["cancelled"] > before["cancelled"], timeout=900)
+    s.settimeout(60)
+    got = b""
+    try:
+        while chunk := s.recv(1 << 20):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    after = health(url)
+    print(f"cut off after {got.count(b'data: ')} events ({len(got)} bytes) had been buffered; health {after}")
+    assert b"[DONE]" not in got and after["running"] == 0
+    assert after["completed"] == before["completed"] and after["timed_out"] == before["timed_out"]
+
+
 def wait_for(cond, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while not cond():

@@ -45,7 +45,7 @@ def capped(serve):
 @pytest.fixture(scope="module")
 def impatient(serve):
     """Short header and request timeouts, so that their behaviour shows within a test."""
-    return serve("--header-timeout", "1", "--timeout", "4")
+    return serve("--client-timeout", "1", "--timeout", "4")
 
 
 def post(url: str, body: bytes | str, headers: dict | None = None):
@@ -222,7 +222,7 @@ def test_connection_cap_closes_the_longest_idle(capped):
 
 
 def test_header_and_body_timeouts_close_held_connections(impatient):
-    """With --header-timeout 1: idle connections are closed, half-sent heads get 408; a body that stops
+    """With --client-timeout 1: idle connections are closed, half-sent heads get 408; a body that stops
     arriving gets 408 at the request's deadline (--timeout 4). Then a real request is answered."""
     socks = hold(impatient, 40)
     u = urlparse(impatient)
