@@ -1,10 +1,11 @@
 """`edgevlm serve` against hostile clients: deep JSON, disguised media types, huge headers, out-of-range numbers,
-held connections and hostile images. A real server in a subprocess, raw sockets and the official openai client;
-after each assault the server must still answer a real question ("blue")."""
+held connections, hostile images, clients that hang up or stop reading. A real server in a subprocess, raw
+sockets and the official openai client; after each assault the server must still answer a real question."""
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import random
 import re
@@ -12,6 +13,7 @@ import selectors
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +21,8 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
-from test_server import ASSETS, STAR, ask, data_url, health, raw
+from conftest import LONG, long_answer
+from test_server import ASSETS, STAR, ask, data_url, health, raw, wait_for
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus"))
 import make_images  # noqa: E402
@@ -280,3 +283,73 @@ def test_hostile_images_get_4xx_and_the_server_answers_after(default):
             assert status == 413 and re.search(r"\d+x\d+", name)[0] + " pixels" in message, name
     assert default.proc.poll() is None
     answers_blue(default)
+
+
+def test_every_disconnect_is_counted_as_cancelled(serve, long_bundle):
+    """50 clients hang up mid-stream, after their first token (every other one with a TCP reset), and 10 as soon as
+    their request is sent, all at once: /health counts every one as cancelled, none as failed or completed."""
+    url = serve("--bundle", str(long_bundle), "--queue", "64", "--max-tokens", str(LONG))
+    before = health(url)
+    body = json.dumps({"model": "bundle", "messages": ask("go on"), "stream": True, **long_answer(long_bundle)})
+    u = urlparse(url)
+    tokens = []
+
+    def mid_stream(i: int) -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        while not (line := r.readline().decode()).startswith("data: ") or not json.loads(
+                line[6:])["choices"][0]["delta"].get("content"):
+            assert line, "the stream ended before its first token"
+        tokens.append(i)
+        if i % 2:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.sock.close()
+        conn.close()
+
+    def at_once(i: int) -> None:
+        with socket.create_connection((u.hostname, u.port), timeout=120) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+
+    threads = [threading.Thread(target=mid_stream, args=(i,)) for i in range(50)]
+    threads += [threading.Thread(target=at_once, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(tokens) == 50
+    wait_for(lambda: (h := health(url))["cancelled"] - before["cancelled"] >= 60 and h["running"] == h["waiting"] == 0,
+             timeout=300)
+    after = health(url)
+    delta = {k: after[k] - before[k] for k in ("cancelled", "failed", "completed", "timed_out", "rejected")}
+    print("counters after 60 disconnects:", delta)
+    assert delta == {"cancelled": 60, "failed": 0, "completed": 0, "timed_out": 0, "rejected": 0}
+
+
+def test_a_client_that_stops_reading_is_cut_off(serve, long_bundle):
+    """A client that asks for a long streamed answer and reads none of it: once more than the server's buffers
+    wait for it for --client-timeout, the connection is cut and the generation stops (counted as cancelled). The
+    deadline is far off, so that however slow the machine, the buffers fill first."""
+    url = serve("--bundle", str(long_bundle), "--max-tokens", str(LONG), "--client-timeout", "1", "--timeout", "900")
+    before = health(url)
+    u = urlparse(url)
+    body = json.dumps({"model": "bundle", "messages": ask("go on"), "stream": True, **long_answer(long_bundle)})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's side fills up first
+    s.connect((u.hostname, u.port))
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    wait_for(lambda: health(url)["cancelled"] > before["cancelled"], timeout=900)
+    s.settimeout(60)
+    got = b""
+    try:
+        while chunk := s.recv(1 << 20):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    after = health(url)
+    print(f"cut off after {got.count(b'data: ')} events ({len(got)} bytes) had been buffered; health {after}")
+    assert b"[DONE]" not in got and after["running"] == 0
+    assert after["completed"] == before["completed"] and after["timed_out"] == before["timed_out"]
