@@ -103,20 +103,44 @@ async def next_event(events: asyncio.Queue, deadline: float, stop: Stop):
         return "error", ApiError(504, "the request ran past its deadline", type="server_error", code="timeout")
 
 
-async def read_body(request: Request, limit: int, deadline: float) -> bytes:
-    """The body, refused with 413 past `limit` bytes (by Content-Length, or by counting a chunked body) and with
-    408 when it has not all arrived by the deadline (a body sent a byte at a time would hold the request)."""
+class BodyBudget:
+    """The bytes of request bodies being read or parsed, across all requests, at most `limit`: what a burst of
+    large bodies can take before the queue admits or refuses their requests (each is capped on its own, but
+    --max-connections of them at once would not be). Past it: 503, retry."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise ApiError(503, f"the server holds {self.limit} bytes of request bodies already; retry later",
+                           type="server_busy", code="server_busy", headers={"retry-after": "1", "connection": "close"})
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+async def read_body(request: Request, limit: int, deadline: float, budget: BodyBudget) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by Content-Length, or by counting a chunked body), with 408
+    when it has not all arrived by the deadline (a body sent a byte at a time would hold the request), and with
+    503 while the budget of all bodies in flight is spent. The caller gives its len() back to the budget."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
 
     async def read() -> bytes:
         parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
-            parts.append(part)
+        try:
+            async for part in request.stream():
+                if size + len(part) > limit:
+                    raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+                budget.take(len(part))
+                parts.append(part)
+                size += len(part)
+        except BaseException:  # refused, timed out or gone: its bytes are dropped here
+            budget.release(size)
+            raise
         return b"".join(parts)
 
     try:
@@ -131,6 +155,7 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
                allow_hosts: tuple[str, ...] = ()):
     """The ASGI application: routes, error handlers and the Guard (Host, Origin/CORS, API key, headers)."""
     engine = Engine(vlm, parallel=parallel, queue=queue, timeout=timeout)
+    budget = BodyBudget(4 * limits.max_body_bytes)  # four of the largest bodies at once
     default_max_tokens = vlm.manifest.generation.max_new_tokens
     vocab = int(vlm.manifest.components["decoder"].outputs["logits"][-1])  # bounds logit_bias ids and top_k
     web = resources.files("edgevlm.apps") / "web"
@@ -143,12 +168,15 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
                                 "parameter accepted)", code="unsupported_media_type")
         deadline = time.monotonic() + timeout
         try:
-            body = await read_body(request, limits.max_body_bytes, deadline)
+            body = await read_body(request, limits.max_body_bytes, deadline, budget)
         except ClientDisconnect:
             engine.count("cancelled")  # it left before its question was even read
             raise
-        req = await asyncio.get_running_loop().run_in_executor(None, parse_request, body, limits,
-                                                               default_max_tokens, vocab)
+        try:
+            req = await asyncio.get_running_loop().run_in_executor(None, parse_request, body, limits,
+                                                                   default_max_tokens, vocab)
+        finally:
+            budget.release(len(body))
         stop, gone, events = Stop(), asyncio.Event(), asyncio.Queue()
 
         async def watch():  # the body is read: the next message is http.disconnect, whenever the client leaves
@@ -185,7 +213,7 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
         caches = await asyncio.get_running_loop().run_in_executor(None, vlm.caches.stats)  # may list the disk tier
         return JSONResponse({"status": "ok", "model": model_id, "running": engine.active, "waiting": engine.waiting,
                              "parallel": parallel, "queue": queue, **engine.counts, "auth": api_key is not None,
-                             "caches": caches})
+                             "body_bytes": budget.used, "caches": caches})
 
     def static(name: str):
         async def page(request: Request):

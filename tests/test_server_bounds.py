@@ -42,7 +42,8 @@ def default(serve):
 
 @pytest.fixture(scope="module")
 def capped(serve):
-    return serve("--max-connections", "64")
+    """64 connections, 1 MB bodies (so 4 MB of bodies in flight at most)."""
+    return serve("--max-connections", "64", "--max-body-bytes", "1000000")
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,26 @@ def test_connection_cap_closes_the_longest_idle(capped):
     finally:
         for s in socks:
             s.close()
+
+
+def test_bodies_in_flight_are_capped_together(capped):
+    """Each body is capped (1 MB here) and so is their sum while they are read or parsed (4 MB): four bodies held
+    one byte short of complete fill it, a fifth gets 503; once they are gone the server answers again."""
+    u = urlparse(capped)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000000\r\n\r\n").encode()
+    held = [socket.create_connection((u.hostname, u.port), timeout=60) for _ in range(4)]
+    try:
+        for s in held:
+            s.sendall(head + b" " * 999_999)
+        wait_for(lambda: health(capped)["body_bytes"] == 4 * 999_999, timeout=60)
+        status, hdrs, data = post(capped, b" " * 999_999)
+        assert status == 503 and data["error"]["code"] == "server_busy" and hdrs["retry-after"] == "1"
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: health(capped)["body_bytes"] == 0, timeout=60)
+    answers_blue(capped)
 
 
 def test_header_and_body_timeouts_close_held_connections(impatient):
