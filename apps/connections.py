@@ -53,7 +53,7 @@ class BoundedH11(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
-        if self._head_timer is not None:  # waiting for a head: these bytes are (the start of) one
+        if self._head_timer is not None and self.conn.their_state is h11.IDLE:  # (the start of) a head
             self._head_bytes += len(data)
         super().data_received(data)  # a complete head stops the timer (handle_events)
         if self._head_timer is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():

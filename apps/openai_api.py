@@ -12,7 +12,6 @@ import binascii
 import io
 import re
 import struct
-import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -266,10 +265,8 @@ def header_size(data: bytes) -> tuple[int, int]:
         if not result or isinstance(result, str):  # a str says why not (a codec missing)
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with factory(io.BytesIO(data), None) as im:
-                    return im.size
+            with factory(io.BytesIO(data), None) as im:
+                return im.size
         except (SyntaxError, IndexError, TypeError, struct.error):
             continue  # as Image.open: not this format, try the next
     raise ValueError("not an image of an accepted format")

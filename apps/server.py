@@ -150,17 +150,11 @@ async def read_body(request: Request, limit: int, deadline: float, budget: BodyB
                        headers={"connection": "close"}) from None
 
 
-def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1, queue: int = 16,
-               timeout: float = 120.0, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
-               allow_hosts: tuple[str, ...] = ()):
-    """The ASGI application: routes, error handlers and the Guard (Host, Origin/CORS, API key, headers)."""
-    engine = Engine(vlm, parallel=parallel, queue=queue, timeout=timeout)
-    budget = BodyBudget(4 * limits.max_body_bytes)  # four of the largest bodies at once
-    default_max_tokens = vlm.manifest.generation.max_new_tokens
-    vocab = int(vlm.manifest.components["decoder"].outputs["logits"][-1])  # bounds logit_bias ids and top_k
-    web = resources.files("edgevlm.apps") / "web"
-    pages = {name: (web / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
-    types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css"}
+def completions_route(engine: Engine, budget: BodyBudget, limits: Limits, model_id: str, timeout: float, manifest):
+    """POST /v1/chat/completions: media type, body, parse (every bound checked), queue, then the answer streamed
+    or collected; the client's disconnect stops the worker."""
+    default_max_tokens = manifest.generation.max_new_tokens
+    vocab = int(manifest.components["decoder"].outputs["logits"][-1])  # bounds logit_bias ids and top_k
 
     async def completions(request: Request):
         if not is_json_media_type(request.headers.get("content-type")):
@@ -204,6 +198,21 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
             return await collect(first, events, stop, deadline, model_id)
         finally:
             watcher.cancel()
+
+    return completions
+
+
+def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1, queue: int = 16,
+               timeout: float = 120.0, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
+               allow_hosts: tuple[str, ...] = ()):
+    """The ASGI application: routes, error handlers and the Guard (Host, Origin/CORS, API key, headers)."""
+    engine = Engine(vlm, parallel=parallel, queue=queue, timeout=timeout)
+    budget = BodyBudget(4 * limits.max_body_bytes)  # four of the largest bodies at once
+    web = resources.files("edgevlm.apps") / "web"
+    pages = {name: (web / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
+    types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css"}
+
+    completions = completions_route(engine, budget, limits, model_id, timeout, vlm.manifest)
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
