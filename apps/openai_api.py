@@ -1,8 +1,8 @@
 """The OpenAI chat-completions wire format: a request body -> a checked ChatRequest; OpenAI-style errors.
 
 Only `data:` image URLs are accepted (the server never fetches anything). Every limit is checked here, before
-any pixel is decoded: body size by the caller, JSON depth and numbers (apps/body.py), then every number the
-runtime computes with, image count, image bytes and the size and shape from the image header.
+any pixel is decoded: body size by the caller, JSON depth (apps/body.py), then every number the runtime
+computes with (a 400 naming the field), image count, image bytes and the size and shape from the image header.
 """
 
 from __future__ import annotations
