@@ -5,6 +5,8 @@
 - A request carrying an Origin must be same-origin or an --allow-origin origin; only those get CORS headers.
   (JSON POSTs need a preflight, which only allowed origins pass: other pages cannot even start a generation.)
 - With --api-key, /v1/* needs `Authorization: Bearer KEY`, compared in constant time.
+- A request head over MAX_HEAD_BYTES or with more than MAX_HEADERS fields is refused with 431 (a head that never
+  completes is cut off at the same size by apps/connections.py).
 - Every response carries nosniff / no-referrer; the page also a strict Content-Security-Policy.
 """
 
@@ -16,6 +18,8 @@ import ipaddress
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 
+MAX_HEAD_BYTES = 32 << 10  # request line + headers; nginx allows 32 KB, Node 16 KB; loopback cookies add up
+MAX_HEADERS = 100  # Apache's LimitRequestFields
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -41,6 +45,12 @@ def is_loopback(name: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def head_bytes(scope) -> int:
+    """The size of the request line and headers as they came on the wire (give or take the separators)."""
+    return (len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+            + sum(len(k) + len(v) + 4 for k, v in scope["headers"]))
 
 
 def security_headers(path: str) -> list[tuple[bytes, bytes]]:
@@ -87,6 +97,9 @@ class Guard:
 
     def check(self, scope, extra: list) -> Response | None:
         """None if the request may go on (adding CORS headers to `extra`), else the refusal to send."""
+        if len(scope["headers"]) > MAX_HEADERS or head_bytes(scope) > MAX_HEAD_BYTES:
+            return error(431, f"the request headers exceed {MAX_HEADERS} fields or {MAX_HEAD_BYTES} bytes",
+                         "headers_too_large", headers={"connection": "close"})
         headers = Headers(scope=scope)
         host = headers.get("host", "")
         name = host_name(host)

@@ -1,8 +1,8 @@
 """The OpenAI chat-completions wire format: a request body -> a checked ChatRequest; OpenAI-style errors.
 
 Only `data:` image URLs are accepted (the server never fetches anything). Every limit is checked here, before
-any pixel is decoded: body size by the caller, then image count, image bytes and the pixel count from the
-image header.
+any pixel is decoded: body size by the caller, JSON depth (apps/body.py), then every number the runtime
+computes with (a 400 naming the field), image count, image bytes and the size and shape from the image header.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
-import warnings
+import struct
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from edgevlm.image import ACCEPTED_FORMATS
+from edgevlm.image import ACCEPTED_FORMATS, MAX_SIDE_RATIO
+
+from .body import BodyError, load_json
 
 
 class ApiError(Exception):
@@ -61,11 +62,13 @@ class ChatRequest:
 DATA_URL = re.compile(r"data:image/([a-z0-9.+-]+);base64,(.*)", re.S | re.I)
 
 
-def parse_request(body: bytes, limits: Limits, default_max_tokens: int) -> ChatRequest:
+def parse_request(body: bytes, limits: Limits, default_max_tokens: int, vocab: int) -> ChatRequest:
+    """A request body -> a ChatRequest whose every field the runtime can take (vocab: the model's vocabulary
+    size, which bounds logit_bias and top_k); ApiError (4xx) otherwise."""
     try:
-        req = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        req = load_json(body)
+    except BodyError as e:
+        raise ApiError(400, str(e), code="invalid_json") from None
     if not isinstance(req, dict):
         raise ApiError(400, "the request body must be a JSON object")
     if not isinstance(req.get("model", ""), str):
@@ -84,7 +87,7 @@ def parse_request(body: bytes, limits: Limits, default_max_tokens: int) -> ChatR
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     return ChatRequest(system, history, turn, stream=stream, include_usage=bool(opts.get("include_usage")),
-                       sampling=_sampling(req, limits, default_max_tokens))
+                       sampling=_sampling(req, limits, default_max_tokens, vocab))
 
 
 def _typed(req: dict, name: str, kind, default):
@@ -100,40 +103,64 @@ def _typed(req: dict, name: str, kind, default):
     return v
 
 
-def _sampling(req: dict, limits: Limits, default_max_tokens: int) -> dict:
-    max_tokens = _typed(req, "max_completion_tokens", int, None)
-    max_tokens = _typed(req, "max_tokens", int, max_tokens)
+MIN_TEMPERATURE = 1e-6  # below it, logits / temperature can overflow to inf in the sampler; 0 is greedy
+MAX_SEED = 2**63 - 1
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
+def _number(req: dict, name: str, default, lo, hi, integer: bool = False, what: str | None = None):
+    """req[name] (default when absent): a number in [lo, hi], an integer with integer=True; 400 naming the
+    field otherwise. The range is checked before any conversion: Python compares a 400-digit integer with a
+    float exactly, where float() would raise."""
+    v = req.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not lo <= v <= hi:
+        what = what or f"{'an integer' if integer else 'a number'} between {lo} and {hi}"
+        raise ApiError(400, f"{name} must be {what}", param=name)
+    return v
+
+
+def _sampling(req: dict, limits: Limits, default_max_tokens: int, vocab: int) -> dict:
+    cap = limits.max_tokens
+    max_tokens = _number(req, "max_completion_tokens", None, 1, cap, integer=True)
+    max_tokens = _number(req, "max_tokens", max_tokens, 1, cap, integer=True)
     if max_tokens is None:
-        max_tokens = min(default_max_tokens, limits.max_tokens)
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}", param="max_tokens")
-    temperature = float(_typed(req, "temperature", float, 0.0))
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, "temperature must be between 0 and 2", param="temperature")
-    top_p = float(_typed(req, "top_p", float, 1.0))
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(400, "top_p must be in (0, 1]", param="top_p")
-    top_k = _typed(req, "top_k", int, 0)
-    if top_k < 0:
-        raise ApiError(400, "top_k must be >= 0", param="top_k")
-    seed = _typed(req, "seed", int, None)
+        max_tokens = min(default_max_tokens, cap)
+    temperature = float(_number(req, "temperature", 0.0, 0, 2))
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ApiError(400, f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and 2", param="temperature")
+    top_p = float(_number(req, "top_p", 1.0, 0, 1, what="a number in (0, 1]"))
+    if top_p == 0:
+        raise ApiError(400, "top_p must be a number in (0, 1]", param="top_p")
+    top_k = _number(req, "top_k", 0, 0, vocab, integer=True,
+                    what=f"an integer between 0 (off) and {vocab} (the vocabulary size)")
+    seed = _number(req, "seed", None, 0, MAX_SEED, integer=True)
     stop = req.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
         raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-    bias = _typed(req, "logit_bias", dict, None)
-    if bias is not None:  # OpenAI's form: {"token id": number in [-100, 100]}
-        try:
-            bias = {int(k): v for k, v in bias.items()}
-        except ValueError:
-            raise ApiError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-        if len(bias) > 300 or not all(k >= 0 and isinstance(v, (int, float)) and not isinstance(v, bool)
-                                      and -100 <= v <= 100 for k, v in bias.items()):
-            raise ApiError(400, "logit_bias maps up to 300 token ids to numbers in [-100, 100]", param="logit_bias")
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                logit_bias=bias)
+                logit_bias=_logit_bias(req.get("logit_bias"), vocab))
+
+
+def _logit_bias(bias, vocab: int) -> dict[int, float] | None:
+    """OpenAI's form, {"token id": a number in [-100, 100]}, up to 300 entries, every id below `vocab`."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > 300:
+        raise ApiError(400, "logit_bias must map up to 300 token ids to numbers", param="logit_bias")
+    out = {}
+    for k, v in bias.items():
+        if not TOKEN_ID.fullmatch(k) or int(k) >= vocab:
+            raise ApiError(400, f"logit_bias keys must be token ids below {vocab} (the vocabulary size), "
+                                f"not {k[:20]!r}", param="logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise ApiError(400, f"logit_bias values must be numbers in [-100, 100] (token {k})", param="logit_bias")
+        out[int(k)] = float(v)
+    return out
 
 
 def _conversation(messages, limits: Limits) -> tuple[str | None, list[Turn], Turn]:
@@ -211,17 +238,35 @@ def _data_url(url, where: str) -> bytes:
 
 
 def _check_pixels(data: bytes, max_pixels: int) -> None:
-    """Read the size from the image header (nothing decoded) and refuse large images before the runtime sees them."""
+    """Read the size from the image header (nothing decoded) and refuse large or strip-shaped images before the
+    runtime sees them."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
-                w, h = im.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        w, h = max_pixels + 1, 1
+        w, h = header_size(data)
     except Exception:
         raise ApiError(400, f"an image is not of an accepted format ({', '.join(ACCEPTED_FORMATS)}) or is corrupt",
                        code="invalid_image") from None
     if w * h > max_pixels:
         raise ApiError(413, f"an image has {w}x{h} pixels; this server accepts at most {max_pixels} pixels per image",
                        type="invalid_request_error", code="image_too_large")
+    if w < 1 or h < 1 or max(w, h) > MAX_SIDE_RATIO * min(w, h):
+        raise ApiError(400, f"an image is {w}x{h} pixels; its sides may differ by at most {MAX_SIDE_RATIO}:1",
+                       code="invalid_image")
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as the image header declares them, for the accepted formats only; nothing is decoded.
+    This is Image.open's own format loop without its decompression-bomb check, which raises on a large image
+    without saying its size (the size is all we read here)."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in ACCEPTED_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        result = not accept or accept(prefix)
+        if not result or isinstance(result, str):  # a str says why not (a codec missing)
+            continue
+        try:
+            with factory(io.BytesIO(data), None) as im:
+                return im.size
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # as Image.open: not this format, try the next
+    raise ValueError("not an image of an accepted format")

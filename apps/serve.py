@@ -33,7 +33,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="requests generating at once (default 1: ONNX Runtime already uses every core)")
     p.add_argument("--queue", type=int, default=16, metavar="N", help="requests allowed to wait; beyond: 429 (16)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="deadline per request, seconds (120)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="deadline per request, seconds (120); "
+                   "its body must have arrived by then too (else 408)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="open connections (256); beyond, the one idle longest is closed (503 if none is idle)")
+    p.add_argument("--client-timeout", type=float, default=10.0, metavar="S",
+                   help="how long a stalled client is waited for (10): a request's headers must arrive within S "
+                        "seconds of the connection opening or of the previous response (else 408), and a reply the "
+                        "client stops reading for S seconds is cut off")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
                    help=f"largest request body (default {d.max_body_bytes}); beyond: 413")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="N",
@@ -55,9 +62,30 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(128)
+    sock.listen(1024)  # connections that arrive in a burst wait here, not in SYN retries
     sock.set_inheritable(True)
     return sock
+
+
+def fit_file_limit(max_connections: int, spare: int = 128) -> int:
+    """Each connection holds a file descriptor. Raise the soft limit to fit max_connections plus `spare` (the
+    bundle's files, the listening socket, pipes) where the hard limit allows, else fit the connections to it:
+    an accept() past the limit makes asyncio stop accepting anyone for a second. -> the connections that fit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + spare
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return max_connections
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return max_connections
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fit = max(1, hard - spare)
+    print(f"warning: the open-file limit ({hard}) allows {fit} connections, not {max_connections}", file=sys.stderr)
+    return fit
 
 
 @one_line_errors
@@ -66,14 +94,12 @@ def main(argv=None) -> int:
     from edgevlm.errors import ArgumentError
 
     requires("serve", "server")
-    import uvicorn
-
     from .server import create_app
-    for name in ("parallel", "max_body_bytes", "max_image_pixels", "max_images", "max_tokens"):
+    for name in ("parallel", "max_body_bytes", "max_image_pixels", "max_images", "max_tokens", "max_connections"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.queue < 0 or args.timeout <= 0:
-        raise ArgumentError("--queue must be >= 0 and --timeout > 0")
+    if args.queue < 0 or args.timeout <= 0 or args.client_timeout <= 0:
+        raise ArgumentError("--queue must be >= 0, --timeout and --client-timeout > 0")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -100,12 +126,27 @@ def main(argv=None) -> int:
         sock = bind(args.host, args.port)
     except OSError as e:
         raise ArgumentError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    return run(app, sock, model_id, args)
+
+
+def run(app, sock, model_id: str, args) -> int:
+    """Serve `app` on `sock` until Ctrl-C / SIGTERM -> the exit code."""
+    import uvicorn
+
+    from .connections import H11_MAX_INCOMPLETE, bounded_h11
+
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    # Connections are bounded by BoundedH11 (apps/connections.py): a cap that closes idle connections to admit new
+    # ones, a client timeout (headers, stalled readers), a head-size cap. uvicorn's limit_concurrency stays off:
+    # it counts idle sockets, so a few hundred of them locked every client out with 503. Work is bounded by the
+    # engine's queue (429).
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
                             lifespan="off", server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-                            limit_concurrency=args.parallel + args.queue + 64, h11_max_incomplete_event_size=64 << 10)
+                            http=bounded_h11(fit_file_limit(args.max_connections), args.client_timeout),
+                            limit_concurrency=None, h11_max_incomplete_event_size=H11_MAX_INCOMPLETE)
     print(f"edgevlm serve: model {model_id!r} at http://{shown}:{port}/  (API: http://{shown}:{port}/v1)", flush=True)
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):  # Ctrl-C / SIGTERM: stop generating, then close connections
             app.state.engine.stop()

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP server (Starlette on uvicorn) around one loaded VLM.
 
-Generation is synchronous ONNX Runtime work: each request runs in a worker thread (at most `parallel` at once,
-`queue` more waiting, the rest get 429). The thread hands one Response per token to the event loop; a client
-that disconnects or a request past its deadline sets a flag the thread checks between tokens, so generation
-stops. The VLM (and its image / prefix caches) is shared by every request.
+Requests run on apps/engine.py's worker threads; a client that disconnects or a request past its deadline sets
+the request's Stop, which the worker reads between tokens, so generation stops. The VLM (and its image /
+prefix caches) is shared by every request. Connections are bounded in apps/connections.py, headers in
+apps/guard.py, bodies here and in apps/body.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import asyncio
 import dataclasses
 import json
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -24,10 +22,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgevlm.errors import ArgumentError, ContextOverflowError, EdgeVLMError, ImageError, TemplateError
-
+from .body import is_json_media_type
+from .engine import Engine, Stop
 from .guard import Guard
-from .openai_api import ApiError, ChatRequest, Limits, parse_request
+from .openai_api import ApiError, Limits, parse_request
 
 log = logging.getLogger("edgevlm.serve")
 
@@ -42,132 +40,6 @@ def stats(r) -> dict:
     return {**{k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}, "warm": r.warm}
 
 
-class Engine:
-    """Runs requests on worker threads with a concurrency limit and a bounded queue; keeps counters."""
-
-    def __init__(self, vlm, parallel: int = 1, queue: int = 16, timeout: float = 120.0):
-        self.vlm, self.parallel, self.queue_size, self.timeout = vlm, parallel, queue, timeout
-        self.pool = ThreadPoolExecutor(parallel, thread_name_prefix="edgevlm-gen")
-        self.slots: asyncio.Semaphore | None = None  # made on the server's loop
-        self.waiting = self.active = 0
-        self.counts = dict(completed=0, cancelled=0, timed_out=0, rejected=0, failed=0)
-        self._lock = threading.Lock()  # counts are bumped from worker threads too
-        self.live: set[threading.Event] = set()  # cancel flags of running requests (stop() sets them)
-        self.stopping = False
-
-    async def acquire(self, gone: asyncio.Event, deadline: float) -> None:
-        """Wait for a worker slot: 429 when the queue is full, 503 when the deadline passes while waiting."""
-        if self.slots is None:
-            self.slots = asyncio.Semaphore(self.parallel)
-        if self.slots.locked() and self.waiting >= self.queue_size:
-            self.counts["rejected"] += 1
-            raise ApiError(429, f"the server is busy ({self.parallel} running, {self.waiting} waiting); retry later",
-                           type="server_busy", code="queue_full", headers={"retry-after": "1"})
-        self.waiting += 1
-        take, leave = asyncio.ensure_future(self.slots.acquire()), asyncio.ensure_future(gone.wait())
-        try:
-            await asyncio.wait({take, leave}, timeout=max(0.0, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self.waiting -= 1
-            leave.cancel()
-            if not take.done():
-                take.cancel()
-        if take.done() and not take.cancelled():
-            if not gone.is_set():
-                return
-            self.slots.release()
-        if gone.is_set():
-            self.counts["cancelled"] += 1
-            raise ClientDisconnect()
-        self.counts["timed_out"] += 1
-        raise ApiError(503, f"the request waited {self.timeout:g} s for a free worker", type="server_busy",
-                       code="timeout")
-
-    def start(self, req: ChatRequest, cancel: threading.Event, deadline: float, events: asyncio.Queue) -> None:
-        """Run the request on a worker thread (the caller holds a slot; it is released when the thread ends)."""
-        loop = asyncio.get_running_loop()
-
-        def emit(item):
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        self.active += 1
-        self.live.add(cancel)
-        fut = loop.run_in_executor(self.pool, self._run, req, cancel, deadline, emit)
-        fut.add_done_callback(lambda _: self._release(cancel))
-
-    def _release(self, cancel: threading.Event) -> None:
-        self.active -= 1
-        self.live.discard(cancel)
-        self.slots.release()
-
-    def stop(self) -> None:
-        """Server shutdown: running generations stop at their next token; queued work is dropped."""
-        self.stopping = True
-        for cancel in list(self.live):
-            cancel.set()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    def _run(self, req: ChatRequest, cancel: threading.Event, deadline: float, emit) -> None:
-        outcome, last = "failed", None  # last: the final event, sent after the counters are updated
-        chat = None
-        try:
-            chat = self.vlm.chat(system=req.system)
-            for t in req.history:
-                chat.add_turn(t.text, t.answer, image=t.image)
-            gen = chat.stream(req.turn.text, image=req.turn.image, **req.sampling)
-            try:
-                for r in gen:
-                    if r.finish_reason:
-                        outcome, last = "completed", ("token", r)
-                        break
-                    emit(("token", r))
-                    if cancel.is_set():
-                        outcome, last = "cancelled", ("done", None)
-                        if self.stopping:
-                            last = ("error", ApiError(503, "the server is shutting down", type="server_error",
-                                                      code="shutting_down"))
-                        break
-                    if time.monotonic() > deadline:
-                        outcome, last = "timed_out", ("error", ApiError(
-                            504, f"the request ran past its deadline of {self.timeout:g} s", type="server_error",
-                            code="timeout"))
-                        break
-            finally:
-                gen.close()
-        except EdgeVLMError as e:
-            last = ("error", runtime_error(e))
-        except Exception:
-            log.exception("generation failed")
-            last = ("error", ApiError(500, "the model failed on this request", type="server_error"))
-        finally:
-            with self._lock:
-                self.counts[outcome] += 1
-            if last is not None:
-                emit(last)
-            emit(("done", None))
-            if outcome == "completed":  # the reply is out; the slot is held a few ms longer
-                self._prepare_next_turn(chat)
-
-    def _prepare_next_turn(self, chat) -> None:
-        """A client that continues the conversation sends it all again plus its next message: prefill the
-        turn separator and user header now and offer the KV to the prefix cache, so that request prefills only
-        the new message (what `edgevlm chat` gets from chat.prepare() between turns)."""
-        try:
-            chat.prepare(share=True)
-        except Exception:  # an optimisation: never the request's failure
-            log.exception("preparing the next turn failed")
-
-
-def runtime_error(e: EdgeVLMError) -> ApiError:
-    if isinstance(e, ContextOverflowError):
-        return ApiError(400, str(e), code="context_length_exceeded", param="messages")
-    if isinstance(e, (ImageError, ArgumentError, TemplateError)):
-        return ApiError(400, str(e), code="invalid_image" if isinstance(e, ImageError) else None)
-    log.error("runtime error: %s", e)
-    return ApiError(500, "the model failed on this request", type="server_error")
-
-
 def chunk(cid: str, created: int, model: str, delta: dict, finish=None, **extra) -> bytes:
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
@@ -177,9 +49,9 @@ def chunk(cid: str, created: int, model: str, delta: dict, finish=None, **extra)
 class EventStream:
     """A text/event-stream response fed from the worker's event queue; stops the worker if the client leaves."""
 
-    def __init__(self, first, events: asyncio.Queue, cancel: threading.Event, deadline: float, model: str,
+    def __init__(self, first, events: asyncio.Queue, stop: Stop, deadline: float, model: str,
                  include_usage: bool, on_close):
-        self.first, self.events, self.cancel, self.deadline = first, events, cancel, deadline
+        self.first, self.events, self.stop, self.deadline = first, events, stop, deadline
         self.model, self.include_usage, self.on_close = model, include_usage, on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -209,12 +81,12 @@ class EventStream:
                     break
                 elif kind in ("done", "gone"):
                     break
-                kind, item = await next_event(self.events, self.deadline, self.cancel)
+                kind, item = await next_event(self.events, self.deadline, self.stop)
             if kind == "done":
                 await send_body(send, b"data: [DONE]\n\n")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client went away mid-write
-            self.cancel.set()
+            self.stop.set("client")
         finally:
             self.on_close()
 
@@ -223,59 +95,96 @@ async def send_body(send, data: bytes) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
-async def next_event(events: asyncio.Queue, deadline: float, cancel: threading.Event):
+async def next_event(events: asyncio.Queue, deadline: float, stop: Stop):
     try:
         return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()) + 1.0)
     except asyncio.TimeoutError:  # the worker checks the deadline between tokens; this covers a stuck step
-        cancel.set()
+        stop.set("deadline")
         return "error", ApiError(504, "the request ran past its deadline", type="server_error", code="timeout")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes (by Content-Length, or by counting a chunked body)."""
+class BodyBudget:
+    """The bytes of request bodies being read or parsed, across all requests, at most `limit`: what a burst of
+    large bodies can take before the queue admits or refuses their requests (each is capped on its own, but
+    --max-connections of them at once would not be). Past it: 503, retry."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise ApiError(503, f"the server holds {self.limit} bytes of request bodies already; retry later",
+                           type="server_busy", code="server_busy", headers={"retry-after": "1", "connection": "close"})
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+async def read_body(request: Request, limit: int, deadline: float, budget: BodyBudget) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by Content-Length, or by counting a chunked body), with 408
+    when it has not all arrived by the deadline (a body sent a byte at a time would hold the request), and with
+    503 while the budget of all bodies in flight is spent. The caller gives its len() back to the budget."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
-        parts.append(part)
-    return b"".join(parts)
+
+    async def read() -> bytes:
+        parts, size = [], 0
+        try:
+            async for part in request.stream():
+                if size + len(part) > limit:
+                    raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+                budget.take(len(part))
+                parts.append(part)
+                size += len(part)
+        except BaseException:  # refused, timed out or gone: its bytes are dropped here
+            budget.release(size)
+            raise
+        return b"".join(parts)
+
+    try:
+        return await asyncio.wait_for(read(), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise ApiError(408, "the request body did not arrive in time", code="request_timeout",
+                       headers={"connection": "close"}) from None
 
 
-def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1, queue: int = 16,
-               timeout: float = 120.0, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
-               allow_hosts: tuple[str, ...] = ()):
-    """The ASGI application: routes, error handlers and the Guard (Host, Origin/CORS, API key, headers)."""
-    engine = Engine(vlm, parallel=parallel, queue=queue, timeout=timeout)
-    default_max_tokens = vlm.manifest.generation.max_new_tokens
-    web = resources.files("edgevlm.apps") / "web"
-    pages = {name: (web / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
-    types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css"}
+def completions_route(engine: Engine, budget: BodyBudget, limits: Limits, model_id: str, timeout: float, manifest):
+    """POST /v1/chat/completions: media type, body, parse (every bound checked), queue, then the answer streamed
+    or collected; the client's disconnect stops the worker."""
+    default_max_tokens = manifest.generation.max_new_tokens
+    vocab = int(manifest.components["decoder"].outputs["logits"][-1])  # bounds logit_bias ids and top_k
 
     async def completions(request: Request):
-        if "application/json" not in request.headers.get("content-type", ""):
-            raise ApiError(415, "send the request as Content-Type: application/json", code="unsupported_media_type")
-        body = await read_body(request, limits.max_body_bytes)
-        loop = asyncio.get_running_loop()
-        req = await loop.run_in_executor(None, parse_request, body, limits, default_max_tokens)
+        if not is_json_media_type(request.headers.get("content-type")):
+            raise ApiError(415, "send the request as Content-Type: application/json (charset=utf-8 is the only "
+                                "parameter accepted)", code="unsupported_media_type")
         deadline = time.monotonic() + timeout
-        cancel, gone, events = threading.Event(), asyncio.Event(), asyncio.Queue()
+        try:
+            body = await read_body(request, limits.max_body_bytes, deadline, budget)
+        except ClientDisconnect:
+            engine.count("cancelled")  # it left before its question was even read
+            raise
+        try:
+            req = await asyncio.get_running_loop().run_in_executor(None, parse_request, body, limits,
+                                                                   default_max_tokens, vocab)
+        finally:
+            budget.release(len(body))
+        stop, gone, events = Stop(), asyncio.Event(), asyncio.Queue()
 
         async def watch():  # the body is read: the next message is http.disconnect, whenever the client leaves
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            cancel.set()
+            stop.set("client")
             gone.set()
             events.put_nowait(("gone", None))
 
         watcher = asyncio.ensure_future(watch())
         try:
             await engine.acquire(gone, deadline)
-            engine.start(req, cancel, deadline, events)
-            first = await next_event(events, deadline, cancel)
+            engine.start(req, stop, deadline, events)
+            first = await next_event(events, deadline, stop)
             if first[0] == "error":
                 raise first[1]
             if first[0] == "gone":
@@ -284,11 +193,26 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
             watcher.cancel()
             raise
         if req.stream:
-            return EventStream(first, events, cancel, deadline, model_id, req.include_usage, watcher.cancel)
+            return EventStream(first, events, stop, deadline, model_id, req.include_usage, watcher.cancel)
         try:
-            return await collect(first, events, cancel, deadline, model_id)
+            return await collect(first, events, stop, deadline, model_id)
         finally:
             watcher.cancel()
+
+    return completions
+
+
+def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1, queue: int = 16,
+               timeout: float = 120.0, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
+               allow_hosts: tuple[str, ...] = ()):
+    """The ASGI application: routes, error handlers and the Guard (Host, Origin/CORS, API key, headers)."""
+    engine = Engine(vlm, parallel=parallel, queue=queue, timeout=timeout)
+    budget = BodyBudget(4 * limits.max_body_bytes)  # four of the largest bodies at once
+    web = resources.files("edgevlm.apps") / "web"
+    pages = {name: (web / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
+    types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css"}
+
+    completions = completions_route(engine, budget, limits, model_id, timeout, vlm.manifest)
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -298,7 +222,7 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
         caches = await asyncio.get_running_loop().run_in_executor(None, vlm.caches.stats)  # may list the disk tier
         return JSONResponse({"status": "ok", "model": model_id, "running": engine.active, "waiting": engine.waiting,
                              "parallel": parallel, "queue": queue, **engine.counts, "auth": api_key is not None,
-                             "caches": caches})
+                             "body_bytes": budget.used, "caches": caches})
 
     def static(name: str):
         async def page(request: Request):
@@ -330,7 +254,7 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
     return Guard(app, api_key=api_key, allow_origins=allow_origins, allow_hosts=allow_hosts)
 
 
-async def collect(first, events, cancel, deadline, model_id) -> JSONResponse:
+async def collect(first, events, stop: Stop, deadline, model_id) -> JSONResponse:
     """A non-streaming reply: every token's text, then the last Response's figures."""
     kind, item, text, last = first[0], first[1], [], None
     while kind == "token":
@@ -338,7 +262,7 @@ async def collect(first, events, cancel, deadline, model_id) -> JSONResponse:
         last = item
         if item.finish_reason:
             break
-        kind, item = await next_event(events, deadline, cancel)
+        kind, item = await next_event(events, deadline, stop)
     if kind == "error":
         raise item
     if last is None or not last.finish_reason:

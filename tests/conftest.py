@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -153,3 +155,29 @@ def serve(tmp_path_factory):
         except subprocess.TimeoutExpired:
             p.kill()
         err.close()
+
+
+# tokens of a long answer: no runtime emits that many within the 3 s deadline (> 10,000 tokens/s, each step
+# attending over all the earlier ones), however fast the machine
+LONG = 32000
+
+
+@pytest.fixture(scope="session")
+def long_bundle(tmp_path_factory):
+    """A tiny random-weight LLaVA with an 8k context: its answers can run for seconds on any machine."""
+    from edgevlm.export.checkpoints import build_checkpoint
+    from edgevlm.export.exporter import export
+
+    spec = CheckpointSpec("llava", TextDims(hidden=80, heads=5, kv_heads=5, layers=2, max_positions=LONG + 192),
+                          VisionDims(tower="siglip", image_size=48, patch=12, hidden=32, select="full", feature_layer=-2),
+                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=2)
+    root = tmp_path_factory.mktemp("long")
+    export(build_checkpoint(spec, root / "hf"), root / "bundle", progress=False, parity_tokens=4)
+    return root / "bundle"
+
+
+def long_answer(bundle_dir) -> dict:
+    """Request fields for an answer that runs to LONG tokens: logit_bias bans the end-of-answer tokens, which
+    greedy decoding of random weights may otherwise meet by chance."""
+    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    return {"max_tokens": LONG, "logit_bias": {str(t): -100 for t in manifest["generation"]["eos_token_ids"]}}
