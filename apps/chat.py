@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -56,12 +55,6 @@ def load(bundle, providers, console, cache_dir=None):
     return vlm, time.perf_counter() - t
 
 
-def figures(r) -> dict:
-    """The Response's timing fields, as /stats and /save report them."""
-    d = dataclasses.asdict(r)
-    return {k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}
-
-
 class Session:
     """The interactive loop's state: the Chat, the attached image, the transcript, the last answer's figures."""
 
@@ -94,7 +87,7 @@ class Session:
             stream.close()
         self.console.print()
         self.turns.append({"user": text, "image": self.image, "assistant": "".join(out),
-                           "stats": figures(last) if last else None})
+                           "stats": last.figures() if last else None})
         self.last_encode_ms = self.encoded_ms if self.image else None  # /stats shows it for this answer only
         self.image = None  # encoded once: later turns see it through the kept conversation
         if last is not None:

@@ -9,7 +9,6 @@ apps/guard.py, bodies here and in apps/body.py.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -32,12 +31,6 @@ log = logging.getLogger("edgevlm.serve")
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-def stats(r) -> dict:
-    """The Response's timing fields (and any the runtime adds later), for the `edgevlm` key of a reply."""
-    d = dataclasses.asdict(r)
-    return {**{k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}, "warm": r.warm}
 
 
 def chunk(cid: str, created: int, model: str, delta: dict, finish=None, **extra) -> bytes:
@@ -65,7 +58,7 @@ class EventStream:
             while True:
                 if kind == "token":
                     r, n = item, n + 1
-                    extra = {"edgevlm": stats(r)} if n == 1 or r.finish_reason else {}
+                    extra = {"edgevlm": r.figures()} if n == 1 or r.finish_reason else {}
                     if r.text or n == 1:
                         await send_body(send, chunk(cid, created, self.model, {"content": r.text}, **extra))
                     if r.finish_reason:
@@ -154,7 +147,7 @@ def completions_route(engine: Engine, budget: BodyBudget, limits: Limits, model_
     """POST /v1/chat/completions: media type, body, parse (every bound checked), queue, then the answer streamed
     or collected; the client's disconnect stops the worker."""
     default_max_tokens = manifest.generation.max_new_tokens
-    vocab = int(manifest.components["decoder"].outputs["logits"][-1])  # bounds logit_bias ids and top_k
+    vocab = manifest.vocab_size  # bounds logit_bias ids and top_k
 
     async def completions(request: Request):
         if not is_json_media_type(request.headers.get("content-type")):
@@ -273,5 +266,5 @@ async def collect(first, events, stop: Stop, deadline, model_id) -> JSONResponse
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
         "model": model_id, "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                         "finish_reason": last.finish_reason, "logprobs": None}],
-        "usage": usage, "edgevlm": stats(last)})
+        "usage": usage, "edgevlm": last.figures()})
 

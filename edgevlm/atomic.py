@@ -106,7 +106,7 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
     removed = []
     for p in partial_dirs(out):
         pid = int(_pattern(Path(out).name).match(p.name).group(1))
-        if pid != os.getpid() and not _alive(pid):
+        if not alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
                 removed.append(p)
@@ -117,12 +117,15 @@ def _pattern(name: str) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(name)}\.partial-(\d+)-[^/]+$")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` may still be running (ours, another user's, or unknowable: yes)."""
+    if pid == os.getpid() or os.name == "nt":  # (on Windows os.kill would terminate it: callers rely on age there)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
+    except OSError:  # another user's live process, or a platform without signal 0
         return True
     return True
 

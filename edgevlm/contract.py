@@ -6,7 +6,9 @@ from __future__ import annotations
 from .errors import BundleError
 from .manifest import Manifest, kv_names
 
-DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
+# The tensor names every decoder graph uses (onnxruntime-genai's too); the modules that feed graphs read them here.
+EMBEDS, MASK, POSITIONS, LOGITS = "inputs_embeds", "attention_mask", "position_ids", "logits"
+DECODER_INPUTS = (EMBEDS, MASK, POSITIONS)
 
 
 def check_graphs(m: Manifest, graphs: dict) -> None:
@@ -15,7 +17,7 @@ def check_graphs(m: Manifest, graphs: dict) -> None:
         if not g.input_names or not g.output_names:
             raise BundleError(f"components.{name}: the graph has no inputs or no outputs")
         _check_shapes(name, m.components[name], g)
-    for name, extra_in, extra_out in (("decoder", (), ("logits",)), ("prefusion", (), ("fused",))):
+    for name, extra_in, extra_out in (("decoder", (), (LOGITS,)), ("prefusion", (), ("fused",))):
         g, comp = graphs.get(name), m.components.get(name)
         if g is None or comp is None or comp.kv is None or comp.num_layers is None:
             continue

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomic  # temp file in the same directory, fsync, os.replace, fsync the directory
+from .atomic import alive, write_atomic  # temp file in the same directory, fsync, os.replace, fsync the directory
 
 log = logging.getLogger("edgevlm")
 
@@ -288,7 +288,7 @@ class DiskStore:
             if m is None:
                 continue
             try:
-                if not _alive(int(m.group(1))) or now - d.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
+                if not alive(int(m.group(1))) or now - d.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
                     os.unlink(d.path)
             except OSError:
                 pass
@@ -338,15 +338,3 @@ def _read_regular(path, limit: int, header_only: bool = False) -> bytes:
         head = f.read(16)
         n = struct.unpack("<Q", head[8:16])[0] if len(head) == 16 else 0
         return head + f.read(min(n, MAX_HEADER, st.st_size))
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # (on Windows os.kill would terminate it: rely on age there)
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process, or a platform without signal 0
-        return True
-    return True

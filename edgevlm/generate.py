@@ -9,6 +9,7 @@ A Chat holds the messages and its decoder State (the KV cache and what it holds)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -48,6 +49,12 @@ class Response:
     def warm(self) -> bool:
         """Did any cache serve this call (an image, or part of the prompt's KV)?"""
         return self.image_cache_hits > 0 or self.prefilled_tokens < self.prompt_tokens
+
+    def figures(self) -> dict:
+        """Every field but the token and its text, and `warm`: what the chat command's /stats and /save and the
+        server's `edgevlm` reply field report."""
+        d = dataclasses.asdict(self)
+        return {**{k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}, "warm": self.warm}
 
     @property
     def profile(self) -> dict:
@@ -198,7 +205,7 @@ class Chat:
             hits += bool(image_source)
             self._states[key] = state
         sample = make_sampler(temperature, top_k, top_p, seed)
-        vocab = int(m.components["decoder"].outputs["logits"][-1])
+        vocab = m.vocab_size
         processors = make_logits_processors(repetition_penalty, logit_bias, vocab)
         stops = _stop_strings(stop)
         max_tokens = _max_tokens(max_tokens, m.generation.max_new_tokens)

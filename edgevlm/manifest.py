@@ -134,6 +134,11 @@ class Manifest:
     source: Source = field(default_factory=Source)
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the decoder's logits (bounds token ids a caller may name: logit_bias, top_k)."""
+        return int(self.components["decoder"].outputs["logits"][-1])
+
+    @property
     def is_static(self) -> bool:
         """Fixed shapes everywhere: the decoder runs on a fixed-capacity KV cache (see `StaticShape`)."""
         return self.components["decoder"].static is not None

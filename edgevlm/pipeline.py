@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .backends.onnx import OnnxGraph
+from .contract import EMBEDS, LOGITS, MASK, POSITIONS
 from .errors import BackendError, ContextOverflowError
 from .manifest import KVSpec
 
@@ -66,7 +67,7 @@ class KVBuffer:
         """The IOBinding that runs `graph` on this buffer, made once per graph and allocation (binding the
         cache's 2 x layers arrays afresh each step cost more than a small decoder's step)."""
         if self._bound is None or self._bound[0] is not graph:
-            shape = graph.output_shapes.get("logits", [])
+            shape = graph.output_shapes.get(LOGITS, [])
             if not shape or not all(isinstance(d, int) for d in shape):
                 raise BackendError(f"graph {graph.name!r}: logits of no fixed shape ({shape}); no in-place KV")
             spec, logits = self.spec, np.empty(shape, np.float32)
@@ -74,7 +75,7 @@ class KVBuffer:
             for i, (k, v) in enumerate(self.values):
                 inplace[spec.past % (i, "key")] = (spec.present % (i, "key"), k)
                 inplace[spec.past % (i, "value")] = (spec.present % (i, "value"), v)
-            self._bound = (graph, graph.bind_inplace(inplace, "logits", logits), logits)
+            self._bound = (graph, graph.bind_inplace(inplace, LOGITS, logits), logits)
         return self._bound[1:]
 
     @property
@@ -116,9 +117,9 @@ def _step_feeds(embeds: np.ndarray, past: int) -> dict[str, np.ndarray]:
     """The per-run inputs of a decoder-with-KV graph: embeds [S, D] at positions past .. past + S - 1."""
     s = embeds.shape[0]
     return {
-        "inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
-        "attention_mask": np.ones((1, past + s), np.int64),
-        "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
+        EMBEDS: np.ascontiguousarray(embeds[None], np.float32),
+        MASK: np.ones((1, past + s), np.int64),
+        POSITIONS: np.arange(past, past + s, dtype=np.int64)[None],
     }
 
 
@@ -138,7 +139,7 @@ def forward(decoder: OnnxGraph, spec: KVSpec, embeds: np.ndarray, kv: KV | KVBuf
     in place (and returned); its length moves only once the run succeeded."""
     if not isinstance(kv, KVBuffer):
         out, kv = run(decoder, spec, embeds, kv)
-        return out["logits"][0, -1], kv
+        return out[LOGITS][0, -1], kv
     past, s = kv.length, embeds.shape[0]
     kv.reserve(past + s)
     io, logits = kv.bound(decoder)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .manifest import ImageLayout, Preprocess
-from .image import resize
+from .image import normalize, resize
 from . import template
 
 MAX_SIDE = 4096  # Idefics3 caps a resized side at this
@@ -32,12 +32,6 @@ class Tiles:
     rows: int  # the tile grid; (0, 0) when the image is a single tile
     cols: int
     size: tuple[int, int]  # the image's (height, width) as loaded
-
-
-def _normalize(img: np.ndarray, pre: Preprocess) -> np.ndarray:  # HxWx3 uint8 -> [3, H, W] float32
-    mean = np.asarray(pre.mean, np.float32) * np.float32(1.0 / pre.rescale)
-    std = np.asarray(pre.std, np.float32) * np.float32(1.0 / pre.rescale)
-    return ((img.astype(np.float32) - mean) / std).transpose(2, 0, 1)  # HF's fused rescale+normalize
 
 
 def _cut(img: np.ndarray, s: int) -> list[np.ndarray]:
@@ -79,11 +73,11 @@ def split_tiles(rgb: np.ndarray, pre: Preprocess, lay: ImageLayout) -> Tiles:
     img = resize(img, *_whole_tiles_size(*img.shape[:2], s), pre.resample, kern)
     h, w = img.shape[:2]
     if h <= s and w <= s:
-        return Tiles(_normalize(img, pre)[None], 0, 0, rgb.shape[:2])
+        return Tiles(normalize(img, pre)[None], 0, 0, rgb.shape[:2])
     whole = resize(img, s, s, pre.resample, kern)
     tiles = _cut(img, s)
     tiles = [whole] + tiles if lay.global_tile == "first" else tiles + [whole]
-    return Tiles(np.stack([_normalize(t, pre) for t in tiles]), h // s, w // s, rgb.shape[:2])
+    return Tiles(np.stack([normalize(t, pre) for t in tiles]), h // s, w // s, rgb.shape[:2])
 
 
 def best_resolution(h: int, w: int, pinpoints) -> tuple[int, int]:
@@ -112,7 +106,7 @@ def anyres_tiles(rgb: np.ndarray, pre: Preprocess, lay: ImageLayout) -> Tiles:
     whole = resize(rgb, s, s, pre.resample, kern)
     tiles = _cut(canvas, s)
     tiles = [whole] + tiles if lay.global_tile == "first" else tiles + [whole]
-    return Tiles(np.stack([_normalize(t, pre) for t in tiles]), th // s, tw // s, (h, w))
+    return Tiles(np.stack([normalize(t, pre) for t in tiles]), th // s, tw // s, (h, w))
 
 
 def make_tiles(rgb: np.ndarray, pre: Preprocess, lay: ImageLayout) -> Tiles:

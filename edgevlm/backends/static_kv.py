@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..contract import EMBEDS, MASK, POSITIONS
 from ..errors import ContextOverflowError
 from ..manifest import KVSpec
 
@@ -55,8 +56,7 @@ def run_chunks(graph, spec: KVSpec, cache: StaticCache, chunk: int, x: np.ndarra
         mask = np.zeros((1, L + chunk), np.int64)
         mask[0, :p] = 1
         mask[0, L:] = 1  # the chunk's rows, padding included: causality keeps padding out of the real rows
-        feeds = {"inputs_embeds": emb, "attention_mask": mask,
-                 "position_ids": np.arange(p, p + chunk, dtype=np.int64)[None]}
+        feeds = {EMBEDS: emb, MASK: mask, POSITIONS: np.arange(p, p + chunk, dtype=np.int64)[None]}
         if "logits_index" in graph.input_names:
             feeds["logits_index"] = np.asarray([n - 1], np.int64)
         for i in range(len(cache.k)):
@@ -86,7 +86,7 @@ class StaticKVGraph:
         cache = StaticCache(self.spec, self.num_layers, self.static.kv_capacity)
         cache.load([(feeds[self.spec.past % (i, "key")], feeds[self.spec.past % (i, "value")])
                     for i in range(self.num_layers)])
-        rows = run_chunks(self.graph, self.spec, cache, self.static.chunk, feeds["inputs_embeds"][0], self.out,
+        rows = run_chunks(self.graph, self.spec, cache, self.static.chunk, feeds[EMBEDS][0], self.out,
                           all_rows=True)
         result = {self.out: rows[None]}
         for i, (k, v) in enumerate(cache.view()):

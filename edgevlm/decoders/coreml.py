@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..backends.coreml import CoremlGraph
+from ..contract import EMBEDS, LOGITS, POSITIONS
 from ..errors import ContextOverflowError
 from .base import ContextDecoder
 
@@ -26,7 +27,7 @@ class CoremlDecoder(ContextDecoder):
 
     @classmethod
     def from_bundle(cls, m, bundle, graphs: dict, embed_ids, threads: int, n_ctx: int) -> "CoremlDecoder":
-        return cls(graphs["decoder"], embed_ids, n_ctx, int(m.components["decoder"].outputs["logits"][-1]))
+        return cls(graphs["decoder"], embed_ids, n_ctx, m.vocab_size)
 
     def eval_tokens(self, ids: np.ndarray, keys: Sequence) -> None:
         self.eval_embeds(self.embed_ids(np.asarray(ids, np.int64)), keys)
@@ -36,9 +37,9 @@ class CoremlDecoder(ContextDecoder):
         if past + s > self.n_ctx:
             raise ContextOverflowError(f"{past + s} positions, the CoreML decoder's state holds {self.n_ctx}")
         mask = np.triu(np.full((s, past + s), -np.inf, np.float32), k=past + 1)[None, None]
-        feeds = {"inputs_embeds": x[None].astype(np.float16),
-                 "position_ids": np.arange(past, past + s, dtype=np.int32)[None], "causal_mask": mask.astype(np.float16)}
-        self._logits = self.graph.run(feeds, state=self.state)["logits"].reshape(-1)
+        feeds = {EMBEDS: x[None].astype(np.float16), POSITIONS: np.arange(past, past + s, dtype=np.int32)[None],
+                 "causal_mask": mask.astype(np.float16)}
+        self._logits = self.graph.run(feeds, state=self.state)[LOGITS].reshape(-1)
         self.keys.extend(keys)
 
     def logits(self) -> np.ndarray:

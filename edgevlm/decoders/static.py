@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..backends.static_kv import StaticCache, run_chunks
+from ..contract import LOGITS
 from ..manifest import KVSpec
 from .base import ContextDecoder
 
@@ -40,7 +41,7 @@ class StaticDecoder(ContextDecoder):
 
     def eval_embeds(self, x: np.ndarray, keys) -> None:  # x: [S, D]
         graph, chunk = (self.step_graph, 1) if x.shape[0] == 1 else (self.prefill_graph, self.chunk)
-        self._logits = run_chunks(graph, self.spec, self.cache, chunk, x, "logits", all_rows=False)
+        self._logits = run_chunks(graph, self.spec, self.cache, chunk, x, LOGITS, all_rows=False)
         self.keys.extend(keys)
 
     def logits(self) -> np.ndarray:  # -> [V] of the last evaluated position
