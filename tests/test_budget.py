@@ -88,7 +88,9 @@ def test_smolvlm_budget_is_shared_by_the_tiles(bundle):
     text = vlm._placeholder(state)
     assert len(state["rows"]) == 8 and text.count("<image>") == 8
     assert text.count("<fake_token_around_image>") == 5  # marker tokens untouched
-    assert vlm.generate(arr, "what color is the circle?", max_tokens=4, max_image_tokens=8) is not None
+    rs = list(vlm.stream(arr, "what color is the circle?", max_tokens=4, max_image_tokens=8))
+    full = list(vlm.stream(arr, "what color is the circle?", max_tokens=4))
+    assert rs[-1].finish_reason and rs[0].prompt_tokens < full[0].prompt_tokens  # fewer image rows in the prompt
 
 
 def test_cli_flag(capsys):

@@ -91,7 +91,8 @@ def test_scheme_writes_a_verified_bundle_close_to_fp32(src, ref, tmp_path, schem
           f"(tolerance {TOLERANCE[scheme]})")
     assert diff < TOLERANCE[scheme] * scale
     assert d["fidelity"]["max_abs_logit_diff"] < TOLERANCE[scheme] * scale
-    assert isinstance(edgevlm.load(out).generate(calib.examples(1, 1)[0][0], "what is it?", max_tokens=4), str)
+    rs = list(edgevlm.load(out).stream(calib.examples(1, 1)[0][0], "what is it?", max_tokens=4))
+    assert rs[-1].finish_reason and len(rs) <= 4 and all(0 <= r.token < m.vocab_size for r in rs)
 
 
 def test_fp16_has_fp16_weights_and_fp32_io(src, tmp_path):

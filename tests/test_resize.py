@@ -8,8 +8,8 @@ from PIL import Image
 
 from edgevlm.image import resize
 
-torch = pytest.importorskip("torch")
-F = pytest.importorskip("torchvision.transforms.v2.functional")
+import torch  # (the dev extra installs both: missing, the tests fail)
+import torchvision.transforms.v2.functional as F
 
 # (in h, in w) -> (out h, out w): both down, both up, one up one down each way (Pillow then runs the vertical
 # pass first), a large reduction, odd sizes, and a camera frame to FastVLM's 1024 px shortest edge (both passes

@@ -285,7 +285,10 @@ def test_sessions_keep_no_copy_of_their_graphs_bytes(vlm, images):
     """onnxruntime's Python session keeps the model bytes it was built from (the graph's size once more in RAM,
     benchmarks/load_memory.py); the runtime lets go of them and still answers."""
     graphs = [g for g in vlm.graphs.values() if isinstance(g, OnnxGraph)]
-    assert graphs and all(getattr(g.session, "_model_bytes", None) is None for g in graphs)
+    # whatever onnxruntime names the attribute: no session object holds a bytes copy of a graph
+    held = [(g.name, k) for g in graphs for k, v in vars(g.session).items()
+            if isinstance(v, (bytes, bytearray, memoryview)) and len(v) > 1024]
+    assert graphs and not held, held
     assert not any(g.session._enable_fallback for g in graphs)  # nothing left to rebuild a session from
     assert list(vlm.stream(images[0], "what color is the circle?", max_tokens=2))[-1].generated_tokens >= 1
 

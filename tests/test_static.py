@@ -98,7 +98,9 @@ def test_int8_static_qdq_keeps_a_static_bundle_static(static_bundle, tmp_path):
     print("QDQ static bundle fidelity:", f)
     assert np.isfinite(f["max_abs_logit_diff"]) and f["mean_kl"] < 0.5
     q = edgevlm.load(tmp_path / "qdq")
-    assert type(q.decoder).__name__ == "StaticDecoder" and q.generate(None, "hello", max_tokens=3) is not None
+    rs = list(q.stream(None, "hello", max_tokens=3))
+    assert type(q.decoder).__name__ == "StaticDecoder" and rs[-1].finish_reason and len(rs) <= 3
+    assert all(0 <= r.token < q.manifest.vocab_size for r in rs)
 
 
 def test_manifest_rejects_a_static_decoder_without_prefill(static_bundle, tmp_path):

@@ -62,7 +62,8 @@ def test_recipe_runs_and_exports(tmp_path):
     export(out, tmp_path / "bundle")
     vlm = edgevlm.load(tmp_path / "bundle")
     ex = shapes.make_example(1, 0)
-    assert isinstance(vlm.generate(ex.image, ex.question, max_tokens=4), str)
+    rs = list(vlm.stream(ex.image, ex.question, max_tokens=4))
+    assert rs[-1].finish_reason and len(rs) <= 4 and all(0 <= r.token < vlm.manifest.vocab_size for r in rs)
 
 
 def test_mini_packed_segments_match_single_questions(parts):
