@@ -8,8 +8,7 @@ import sys
 
 from .common import one_line_errors, requires
 
-LEVELS = ("fp32", "fp16", "int8", "int8-static", "int4")
-SCHEMES = LEVELS[1:] + ("mixed",)
+from edgevlm.quant.schemes import INT8_RANGES, LEVELS, SCHEMES, TARGETS
 COMPONENTS = ("vision", "embed", "decoder", "prefill", "compressor", "prefusion")
 
 EPILOG = """schemes (every weight goes through onnxruntime's own quantizers):
@@ -41,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
         "modified; the new bundle appears only once complete and verified."))
     p.add_argument("--bundle", metavar="B", help="source bundle (default: the embedded demo)")
     p.add_argument("--to", dest="dst", required=True, metavar="B2", help="bundle directory to write")
-    p.add_argument("--scheme", required=True, choices=SCHEMES)
+    p.add_argument("--scheme", required=True, choices=SCHEMES[1:])
     for c in COMPONENTS:
         p.add_argument(f"--{c}", choices=LEVELS, metavar="LEVEL", help=f"level of the {c} component ({', '.join(LEVELS)})")
     p.add_argument("--block-size", type=int, default=32, metavar="N", help="int4: weights per scale, a power of two >= 16 (32)")
@@ -49,13 +48,13 @@ def parser() -> argparse.ArgumentParser:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", help="int4 without zero points")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="int4 with zero points (default)")
     p.set_defaults(symmetric=False)
-    p.add_argument("--target", choices=["auto", "cpu", "npu"], default="auto", help=(
+    p.add_argument("--target", choices=TARGETS, default="auto", help=(
         "int8-static: cpu = a Gelu between quantized nodes runs in uint8 on onnxruntime's CPU kernels "
         "(QLinearSigmoid x QLinearMul, x*sigmoid(1.773x): max |diff| from Gelu 0.014; FastViTHD encode 0.81x "
         "of plain QDQ); "
         "npu = plain QDQ, what NPU providers take; auto = npu for a static bundle, else cpu. int8: cpu = a "
         "decoder's lm_head (one row per run) as 8-bit MatMulNBits"))
-    p.add_argument("--int8-range", choices=["portable", "full"], default="portable", help=(
+    p.add_argument("--int8-range", choices=INT8_RANGES, default="portable", help=(
         "int8 / int8-static weights: portable = 7 bits, exact on every CPU's int8 kernels (x86 with or without "
         "VNNI, ARM); full = 8 bits, one bit more precision on VNNI / ARM, but x86 CPUs without VNNI (AVX2 only) "
         "saturate their int16 sums and lose accuracy -- edgevlm warns when it loads such a bundle there "

@@ -198,28 +198,50 @@ class Chat:
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
+        sample = make_sampler(temperature, top_k, top_p, seed)
+        processors = make_logits_processors(repetition_penalty, logit_bias, m.vocab_size)
+        detok = Detokenizer(vlm.tokenizer, _stop_strings(stop))
+        max_tokens = _max_tokens(max_tokens, m.generation.max_new_tokens)
+        logits, profile = self._begin(text, image, max_image_tokens, stages)
+        steps = token_steps(vlm.decoder, self._state, self._prompt, logits, sample, processors, max_tokens,
+                            set(m.generation.eos_token_ids), stages)
+        n, t_first = 0, 0.0
+        try:
+            for tok, finish in steps:
+                n, now = n + 1, time.perf_counter()
+                if n == 1:
+                    t_first = now
+                    profile.update(peak_rss_bytes=peak_rss_bytes(), cache_bytes=vlm.caches.stats(), ttft_s=now - t0)
+                delta = detok.add(tok, last=finish is not None)
+                finish = "stop" if detok.stopped else finish
+                yield Response(text=delta, token=tok, finish_reason=finish, stages=dict(stages), generated_tokens=n,
+                               decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, **profile)
+                if finish:
+                    break
+        finally:
+            steps.close()
+            self.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": detok.text}]}]
+            self.vlm.remember(self._state)  # prefix cache; disk writes happen here, after the first token
+
+    def _begin(self, text: str, image, max_image_tokens: int | None, stages: dict) -> tuple[np.ndarray, dict]:
+        """The turn up to its first logits: the image's state, the prompt (reused where a cache holds it), its
+        prefill, committed to the chat. -> (logits [V], the Response fields known now)."""
+        vlm = self.vlm
         hits, image_source, key = 0, "", None
         if image is not None:
             key, state, image_source, img_stages = vlm.image_state(image, max_image_tokens)
             stages.update(img_stages)
             hits += bool(image_source)
             self._states[key] = state
-        sample = make_sampler(temperature, top_k, top_p, seed)
-        vocab = m.vocab_size
-        processors = make_logits_processors(repetition_penalty, logit_bias, vocab)
-        stops = _stop_strings(stop)
-        max_tokens = _max_tokens(max_tokens, m.generation.max_new_tokens)
-
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
         messages = self.messages + [{"role": "user", "content": content}]
         images = self._images + ([key] if image is not None else [])
         t = time.perf_counter()
         image_states = [self._states[k] for k in images]
         ids = vlm.prompt_ids(messages, image_states)
-        ctx = vlm.context_length
-        if len(ids) >= ctx:
-            raise ContextOverflowError(f"the prompt is {len(ids)} tokens but the context holds {ctx}: shorten the "
-                                       "prompt, start a new chat, or use fewer images")
+        if len(ids) >= vlm.context_length:
+            raise ContextOverflowError(f"the prompt is {len(ids)} tokens but the context holds {vlm.context_length}: "
+                                       "shorten the prompt, start a new chat, or use fewer images")
         keys = vlm.cache_keys(ids, images, image_states)
         stages["embed"] = time.perf_counter() - t  # template + tokenizer (+ the embedding graph, below)
         t = time.perf_counter()
@@ -231,32 +253,10 @@ class Chat:
         stages["prefill"] = time.perf_counter() - t - (stages["embed"] + stages.get("prefusion", 0.0) - inner)
         # commit the prompt now: even if the caller stops iterating, the chat stays consistent
         self.messages, self._images, self._state, self._prompt = messages, images, state, prompt
-        suffix = len(ids) - reuse
-        profile = dict(image_cache_hits=hits, image_cache_source=image_source, prefix_cache_source=source,
-                       prefix_cache_hit_tokens=reuse if source in ("ram", "disk", "decoder") else 0,
-                       backend=vlm.decoder.backend, prompt_tokens=len(ids), prefilled_tokens=suffix,
-                       prompt_tps=suffix / max(stages["prefill"], 1e-9))
-        detok = Detokenizer(vlm.tokenizer, stops)
-        steps = token_steps(vlm.decoder, state, prompt, logits, sample, processors, max_tokens,
-                            set(m.generation.eos_token_ids), stages)
-        n, t_first, ttft = 0, 0.0, 0.0
-        try:
-            for tok, finish in steps:
-                n, now = n + 1, time.perf_counter()
-                if n == 1:
-                    ttft, t_first = now - t0, now
-                    profile.update(peak_rss_bytes=peak_rss_bytes(), cache_bytes=vlm.caches.stats(), ttft_s=ttft)
-                delta = detok.add(tok, last=finish is not None)
-                if detok.stopped:
-                    finish = "stop"
-                yield Response(text=delta, token=tok, finish_reason=finish, stages=dict(stages), generated_tokens=n,
-                               decode_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0, **profile)
-                if finish:
-                    break
-        finally:
-            steps.close()
-            self.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": detok.text}]}]
-            vlm.remember(self._state)  # prefix cache; disk writes happen here, after the first token
+        return logits, dict(image_cache_hits=hits, image_cache_source=image_source, prefix_cache_source=source,
+                            prefix_cache_hit_tokens=reuse if source in ("ram", "disk", "decoder") else 0,
+                            backend=vlm.decoder.backend, prompt_tokens=len(ids), prefilled_tokens=len(ids) - reuse,
+                            prompt_tps=(len(ids) - reuse) / max(stages["prefill"], 1e-9))
 
 
 def _stop_strings(stop) -> list[str]:

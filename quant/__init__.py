@@ -5,7 +5,18 @@ mixed precision searched under an accuracy budget. Everything goes through onnxr
     quantize_bundle("demo/", "demo-int4/", "int4", overrides={"vision": "fp16"})
 """
 
-from .api import SCHEMES, quantize_bundle
-from .graphs import LEVELS, Options, QuantError
+from .schemes import LEVELS, SCHEMES
 
 __all__ = ["quantize_bundle", "Options", "QuantError", "SCHEMES", "LEVELS"]
+
+
+def __getattr__(name: str):  # the parts that need onnx load on first use: edgevlm.quant.schemes does not
+    if name == "quantize_bundle":
+        from .api import quantize_bundle
+
+        return quantize_bundle
+    if name in ("Options", "QuantError"):
+        from . import graphs
+
+        return getattr(graphs, name)
+    raise AttributeError(f"module 'edgevlm.quant' has no attribute {name!r}")

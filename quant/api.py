@@ -17,9 +17,9 @@ from edgevlm.data import shapes
 from edgevlm.manifest import Manifest, Quant
 
 from . import bundle_io, calib
-from .graphs import BITS, LEVELS, Options, QuantError, allowed, op_counts, quantize, weight_nodes
+from .graphs import Options, QuantError, allowed, op_counts, quantize, weight_nodes
+from .schemes import BITS, LEVELS, SCHEMES
 
-SCHEMES = ("fp32", "fp16", "int8", "int8-static", "int4", "mixed")
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
              "QuantizeLinear", "DequantizeLinear", "QLinearSigmoid", "QLinearMul")
 
@@ -113,18 +113,9 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
                             cache=Path(cache) / f"{name}.json", copy=copy)
 
         if scheme == "mixed":
-            from .search import search
-
-            fixed, _ = resolve({c: graphs[c] for c in overrides}, "fp32", overrides)
-            result = search(vlm, graphs, quantize_component, opts, prompts, budget=budget, dataset=dataset,
-                            eval_seed=eval_seed, eval_n=eval_n, confirm_n=confirm_n, fixed=fixed, progress=progress,
-                            extra_bytes=len(tokenizer))
-            plan, labels, search_info = result.plan, result.labels, result.summary
-            labels.update(resolve({c: graphs[c] for c in overrides}, "fp32", overrides)[1])
-            if report:
-                from .report import write_report
-
-                write_report(result, Path(report))
+            plan, labels, search_info = _search(vlm, graphs, quantize_component, opts, prompts, overrides, report,
+                                                progress, budget=budget, dataset=dataset, eval_seed=eval_seed,
+                                                eval_n=eval_n, confirm_n=confirm_n, extra_bytes=len(tokenizer))
         else:
             plan, labels = resolve(graphs, scheme, overrides)
         # What the fp32 runtime still has to answer, asked now: it is released before the graphs are quantized
@@ -135,24 +126,8 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
         sizes = {c: sum(bundle_io.bundle_path_size(source.root, r.file) for r in (comp, *comp.data_files))
                  for c, comp in m.components.items()}
         with atomic_dir(Path(dst), overwrite, error=QuantError) as tmp:
-            comps, total = {}, len(tokenizer)
-            progress("quantize", 0, len(graphs))
-            for i, name in enumerate(sorted(m.components, key=sizes.get)):
-                comp = m.components[name]
-                nodes = [n.name for n in weight_nodes(graphs[name])]
-                out = quantize_component(name, plan[name], copy=False) if plan[name] else graphs[name]
-                del graphs[name]
-                path = tmp / comp.file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                sha = bundle_io.write_graph(out, path)
-                size = path.stat().st_size
-                total += size
-                section = component_quant(out, nodes, plan[name], labels[name], opts, size)
-                del out
-                comps[name] = dataclasses.replace(comp, sha256=sha, data_files=(), precision=labels[name],
-                                                  quant=section)
-                progress("quantize", i + 1, len(m.components))
-            comps = {name: comps[name] for name in m.components}  # the source manifest's order
+            comps, total = _write_graphs(tmp, m, graphs, plan, labels, opts, quantize_component, sizes, progress)
+            total += len(tokenizer)
             (tmp / m.tokenizer.file).write_bytes(tokenizer)
             src_bytes = sum(bundle_io.bundle_path_size(source.root, r.file) for r in m.files())
             details = {"components": labels, "bytes": total, "source_bytes": src_bytes,
@@ -172,6 +147,43 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
             open_bundle(tmp)  # the final manifest's hashes hold
             progress("verify", 1, 1)
     return new
+
+
+def _search(vlm, graphs, quantize_component, opts, prompts, overrides, report, progress, **kw) -> tuple:
+    """The mixed scheme: (plan, labels, search summary) of the smallest bundle meeting the budget; pinned
+    components (overrides) keep their level."""
+    from .search import search
+
+    fixed, fixed_labels = resolve({c: graphs[c] for c in overrides}, "fp32", overrides)
+    result = search(vlm, graphs, quantize_component, opts, prompts, fixed=fixed, progress=progress, **kw)
+    if report:
+        from .report import write_report
+
+        write_report(result, Path(report))
+    return result.plan, {**result.labels, **fixed_labels}, result.summary
+
+
+def _write_graphs(tmp: Path, m, graphs: dict, plan: dict, labels: dict, opts, quantize_component, sizes: dict,
+                  progress) -> tuple[dict, int]:
+    """Quantize and write each component, smallest first, dropping each source graph once its copy is written
+    (a 0.5B model peaked at 19 GB with all held). -> (components in the manifest's order, bytes written)."""
+    comps, total = {}, 0
+    progress("quantize", 0, len(graphs))
+    for i, name in enumerate(sorted(m.components, key=sizes.get)):
+        comp = m.components[name]
+        nodes = [n.name for n in weight_nodes(graphs[name])]
+        out = quantize_component(name, plan[name], copy=False) if plan[name] else graphs[name]
+        del graphs[name]
+        path = tmp / comp.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sha = bundle_io.write_graph(out, path)
+        size = path.stat().st_size
+        total += size
+        section = component_quant(out, nodes, plan[name], labels[name], opts, size)
+        del out
+        comps[name] = dataclasses.replace(comp, sha256=sha, data_files=(), precision=labels[name], quant=section)
+        progress("quantize", i + 1, len(m.components))
+    return {name: comps[name] for name in m.components}, total
 
 
 def fp32_reference(vlm, prompts: list[tuple], dataset: str | None, seed: int, n: int, progress: Progress) -> dict:

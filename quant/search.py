@@ -81,137 +81,178 @@ def search(vlm, graphs: dict[str, onnx.ModelProto], quantize_component: Callable
     units = [(c, n) for c in graphs if c not in fixed for n in weight_nodes(graphs[c])]
     if not units:
         raise QuantError("nothing to search: every component is pinned or has no weight nodes")
-    sens_prompts = prompts[:sens_n]
-    ref = np.stack([calib.first_logits(vlm, im, q) for im, q, *_ in sens_prompts])
+    sens = sensitivity(vlm, units, quantize_component, prompts[:sens_n], progress)
+    order = Order(units, sens, opts, fixed, list(graphs))
+    bench = Bench(vlm, graphs, quantize_component, order, prompts, dataset, eval_seed, eval_n,
+                  eval_n if confirm_n is None else confirm_n, extra_bytes, budget)
+    bisect(bench, len(order.configs), progress)
+    pts = pareto(list(bench.points.values()))
+    chosen = min((p for p in pts if p.accepted), key=lambda p: p.bytes)
+    plan = order.plan(chosen.k)
+    table = [{"component": c, "node": name, "op": order.node[(c, name)].op, "level": lv, "kl": round(v, 6),
+              "bytes_fp32": order.node[(c, name)].params * 4} for (c, name, lv), v in sens.items()]
+    base = bench.points[len(order.configs) - 1]
+    summary = {"budget": budget, "metric": bench.metric, "target": round(bench.target, 4), "fp32": base.accuracy,
+               "eval": {"dataset": dataset or "agreement with fp32", "seed": eval_seed, "n": eval_n},
+               "confirm": {"start": eval_n, "n": bench.confirm_n, "fp32": base.confirm,
+                           "target": None if bench.confirm_target is None else round(bench.confirm_target, 4)},
+               "sensitivity_prompts": min(sens_n, len(prompts)), "promotions": len(order.configs) - 1,
+               "measured": len(bench.points),
+               "chosen": {"k": chosen.k, "bytes": chosen.bytes, "accuracy": chosen.accuracy,
+                          "confirm": chosen.confirm, "ttft_s": round(chosen.ttft_s, 5)}}
+    return SearchResult(plan, _labels(plan, graphs), pts, chosen, base, bench.target, bench.metric, table, summary)
 
-    # 1. sensitivity of each (node, level)
+
+def sensitivity(vlm, units, quantize_component, prompts: list[tuple], progress) -> dict[tuple[str, str, str], float]:
+    """KL of the first answer token's distribution from fp32 with one node at one lower level, for each."""
+    ref = np.stack([calib.first_logits(vlm, im, q) for im, q, *_ in prompts])
     probes = [(c, n, lv) for c, n in units for lv in ladder(n)[:-1]]
-    sens: dict[tuple[str, str, str], float] = {}
+    sens = {}
     for i, (c, n, lv) in enumerate(probes):
         progress("sensitivity", i, len(probes))
         v = calib.swap(vlm, {c: quantize_component(c, {n.name: lv}).SerializeToString()})
-        got = np.stack([calib.first_logits(v, im, q) for im, q, *_ in sens_prompts])
-        sens[(c, n.name, lv)] = calib.kl(ref, got)
+        sens[(c, n.name, lv)] = calib.kl(ref, np.stack([calib.first_logits(v, im, q) for im, q, *_ in prompts]))
     progress("sensitivity", len(probes), len(probes))
+    return sens
 
-    # 2. greedy order of one-step promotions
-    step = {(c, n.name): 0 for c, n in units}
-    node = {(c, n.name): n for c, n in units}
-    levels = {key: ladder(n) for key, n in node.items()}
 
-    def err(key, i):
-        lv = levels[key][i]
-        return 0.0 if lv == "fp32" else sens[(key[0], key[1], lv)]
+class Order:
+    """The greedy order of one-step promotions (int4 -> int8 -> fp32), largest sensitivity removed per byte
+    added first: configs[0] is every node at its lowest level, configs[-1] all fp32."""
 
-    def gain(key):
-        i, steps = step[key], levels[key]
-        added = estimate_bytes(node[key], steps[i + 1], opts) - estimate_bytes(node[key], steps[i], opts)
-        return (err(key, i) - err(key, i + 1)) / max(added, 1.0)
+    def __init__(self, units, sens: dict, opts: Options, fixed: dict, components: list[str]):
+        self.node = {(c, n.name): n for c, n in units}
+        self.levels = {key: ladder(n) for key, n in self.node.items()}
+        self.fixed, self.components = fixed, components
+        step = {key: 0 for key in self.node}
 
-    configs = [dict(step)]
-    while any(step[k] < len(levels[k]) - 1 for k in step):
-        best = max((k for k in step if step[k] < len(levels[k]) - 1), key=gain)
-        step[best] += 1
-        configs.append(dict(step))
+        def err(key, i):
+            lv = self.levels[key][i]
+            return 0.0 if lv == "fp32" else sens[(key[0], key[1], lv)]
 
-    def plan_of(cfg):
-        plan = {c: dict(p) for c, p in fixed.items()}
-        for (c, name), i in cfg.items():
-            lv = levels[(c, name)][i]
+        def gain(key):
+            i, lv = step[key], self.levels[key]
+            added = estimate_bytes(self.node[key], lv[i + 1], opts) - estimate_bytes(self.node[key], lv[i], opts)
+            return (err(key, i) - err(key, i + 1)) / max(added, 1.0)
+
+        self.configs = [dict(step)]
+        while any(step[k] < len(self.levels[k]) - 1 for k in step):
+            best = max((k for k in step if step[k] < len(self.levels[k]) - 1), key=gain)
+            step[best] += 1
+            self.configs.append(dict(step))
+
+    def plan(self, k: int) -> dict[str, dict[str, str]]:
+        """Configuration k as component -> node -> level (fp32 nodes omitted), pinned components included."""
+        plan = {c: dict(p) for c, p in self.fixed.items()}
+        for (c, name), i in self.configs[k].items():
+            lv = self.levels[(c, name)][i]
             plan.setdefault(c, {})
             if lv != "fp32":
                 plan[c][name] = lv
-        return {c: plan.get(c, {}) for c in graphs}
+        return {c: plan.get(c, {}) for c in self.components}
 
-    # 3. measure: the fp32 baseline, c_0, then bisection
-    confirm_n = eval_n if confirm_n is None else confirm_n
-    sets = {"search": (0, eval_n), "confirm": (eval_n, confirm_n)}  # (start, n) in the eval_seed stream
-    metric = "accuracy" if dataset else "agreement"
-    fp32_answers = {} if dataset else {s: calib.answers(vlm, calib.examples(eval_seed, n, start), max_tokens=8)
-                                       for s, (start, n) in sets.items() if n}
 
-    def score(v, which: str) -> float:
-        start, n = sets[which]
-        if dataset:
+class Bench:
+    """Measures configurations (bytes, cold TTFT, accuracy on the search questions) and accepts those that meet
+    the budget there and on the confirmation questions."""
+
+    def __init__(self, vlm, graphs, quantize_component, order: Order, prompts, dataset, eval_seed: int, eval_n: int,
+                 confirm_n: int, extra_bytes: int, budget: float):
+        self.vlm, self.graphs, self.quantize_component, self.order = vlm, graphs, quantize_component, order
+        self.prompts, self.dataset, self.eval_seed, self.extra_bytes = prompts, dataset, eval_seed, extra_bytes
+        self.confirm_n, self.budget = confirm_n, budget
+        self.sets = {"search": (0, eval_n), "confirm": (eval_n, confirm_n)}  # (start, n) in the eval_seed stream
+        self.metric = "accuracy" if dataset else "agreement"
+        self.fp32_answers = {} if dataset else {
+            s: calib.answers(vlm, calib.examples(eval_seed, n, start), max_tokens=8)
+            for s, (start, n) in self.sets.items() if n}
+        self.points: dict[int, Point] = {}
+        self.swapped: dict[int, object] = {}
+        self.target = self.confirm_target = None
+
+    def score(self, v, which: str) -> float:
+        start, n = self.sets[which]
+        if self.dataset:
             from edgevlm.evaluate import evaluate
 
-            return evaluate(v, dataset, eval_seed, n, start=start)["accuracy"]
-        got = calib.answers(v, calib.examples(eval_seed, n, start), max_tokens=8)
-        return float(np.mean([a == b for a, b in zip(got, fp32_answers[which])]))
+            return evaluate(v, self.dataset, self.eval_seed, n, start=start)["accuracy"]
+        got = calib.answers(v, calib.examples(self.eval_seed, n, start), max_tokens=8)
+        return float(np.mean([a == b for a, b in zip(got, self.fp32_answers[which])]))
 
-    points: dict[int, Point] = {}
-    swapped: dict[int, object] = {}
-
-    def measure(k: int, label: str) -> Point:
-        if k in points:
-            return points[k]
-        plan = plan_of(configs[k])
-        models = {c: quantize_component(c, p) if p else graphs[c] for c, p in plan.items()}
+    def measure(self, k: int, label: str) -> Point:
+        if k in self.points:
+            return self.points[k]
+        plan = self.order.plan(k)
+        models = {c: self.quantize_component(c, p) if p else self.graphs[c] for c, p in plan.items()}
         blobs = {c: m.SerializeToString() for c, m in models.items()}
-        v = swapped[k] = calib.swap(vlm, blobs)
-        p = Point(label, k, sum(map(len, blobs.values())) + extra_bytes, calib.cold_ttft(v, prompts[:8]),
-                  score(v, "search"), _counts(plan))
-        points[k] = p
+        v = self.swapped[k] = calib.swap(self.vlm, blobs)
+        p = self.points[k] = Point(label, k, sum(map(len, blobs.values())) + self.extra_bytes,
+                                   calib.cold_ttft(v, self.prompts[:8]), self.score(v, "search"), _counts(plan))
         return p
 
-    def accept(k: int, label: str) -> bool:
-        p = measure(k, label)
-        if p.accuracy >= target and confirm_n and p.confirm is None:
-            p.confirm = score(swapped[k], "confirm")
-        p.accepted = p.accuracy >= target and (not confirm_n or p.confirm >= confirm_target)
-        swapped.pop(k, None)  # sessions of rejected / decided points are not needed again
+    def baseline(self) -> Point:
+        """fp32 (the last configuration): it sets the targets."""
+        base = self.measure(len(self.order.configs) - 1, "fp32")
+        self.target = self.budget * base.accuracy
+        if self.confirm_n:
+            base.confirm = self.score(self.swapped[base.k], "confirm")
+            self.confirm_target = self.budget * base.confirm
+        base.accepted = True
+        self.swapped.pop(base.k, None)
+        return base
+
+    def accept(self, k: int, label: str) -> bool:
+        p = self.measure(k, label)
+        if p.accuracy >= self.target and self.confirm_n and p.confirm is None:
+            p.confirm = self.score(self.swapped[k], "confirm")
+        p.accepted = p.accuracy >= self.target and (not self.confirm_n or p.confirm >= self.confirm_target)
+        self.swapped.pop(k, None)  # sessions of rejected / decided points are not needed again
         return p.accepted
 
-    total = 2 + int(np.ceil(np.log2(max(2, len(configs)))))
+
+def bisect(bench: Bench, n: int, progress) -> None:
+    """The fp32 baseline, configs[0], then bisection for the smallest accepted k; a few more points along
+    the order so that the Pareto set shows the trade-off."""
+    total = 2 + int(np.ceil(np.log2(max(2, n))))
     progress("search", 0, total)
-    base = measure(len(configs) - 1, "fp32")
-    target = budget * base.accuracy
-    if confirm_n:
-        base.confirm = score(swapped[base.k], "confirm")
-    confirm_target = budget * base.confirm if confirm_n else None
-    base.accepted = True
-    swapped.pop(base.k, None)
+    bench.baseline()
     progress("search", 1, total)
-    lo, hi = 0, len(configs) - 1  # invariant: hi is accepted
-    if accept(0, "c0"):
+    lo, hi = 0, n - 1  # invariant: hi is accepted
+    if bench.accept(0, "c0"):
         hi = 0
     done = 2
     while hi - lo > 1:
         progress("search", done, total)
         mid = (lo + hi) // 2
-        if accept(mid, f"c{mid}"):
+        if bench.accept(mid, f"c{mid}"):
             hi = mid
         else:
             lo = mid
         done += 1
-    for f in (1 / 8, 1 / 4, 1 / 2):  # a few more points along the order, so the Pareto set shows the trade-off
+    for f in (1 / 8, 1 / 4, 1 / 2):
         progress("search", done, total + 3)
-        k = int(round(f * (len(configs) - 1)))
-        accept(k, f"c{k}")
+        k = int(round(f * (n - 1)))
+        bench.accept(k, f"c{k}")
         done += 1
     progress("search", total + 3, total + 3)
 
-    pts = sorted(points.values(), key=lambda p: p.bytes)
+
+def pareto(points: list[Point]) -> list[Point]:
+    """The points by bytes, each marked whether no other is at least as small, accurate and fast."""
+    pts = sorted(points, key=lambda p: p.bytes)
     for p in pts:
         p.pareto = not any(q is not p and q.bytes <= p.bytes and q.accuracy >= p.accuracy and q.ttft_s <= p.ttft_s
                            and (q.bytes, q.accuracy, q.ttft_s) != (p.bytes, p.accuracy, p.ttft_s) for q in pts)
-    chosen = min((p for p in pts if p.accepted), key=lambda p: p.bytes)
-    plan = plan_of(configs[chosen.k])
+    return pts
+
+
+def _labels(plan: dict, graphs: dict) -> dict[str, str]:
     labels = {}
     for c, p in plan.items():
         lvs = set(p.values())
         n_nodes = len(weight_nodes(graphs[c]))
         labels[c] = "fp32" if not lvs else (lvs.pop() if len(lvs) == 1 and len(p) == n_nodes else "mixed")
-    table = [{"component": c, "node": name, "op": node[(c, name)].op, "level": lv, "kl": round(s, 6),
-              "bytes_fp32": node[(c, name)].params * 4} for (c, name, lv), s in sens.items()]
-    summary = {"budget": budget, "metric": metric, "target": round(target, 4), "fp32": base.accuracy,
-               "eval": {"dataset": dataset or "agreement with fp32", "seed": eval_seed, "n": eval_n},
-               "confirm": {"start": eval_n, "n": confirm_n, "fp32": base.confirm,
-                           "target": None if confirm_target is None else round(confirm_target, 4)},
-               "sensitivity_prompts": len(sens_prompts), "promotions": len(configs) - 1, "measured": len(points),
-               "chosen": {"k": chosen.k, "bytes": chosen.bytes, "accuracy": chosen.accuracy,
-                          "confirm": chosen.confirm, "ttft_s": round(chosen.ttft_s, 5)}}
-    return SearchResult(plan, labels, pts, chosen, base, target, metric, table, summary)
+    return labels
 
 
 def as_json(result: SearchResult) -> dict:

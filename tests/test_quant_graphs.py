@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgevlm.quant.api import resolve
-from edgevlm.quant.graphs import (GELU_ALPHA, ROW_BLOCK, Options, QuantError, allowed, fold_conv_scales, lut_gelu,
+from edgevlm.quant.rewrites import GELU_ALPHA, fold_conv_scales, lut_gelu
+from edgevlm.quant.graphs import (ROW_BLOCK, Options, QuantError, allowed,
                                   quantize, weight_nodes)
 
 C = 8
