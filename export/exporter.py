@@ -16,12 +16,13 @@ from tqdm import tqdm
 from edgevlm import __version__
 from edgevlm.atomic import atomic_dir, check_target, write_atomic
 from edgevlm.bundle import MANIFEST, sha256_file
-from edgevlm.errors import ExportError
+from edgevlm.errors import EdgeVLMError, ExportError
 from edgevlm.image import preprocess
 from edgevlm.manifest import Component, FileRef, Generation, KVSpec, Manifest, Source, StaticShape
 
 from . import gqa, graphs, parity
 from .adapters import adapter_for
+from .hub import resolve
 from .llava_mini import MiniVLM, check_parity, export_extra
 
 log = logging.getLogger("edgevlm.export")
@@ -78,19 +79,23 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     bundle appears at out_dir only once it is complete and its parity check has passed; a failure leaves nothing
     behind.
     """
-    hf_dir, out = Path(hf_dir), Path(out_dir)
+    out = Path(out_dir)
     check_target(out, overwrite)
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress, file=sys.stderr)
+    where = {"stage": STAGES[0], "model_type": None, "src": str(hf_dir)}
 
     def step(name):
+        where["stage"] = name
         bar.set_postfix_str(name)
 
     try:
         step(STAGES[0])
+        hf_dir = resolve(hf_dir)
         try:
             model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
+        where["model_type"] = model_type
         adapter = adapter_for(model_type)
         mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
         model = mini.base if mini else adapter.load_model(hf_dir)
@@ -210,7 +215,19 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity_figures))
             write_atomic(tmp / MANIFEST, manifest.to_json())
             bar.update()
+    except EdgeVLMError:
+        raise
+    except Exception as e:  # an odd config, processor or model: one line naming what, never a traceback
+        raise ExportError(unexpected(where, e)) from e
     finally:
         bar.close()
     return manifest
+
+
+def unexpected(where: dict, e: Exception) -> str:
+    """One line for an exception no check foresaw: the model type, the stage, and what failed."""
+    what = " ".join(str(e).split())[:300]
+    kind = f"model_type {where['model_type']!r}" if where["model_type"] else where["src"]
+    return (f"{kind}: {where['stage']} failed ({type(e).__name__}: {what}); this checkpoint uses something the "
+            f"exporter does not support yet (the README lists the verified checkpoints)")
 

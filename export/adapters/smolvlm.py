@@ -46,7 +46,12 @@ class SmolVlmAdapter(Adapter):
         ip = processor.image_processor
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         side //= model.config.scale_factor
-        fake, glob = processor.fake_image_token, processor.global_image_token
+        # SmolVLMProcessor: global_image_token; Idefics3Processor: global_image_tag
+        glob = getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", None)
+        fake = getattr(processor, "fake_image_token", None)
+        if not (isinstance(glob, str) and isinstance(fake, str)):
+            raise ExportError(f"{type(processor).__name__} names no global-image / fake image token: "
+                              "only SmolVLMProcessor and Idefics3Processor are supported for this family")
         whole = f"{fake}{glob}{{{{ image * tile_tokens }}}}{fake}"
         prompt = (  # exactly the processor's expansion; "\n" as expressions (templates trim block newlines)
             f"{{% if rows == 0 %}}{whole}{{% else %}}{{% for r in range(rows) %}}{{% for c in range(cols) %}}"
