@@ -101,6 +101,7 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
         model = mini.base if mini else adapter.load_model(hf_dir)
         model.eval()
         processor = adapter.load_processor(hf_dir)
+        processor.chat_template = chat_template(processor, model_type)
         text_config = adapter.text_config(model)
         pre = adapter.preprocess(processor)
         probe = parity.probe_image()
@@ -196,7 +197,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                 generation=Generation(eos_token_ids=_eos_ids(model, text_config),
                                       context_length=static.kv_capacity if static else
                                       int(text_config.max_position_embeddings)),
-                source=Source(checkpoint=hf_dir.name, exporter_version=__version__),
+                source=Source(checkpoint=hf_dir.name if Path(where["src"]).is_dir() else where["src"],
+                              exporter_version=__version__),
             )
             (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
             bar.update()
@@ -222,6 +224,32 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     finally:
         bar.close()
     return manifest
+
+
+def chat_template(processor, model_type: str) -> str:
+    """The processor's chat template, else the tokenizer's (tokenizer_config.json); it must take a message with an
+    image item and place the image marker once (a text-only template cannot)."""
+    from edgevlm.template import render
+
+    found = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
+    if isinstance(found, dict):  # named templates: the default one
+        found = found.get("default")
+    if not isinstance(found, str) or not found:
+        raise ExportError(f"model_type {model_type!r}: the checkpoint has no chat template (no chat_template.json / "
+                          ".jinja, none in tokenizer_config.json): add the processor's chat template file")
+    marker = getattr(processor, "image_token", None) or "<image>"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    tok = processor.tokenizer
+    try:
+        text = render(found, msgs, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    except EdgeVLMError as e:
+        raise ExportError(f"model_type {model_type!r}: its chat template cannot render a message with an image "
+                          f"({e}); add the processor's chat template (chat_template.json) that takes image items") \
+            from None
+    if text.count(marker) != 1:
+        raise ExportError(f"model_type {model_type!r}: its chat template places {text.count(marker)} image markers "
+                          f"({marker}) for one image; add the processor's chat template that takes image items")
+    return found
 
 
 def unexpected(where: dict, e: Exception) -> str:

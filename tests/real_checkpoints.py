@@ -63,3 +63,31 @@ def build(name: str, out: Path, seed: int = 0) -> Path:
     r = CHECKPOINTS[name]
     extra = (llama_tokenizer(out.parent / f"{name}-tokenizer"),) if r.llama_tokenizer else ()
     return build_from_published(REAL / r.files, out, r.cut, tokenizer_from=r.tokenizer_from + extra, seed=seed)
+
+
+def hub_cache(ckpt: Path, cache: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """Lay `ckpt` out as huggingface_hub's cache holds a downloaded snapshot: blobs named by content,
+    snapshots/<revision>/<file> symlinks to them, refs/main naming the revision. Returns the snapshot."""
+    import hashlib
+    import os
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in sorted(p for p in ckpt.iterdir() if p.is_file()):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        blob = repo / "blobs" / h.hexdigest()
+        if not blob.exists():
+            try:
+                os.link(f, blob)  # the weights are large: a second name, not a copy
+            except OSError:
+                shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snap
