@@ -100,8 +100,14 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
-def _dict(*args, **kwargs):  # transformers' `dict` global: a plain dict, never the type itself
-    return dict(*args, **kwargs)
+class _Dict:
+    """transformers' `dict` global: builds plain dicts (`dict(a=1)`, `dict.fromkeys(...)`), never the type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
 
 
 def environment() -> jinja2.Environment:
@@ -113,7 +119,7 @@ def environment() -> jinja2.Environment:
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["namespace"] = _Namespace
-    env.globals["dict"] = _dict
+    env.globals["dict"] = _Dict()
     return env
 
 

@@ -55,7 +55,7 @@ def build_from_published(files: str | Path, out: str | Path, cut: Cut = Cut(), *
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     torch.manual_seed(seed)
     builder = {"mobilevlm": _mobilevlm, "llava_qwen2": _apple_fastvlm}.get(config["model_type"], _transformers)
-    builder(out, config, cut, seed)
+    builder(files, out, cut, seed)
     return out
 
 
@@ -107,7 +107,7 @@ def _matter(model, out: Path, seed: int) -> None:
         make_image_matter(model, _spec(out, seed, cfg.vision_config.image_size))
 
 
-def _transformers(out: Path, config: dict, cut: Cut, seed: int) -> None:
+def _transformers(files: Path, out: Path, cut: Cut, seed: int) -> None:
     """A family transformers implements: random weights saved by transformers itself, so that they carry the
     names its save_pretrained writes (for LLaVA the published `language_model.model.*` layout)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -119,9 +119,34 @@ def _transformers(out: Path, config: dict, cut: Cut, seed: int) -> None:
         model.save_pretrained(tmp)
         for f in Path(tmp).glob("*.safetensors*"):
             shutil.move(str(f), out / f.name)
+    index = files / "model.safetensors.index.json"
+    if index.is_file():
+        _published_names(out, set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]))
 
 
-def _mobilevlm(out: Path, config: dict, cut: Cut, seed: int) -> None:
+# where transformers 5 writes a name differently from the published checkpoints (it drops CLIP's and SigLIP's
+# `vision_model` level): the published spelling
+ALTERNATIVES = (("vision_tower.", "vision_tower.vision_model."),)
+
+
+def _published_names(out: Path, published: set[str]) -> None:
+    """Rename the weights to the names the published shard index lists, where they are spelled differently."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(out.glob("*.safetensors")):
+        state = load_file(str(f))
+        renamed = {}
+        for name, value in state.items():
+            for ours, theirs in ALTERNATIVES:
+                alt = name.replace(ours, theirs, 1)
+                if name not in published and name.startswith(ours) and alt in published:
+                    name = alt
+            renamed[name] = value
+        if list(renamed) != list(state):
+            save_file(renamed, str(f), metadata={"format": "pt"})
+
+
+def _mobilevlm(files: Path, out: Path, cut: Cut, seed: int) -> None:
     from .mobilevlm import KNOWN_TOWERS, MobileVlmConfig, MobileVlmForCausalLM, save_weights
 
     cfg = MobileVlmConfig.from_pretrained(out)
@@ -136,15 +161,15 @@ def _mobilevlm(out: Path, config: dict, cut: Cut, seed: int) -> None:
     save_weights(model, out)
 
 
-def _apple_fastvlm(out: Path, config: dict, cut: Cut, seed: int) -> None:
+def _apple_fastvlm(files: Path, out: Path, cut: Cut, seed: int) -> None:
     """Apple's FastVLM layout: the transformers model at the real widths, its weights under Apple's names."""
     from safetensors.torch import save_file
     from transformers import FastVlmForConditionalGeneration
 
     from .fastvlm_apple import TOWERS, fast_vlm_config, to_apple_names
 
-    cfg = fast_vlm_config(config, stages=cut.stages)
-    model = FastVlmForConditionalGeneration(cfg).eval()
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    model = FastVlmForConditionalGeneration(fast_vlm_config(config, stages=cut.stages)).eval()
     make_image_matter(model, _spec(out, seed, TOWERS[config["mm_vision_tower"]].image_size))
     state = to_apple_names(model.state_dict())
     save_file({k: v.clone().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
