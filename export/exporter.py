@@ -98,10 +98,11 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
         where["model_type"] = model_type
         adapter = adapter_for(model_type)
         mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
+        processor = adapter.load_processor(hf_dir)  # before the model: its checks are cheap
+        adapter.check_processor(processor, model_type)
+        processor.chat_template = chat_template(processor, model_type)
         model = mini.base if mini else adapter.load_model(hf_dir)
         model.eval()
-        processor = adapter.load_processor(hf_dir)
-        processor.chat_template = chat_template(processor, model_type)
         text_config = adapter.text_config(model)
         pre = adapter.preprocess(processor)
         probe = parity.probe_image()
@@ -217,6 +218,10 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity_figures))
             write_atomic(tmp / MANIFEST, manifest.to_json())
             bar.update()
+    except ExportError as e:  # say which model type it concerns
+        if where["model_type"] and where["model_type"] not in str(e):
+            raise ExportError(f"model_type {where['model_type']!r}: {e}") from None
+        raise
     except EdgeVLMError:
         raise
     except Exception as e:  # an odd config, processor or model: one line naming what, never a traceback
@@ -255,6 +260,8 @@ def chat_template(processor, model_type: str) -> str:
 def unexpected(where: dict, e: Exception) -> str:
     """One line for an exception no check foresaw: the model type, the stage, and what failed."""
     what = " ".join(str(e).split())[:300]
+    if isinstance(e, KeyError):
+        what = f"a field it expects is missing: {what}"
     kind = f"model_type {where['model_type']!r}" if where["model_type"] else where["src"]
     return (f"{kind}: {where['stage']} failed ({type(e).__name__}: {what}); this checkpoint uses something the "
             f"exporter does not support yet (the README lists the verified checkpoints)")

@@ -177,17 +177,11 @@ def _weights(hf_dir: Path) -> dict:
 
 def tokenizer(hf_dir: Path):
     """The checkpoint's tokenizer with `<image>` added as a special token."""
-    import json
+    from transformers import AddedToken
 
-    import transformers
+    from .adapters.base import load_tokenizer
 
-    # the class tokenizer_config.json names, so that AutoTokenizer never reads config.json (whose auto_map asks
-    # to run the checkpoint's own code)
-    cfg = Path(hf_dir) / "tokenizer_config.json"
-    name = json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") if cfg.is_file() else None
-    cls = getattr(transformers, name, None) if isinstance(name, str) and name.endswith("Tokenizer") else None
-    tok = cls.from_pretrained(hf_dir) if cls else transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
-    AddedToken = transformers.AddedToken
+    tok = load_tokenizer(hf_dir)
     if "<image>" not in tok.get_vocab():
         tok.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
     return tok

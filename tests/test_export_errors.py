@@ -80,10 +80,10 @@ def test_neither_a_directory_nor_a_hub_id(capsys, tmp_path):
     _fails_in_one_line(capsys, tmp_path, tmp_path / "missing" / "dir", "no such directory")
 
 
-@pytest.mark.parametrize("field,value,word", [("do_image_splitting", False, "image splitting"),
+@pytest.mark.parametrize("field,value,word", [("do_image_splitting", False, "do_image_splitting"),
                                               ("max_image_size", {"shortest_edge": 32}, "max_image_size")])
 def test_smolvlm_processor_settings_not_supported(capsys, tmp_path, checkpoint, field, value, word):
     hf = _copy(checkpoint, "smolvlm-llama", tmp_path)
-    path = hf / "preprocessor_config.json"
-    _edit_json(path, **{field: value})
+    path = hf / "processor_config.json"  # transformers 5 keeps the image processor's settings in there
+    _edit_json(path, image_processor={**json.loads(path.read_text())["image_processor"], field: value})
     _fails_in_one_line(capsys, tmp_path, hf, "smolvlm", word)

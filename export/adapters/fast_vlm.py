@@ -12,6 +12,7 @@ from .base import Adapter
 class FastVlmAdapter(Adapter):
     family = "fast_vlm"
     model_types = ("fast_vlm",)
+    processors = ("LlavaProcessor",)
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         fmap = model.model.vision_tower(pixel_values, return_dict=True).last_hidden_state  # [1, C, h, w]
