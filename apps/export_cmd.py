@@ -10,9 +10,12 @@ from .common import one_line_errors, requires
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm export", description=(
-        "Export a transformers VLM checkpoint directory (fast_vlm, llava) to an edgevlm bundle. "
+        "Export a VLM checkpoint (FastVLM in transformers' or Apple's layout, LLaVA, LLaVA-OneVision, SmolVLM / "
+        "Idefics3, MobileVLM) to an edgevlm bundle. "
         "A parity check against PyTorch runs after the export and its figures go into the manifest."))
-    p.add_argument("--from", dest="src", required=True, metavar="HF_DIR", help="checkpoint directory")
+    p.add_argument("--from", dest="src", required=True, metavar="HF_DIR", help=(
+        "checkpoint directory, or a Hugging Face hub id (org/name[@revision]) resolved through huggingface_hub's "
+        "cache: downloaded when online, read from the cache with HF_HUB_OFFLINE=1"))
     p.add_argument("--to", dest="dst", required=True, metavar="BUNDLE", help="bundle directory to write")
     p.add_argument("--format", choices=["onnx", "gguf", "coreml"], default="onnx", help=(
         "onnx: every graph in ONNX; gguf: vision in ONNX, the language model as GGUF run by llama.cpp; "
@@ -56,6 +59,10 @@ def main(argv=None) -> int:
     requires("export", "export")
     if args.format in ("gguf", "coreml"):
         requires(f"export --format {args.format}", args.format)
+    if args.format in ("gguf", "coreml"):  # they read the checkpoint directory themselves
+        from edgevlm.export.hub import resolve
+
+        args.src = str(resolve(args.src))
     if args.format == "gguf":
         from edgevlm.export.gguf import export_gguf  # torch is imported only here
 

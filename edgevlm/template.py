@@ -85,13 +85,47 @@ def _budgeted_range():
     return bounded_range
 
 
-@functools.lru_cache(maxsize=16)
-def _compile(source: str) -> jinja2.Template:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+class _Generation(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks assistant text for training masks): the
+    body renders as it is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+class _Dict:
+    """transformers' `dict` global: builds plain dicts (`dict(a=1)`, `dict.fromkeys(...)`), never the type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def environment() -> jinja2.Environment:
+    """The sandbox chat templates render in, with what transformers' chat templates may use: the `generation`
+    tag, loop controls (`break`, `continue`), `raise_exception`, `strftime_now`, `namespace`, `dict` and
+    `tojson` with its ensure_ascii / indent / separators / sort_keys options."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["namespace"] = _Namespace
+    env.globals["dict"] = _Dict()
+    return env
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = environment()
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:

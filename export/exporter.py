@@ -16,12 +16,13 @@ from tqdm import tqdm
 from edgevlm import __version__
 from edgevlm.atomic import atomic_dir, check_target, write_atomic
 from edgevlm.bundle import MANIFEST, sha256_file
-from edgevlm.errors import ExportError
+from edgevlm.errors import EdgeVLMError, ExportError
 from edgevlm.image import preprocess
 from edgevlm.manifest import Component, FileRef, Generation, KVSpec, Manifest, Source, StaticShape
 
 from . import gqa, graphs, parity
 from .adapters import adapter_for
+from .hub import resolve
 from .llava_mini import MiniVLM, check_parity, export_extra
 
 log = logging.getLogger("edgevlm.export")
@@ -78,24 +79,30 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     bundle appears at out_dir only once it is complete and its parity check has passed; a failure leaves nothing
     behind.
     """
-    hf_dir, out = Path(hf_dir), Path(out_dir)
+    out = Path(out_dir)
     check_target(out, overwrite)
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress, file=sys.stderr)
+    where = {"stage": STAGES[0], "model_type": None, "src": str(hf_dir)}
 
     def step(name):
+        where["stage"] = name
         bar.set_postfix_str(name)
 
     try:
         step(STAGES[0])
+        hf_dir = resolve(hf_dir)
         try:
             model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
+        where["model_type"] = model_type
         adapter = adapter_for(model_type)
         mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
+        processor = adapter.load_processor(hf_dir)  # before the model: its checks are cheap
+        adapter.check_processor(processor, model_type)
+        processor.chat_template = chat_template(processor, model_type)
         model = mini.base if mini else adapter.load_model(hf_dir)
         model.eval()
-        processor = adapter.load_processor(hf_dir)
         text_config = adapter.text_config(model)
         pre = adapter.preprocess(processor)
         probe = parity.probe_image()
@@ -191,7 +198,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
                 generation=Generation(eos_token_ids=_eos_ids(model, text_config),
                                       context_length=static.kv_capacity if static else
                                       int(text_config.max_position_embeddings)),
-                source=Source(checkpoint=hf_dir.name, exporter_version=__version__),
+                source=Source(checkpoint=hf_dir.name if Path(where["src"]).is_dir() else where["src"],
+                              exporter_version=__version__),
             )
             (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
             bar.update()
@@ -210,7 +218,51 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
             manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity_figures))
             write_atomic(tmp / MANIFEST, manifest.to_json())
             bar.update()
+    except ExportError as e:  # say which model type it concerns
+        if where["model_type"] and where["model_type"] not in str(e):
+            raise ExportError(f"model_type {where['model_type']!r}: {e}") from None
+        raise
+    except EdgeVLMError:
+        raise
+    except Exception as e:  # an odd config, processor or model: one line naming what, never a traceback
+        raise ExportError(unexpected(where, e)) from e
     finally:
         bar.close()
     return manifest
+
+
+def chat_template(processor, model_type: str) -> str:
+    """The processor's chat template, else the tokenizer's (tokenizer_config.json); it must take a message with an
+    image item and place the image marker once (a text-only template cannot)."""
+    from edgevlm.template import render
+
+    found = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
+    if isinstance(found, dict):  # named templates: the default one
+        found = found.get("default")
+    if not isinstance(found, str) or not found:
+        raise ExportError(f"model_type {model_type!r}: the checkpoint has no chat template (no chat_template.json / "
+                          ".jinja, none in tokenizer_config.json): add the processor's chat template file")
+    marker = getattr(processor, "image_token", None) or "<image>"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    tok = processor.tokenizer
+    try:
+        text = render(found, msgs, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    except EdgeVLMError as e:
+        raise ExportError(f"model_type {model_type!r}: its chat template cannot render a message with an image "
+                          f"({e}); add the processor's chat template (chat_template.json) that takes image items") \
+            from None
+    if text.count(marker) != 1:
+        raise ExportError(f"model_type {model_type!r}: its chat template places {text.count(marker)} image markers "
+                          f"({marker}) for one image; add the processor's chat template that takes image items")
+    return found
+
+
+def unexpected(where: dict, e: Exception) -> str:
+    """One line for an exception no check foresaw: the model type, the stage, and what failed."""
+    what = " ".join(str(e).split())[:300]
+    if isinstance(e, KeyError):
+        what = f"a field it expects is missing: {what}"
+    kind = f"model_type {where['model_type']!r}" if where["model_type"] else where["src"]
+    return (f"{kind}: {where['stage']} failed ({type(e).__name__}: {what}); this checkpoint uses something the "
+            f"exporter does not support yet (the README lists the verified checkpoints)")
 

@@ -192,14 +192,28 @@ def read_weights(hf_dir) -> dict[str, torch.Tensor]:
     return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
 
 
+def _tower_depth(config, names) -> None:
+    """A published config names its CLIP tower but not its depth: the encoder layers present in the weights
+    decide (a copy with fewer layers, e.g. a random-weight test checkpoint, loads as it is)."""
+    name = getattr(config, "mm_vision_tower", None) or ""
+    if getattr(config, "mm_vision_config", None) or name not in KNOWN_TOWERS:
+        return
+    prefix = PUBLISHED_TOWER + "encoder.layers."
+    layers = {int(k[len(prefix):].split(".")[0]) for k in names if k.startswith(prefix)}
+    if layers and len(layers) < KNOWN_TOWERS[name]["num_hidden_layers"]:
+        config.mm_vision_config = {**KNOWN_TOWERS[name], "num_hidden_layers": len(layers)}
+
+
 def load(hf_dir) -> MobileVlmForCausalLM:
     """A published MobileVLM checkpoint directory -> the model in fp32; every parameter must be found."""
     config = MobileVlmConfig.from_pretrained(hf_dir)
     if getattr(config, "image_token_index", None) is None:
         config.image_token_index = config.vocab_size  # the `<image>` token the exporter adds after the vocabulary
+    weights = read_weights(hf_dir)
+    _tower_depth(config, weights)
     model = MobileVlmForCausalLM(config).float().eval()
     state = {(TOWER + k[len(PUBLISHED_TOWER):] if k.startswith(PUBLISHED_TOWER) else k): v
-             for k, v in read_weights(hf_dir).items() if not k.endswith(IGNORED)}
+             for k, v in weights.items() if not k.endswith(IGNORED)}
     if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -209,12 +223,17 @@ def load(hf_dir) -> MobileVlmForCausalLM:
     return model
 
 
-def save(model: MobileVlmForCausalLM, out_dir) -> None:
-    """Write a checkpoint laid out like the published ones (config.json + model.safetensors)."""
+def save_weights(model: MobileVlmForCausalLM, out_dir) -> None:
+    """model.safetensors under the published names (the config is written by whoever owns it)."""
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in published_names(model.state_dict()).items() if not k.endswith(IGNORED)}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # one tensor, as tied checkpoints store it
     save_file(state, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save(model: MobileVlmForCausalLM, out_dir) -> None:
+    """Write a checkpoint laid out like the published ones (config.json + model.safetensors)."""
+    save_weights(model, out_dir)
     model.config.save_pretrained(out_dir)

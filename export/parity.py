@@ -35,6 +35,14 @@ def hf_inputs(processor, image: Image.Image, prompt: str):
                                          return_tensors="pt")
 
 
+@torch.no_grad()
+def reference_generate(model, inputs, max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy tokens, and the logits [V] of its first step (one pass over the image, not two)."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out.logits[0][0].float().numpy()
+
+
 def first_logits(vlm, x: np.ndarray) -> np.ndarray:
     """Logits [V] of the language model on prompt embeds x [S, D] from an empty cache."""
     n = len(x)
@@ -66,14 +74,17 @@ def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image
 
     # the vision graph (and tile assembly) on the processor's own pixels, against the PyTorch model
     ref_img = adapter.reference_rows(model, inputs).numpy()
-    if tiles:
-        tiles = dataclasses.replace(tiles, pixels=hf_pixels)
-    our_img = vlm._encode(hf_pixels, {}, tiles)["rows"]
+    if pixel_diff == 0.0:  # the same pixels: the runtime's own encoding of them is the one to compare
+        our_img = state["rows"]
+    else:
+        if tiles:
+            tiles = dataclasses.replace(tiles, pixels=hf_pixels)
+        our_img = vlm._encode(hf_pixels, {}, tiles)["rows"]
     vision_diff = float(np.abs(ref_img - our_img).max()) if ref_img.shape == our_img.shape else float("inf")
     _, embed_tokens, _ = adapter.language_parts(model)
     embed_diff = float(np.abs(embed_tokens(inputs["input_ids"])[0].numpy() - pipeline.embed(vlm.embedder, ids)).max())
 
-    ref_logits = model(**inputs).logits[0, -1].numpy()
+    ref_tokens, ref_logits = reference_generate(model, inputs, max_new_tokens)
     rows = np.nonzero(ids == vlm.manifest.image_token_id)[0]
     logit_diff = float("inf")
     if len(rows) == len(our_img):
@@ -81,7 +92,6 @@ def check(model, processor, adapter, bundle_dir, max_new_tokens: int = 16, image
         logits = first_logits(vlm, x)
         logit_diff = float(np.abs(logits - ref_logits).max())
 
-    ref_tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()
     our_tokens = [r.token for r in vlm.stream(image, prompt, max_tokens=max_new_tokens)]
     return {
         "max_abs_pixel_diff": pixel_diff,

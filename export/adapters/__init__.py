@@ -1,14 +1,14 @@
 """One adapter per model family: everything family-specific lives here."""
 
 from .base import Adapter
-from .fast_vlm import FastVlmAdapter
+from .fast_vlm import FastVlmAdapter, FastVlmAppleAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .mobilevlm import MobileVlmAdapter
 from .smolvlm import SmolVlmAdapter
 
-ADAPTERS: list[Adapter] = [FastVlmAdapter(), LlavaAdapter(), SmolVlmAdapter(), MobileVlmAdapter(),
-                           LlavaOnevisionAdapter()]
+ADAPTERS: list[Adapter] = [FastVlmAdapter(), FastVlmAppleAdapter(), LlavaAdapter(), SmolVlmAdapter(),
+                           MobileVlmAdapter(), LlavaOnevisionAdapter()]
 
 
 def adapter_for(model_type: str) -> Adapter:
@@ -18,4 +18,5 @@ def adapter_for(model_type: str) -> Adapter:
     from edgevlm.errors import ExportError
 
     known = ", ".join(t for a in ADAPTERS for t in a.model_types)
-    raise ExportError(f"no adapter for model_type {model_type!r} (supported: {known})")
+    raise ExportError(f"no adapter for model_type {model_type!r}: it is not supported (supported: {known}; "
+                      "the README lists the verified checkpoints)")

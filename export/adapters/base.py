@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from edgevlm.errors import ExportError
 from edgevlm.manifest import ImageLayout, Preprocess
 
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL / HF PILImageResampling codes
@@ -17,16 +18,23 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     vision_outputs: tuple[str, ...] = ("image_embeds",)  # the vision graph's outputs, image rows first
+    processors: tuple[str, ...] = ()  # the processor classes whose behaviour the adapter reproduces
+
+    def check_processor(self, processor, model_type: str) -> None:
+        name = type(processor).__name__
+        if self.processors and name not in self.processors:
+            raise ExportError(f"model_type {model_type!r} with processor class {name} is not supported (supported: "
+                              f"{', '.join(self.processors)}): check processor_class in processor_config.json")
 
     def load_model(self, hf_dir):
         from transformers import AutoModelForImageTextToText
 
-        return AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
+        return AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False)
 
     def load_processor(self, hf_dir):
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(hf_dir)
+        return AutoProcessor.from_pretrained(hf_dir, trust_remote_code=False)
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [1, 3, H, W] -> image embeds [1, N, D] ready for the language model."""
@@ -56,6 +64,22 @@ class Adapter:
     def reference_rows(self, model, inputs) -> torch.Tensor:
         """The rows the PyTorch model puts in the placeholders for the (one) image in inputs: [N, D]."""
         return self.image_features(model, inputs["pixel_values"])[0]
+
+
+def load_tokenizer(hf_dir):
+    """The class tokenizer_config.json names, loaded without AutoTokenizer reading config.json (a custom-code
+    checkpoint's auto_map there would ask to run its code; its model type is unknown to transformers)."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    cfg = Path(hf_dir) / "tokenizer_config.json"
+    name = json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") if cfg.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.endswith("Tokenizer") else None
+    if cls is not None:
+        return cls.from_pretrained(hf_dir)
+    return transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
 
 
 def _get(obj, key):

@@ -10,6 +10,7 @@ from .base import Adapter
 class LlavaAdapter(Adapter):
     family = "llava"
     model_types = ("llava",)
+    processors = ("LlavaProcessor",)
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = model.config

@@ -15,6 +15,7 @@ from .base import Adapter, tile_preprocess
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
+    processors = ("LlavaOnevisionProcessor",)
     vision_outputs = ("image_embeds", "row_end")
 
     def _tile_rows(self, model, pixel_values):  # [B, 3, S, S] -> [B, n, D]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, load_tokenizer
 
 
 class _Embed(nn.Module):  # token embedding that tolerates the `<image>` id added after the vocabulary
@@ -29,14 +29,14 @@ class MobileVlmAdapter(Adapter):
         return load(hf_dir)
 
     def load_processor(self, hf_dir):
-        from transformers import AutoTokenizer, LlavaProcessor
+        from transformers import LlavaProcessor
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
         from ..mobilevlm import CHAT_TEMPLATE, MobileVlmConfig, tower_config
 
         config = MobileVlmConfig.from_pretrained(hf_dir)
         tower = tower_config(config)
-        tok = AutoTokenizer.from_pretrained(hf_dir)
+        tok = load_tokenizer(hf_dir)
         if "<image>" not in tok.get_vocab():
             tok.add_tokens(["<image>"], special_tokens=True)
         size = tower.image_size

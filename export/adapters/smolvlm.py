@@ -14,6 +14,7 @@ from .base import Adapter, tile_preprocess
 class SmolVlmAdapter(Adapter):
     family = "smolvlm"
     model_types = ("smolvlm", "idefics3")
+    processors = ("SmolVLMProcessor", "Idefics3Processor")
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:  # [1, 3, S, S] -> [1, n, D]
         # The vision transformer's own steps for a full tile (every patch real, so no attention mask), with the
@@ -38,27 +39,41 @@ class SmolVlmAdapter(Adapter):
     def preprocess(self, processor) -> Preprocess:
         ip = processor.image_processor
         if not (ip.do_resize and getattr(ip, "do_image_splitting", True)):
-            raise ExportError("SmolVLM/Idefics3 processors without resizing or image splitting are not supported")
-        tile = int(ip.max_image_size["longest_edge"])
-        return tile_preprocess(ip, tile)
+            raise ExportError("image processors with do_resize or do_image_splitting false are not supported yet "
+                              "(only the split into tiles + a global image)")
+        return tile_preprocess(ip, _longest_edge(ip, "max_image_size"))
 
     def image_layout(self, model, processor, tile_rows: int) -> ImageLayout:
         ip = processor.image_processor
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         side //= model.config.scale_factor
-        fake, glob = processor.fake_image_token, processor.global_image_token
+        # SmolVLMProcessor: global_image_token; Idefics3Processor: global_image_tag
+        glob = getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", None)
+        fake = getattr(processor, "fake_image_token", None)
+        if not (isinstance(glob, str) and isinstance(fake, str)):
+            raise ExportError(f"{type(processor).__name__} names no global-image / fake image token: "
+                              "only SmolVLMProcessor and Idefics3Processor are supported for this family")
         whole = f"{fake}{glob}{{{{ image * tile_tokens }}}}{fake}"
         prompt = (  # exactly the processor's expansion; "\n" as expressions (templates trim block newlines)
             f"{{% if rows == 0 %}}{whole}{{% else %}}{{% for r in range(rows) %}}{{% for c in range(cols) %}}"
             f"{fake}<row_{{{{ r + 1 }}}}_col_{{{{ c + 1 }}}}>{{{{ image * tile_tokens }}}}{{% endfor %}}"
             f"{{{{ '\\n' }}}}{{% endfor %}}{{{{ '\\n' }}}}{whole}{{% endif %}}")
-        return ImageLayout(grid=(side, side), tiling="split", tile_size=int(ip.max_image_size["longest_edge"]),
-                           longest_edge=int(ip.size["longest_edge"]), global_tile="last", prompt=prompt)
+        return ImageLayout(grid=(side, side), tiling="split", tile_size=_longest_edge(ip, "max_image_size"),
+                           longest_edge=_longest_edge(ip, "size"), global_tile="last", prompt=prompt)
 
     def reference_rows(self, model, inputs) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                              pixel_attention_mask=inputs.get("pixel_attention_mask"))
         return out.pooler_output[0]
+
+
+def _longest_edge(ip, field: str) -> int:
+    value = getattr(ip, field, None)
+    edge = value.get("longest_edge") if isinstance(value, dict) else getattr(value, "longest_edge", None)
+    if not isinstance(edge, int) or edge <= 0:
+        raise ExportError(f"image processor {field} {dict(value) if value else value!r} is not supported (it needs "
+                          "longest_edge: tiles are cut by longest edge)")
+    return edge
 
 
 @torch.no_grad()
