@@ -1,0 +1,360 @@
+"""An ONNX bundle -> a model directory for onnxruntime-genai, whose C library (with C#, Java/Kotlin, Objective-C/
+Swift and Python bindings, and ONNX Runtime's execution providers) runs it inside native apps.
+
+onnxruntime-genai's multimodal pipeline is fixed: on the prompt, `vision` turns `pixel_values` into
+`image_features`; on every step, `embedding` turns `(input_ids, image_features)` into `inputs_embeds`; `decoder`
+runs those with a KV cache. The bundle's graphs already use its tensor names; what is written here:
+
+    vision.onnx       the bundle's vision graph, its rows flattened: one tile [1, 3, S, S] -> [n, D]; the pipeline
+                      runs it once per tile of pixel_values [T, 3, S, S] (every tile of every image of the prompt,
+                      in prompt order), stacking the rows -> image_features [T * n, D]
+    embedding.onnx    the bundle's embed graph + a splice: rows of image_features replace the embeddings of the
+                      image-token positions, in order (Equal, NonZero, Transpose, Reshape, ScatterND)
+    decoder.onnx      the bundle's decoder as it is (and any external data files, under their names)
+    genai_config.json the pipeline; tokenizer.json + tokenizer_config.json (a class ort-extensions knows, the chat
+                      template); preprocessing.json: what the app does before `append_tokens` (docs/native-apps.md)
+
+onnxruntime-genai has no image processor for these families: the app resizes, crops and normalizes the image,
+expands each image marker of the rendered prompt into the model's placeholder tokens, and hands `pixel_values`,
+`image_sizes` and `num_image_tokens` to the generator itself. Refused, each with its reason: pre-fusion
+(LLaVA-Mini) bundles, anyres image layouts, static (NPU) bundles and non-ONNX graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm import template, tiling
+from edgevlm.atomic import atomic_dir, check_target, scratch_dir
+from edgevlm.bundle import Bundle, open_bundle
+from edgevlm.errors import ExportError
+from edgevlm.manifest import Manifest
+
+# onnxruntime-genai's model type names a pipeline, not our architecture. "mistral3" (Pixtral's) is its
+# vision -> embedding -> decoder pipeline that runs the vision graph once per image of pixel_values [N, 3, H, W]
+# (sizes in image_sizes [N, 2]), so a tile is a run of the bundle's own graph, with the optimizations ONNX Runtime
+# applies to it in edgevlm (a loop inside the graph would lose its NCHWc convolution layout: features ~3e-6
+# apart). Default position ids; the KV cache can be rewound (which a chat needs when the re-rendered history
+# differs from the tokens the generator holds; "phi3v" cannot).
+PIPELINE = "mistral3"
+CONFIG, CONTRACT = "genai_config.json", "preprocessing.json"
+CONTRACT_FORMAT = "edgevlm-ort-genai-preprocessing"
+_FLAT = "edgevlm_flat"
+_SPLICE = "edgevlm_splice"
+
+
+def unsupported(m: Manifest) -> str | None:
+    """None if the bundle converts, else the one-line reason it cannot run in onnxruntime-genai."""
+    if m.fusion == "prefusion":
+        return ("a pre-fusion (LLaVA-Mini) bundle does not fit onnxruntime-genai's fixed vision -> embedding -> "
+                "decoder pipeline (its text embeddings depend on the image through the pre-fusion layers); "
+                "convert a bundle exported without LLaVA-Mini")
+    if m.is_static:
+        return ("a static (NPU) bundle's decoder takes fixed chunks over a float KV cache of fixed capacity and "
+                "returns only the new positions; onnxruntime-genai drives decoders with growing inputs (or, for "
+                "windowed QNN models, a uint8 KV cache): convert the dynamic bundle of the same checkpoint")
+    if m.image_layout is not None and m.image_layout.tiling == "anyres":
+        return ("an anyres image layout (LLaVA-OneVision) stitches, unpads and shrinks tile features between the "
+                "vision graph and the language model; onnxruntime-genai feeds the vision output straight to the "
+                "embedding graph")
+    for name in ("vision", "embed", "decoder"):
+        comp = m.components.get(name)
+        if comp is None or comp.backend != "onnx":
+            return f"components.{name} is not an ONNX graph (onnxruntime-genai runs ONNX only)"
+    if m.image_layout is not None and m.image_layout.tiling == "split" and tile_patch(m) is None:
+        return ("its tiles' rows do not form a grid that divides the tile size, which onnxruntime-genai needs to "
+                "place each tile's rows")
+    return None
+
+
+def tile_patch(m: Manifest) -> int | None:
+    """Pixels per row of the tile's feature grid along each side (onnxruntime-genai counts a tile's rows as
+    (height / patch) * (width / patch)); None when the rows form no such grid: then one image per prompt."""
+    shape = m.components["vision"].inputs.get("pixel_values") or []
+    grid = m.image_layout.grid if m.image_layout else None
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape) or grid is None:
+        return None
+    (h, w), (gh, gw) = shape[2:], grid
+    if h % gh or w % gw or h // gh != w // gw:
+        return None
+    return h // gh
+
+
+def convert(bundle: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Write the onnxruntime-genai model directory `out` for the ONNX bundle `bundle`; returns the contract
+    (preprocessing.json). `out` appears only when complete (atomically, like a bundle)."""
+    import onnx
+
+    check_target(out, overwrite, marker=CONFIG)
+    b = open_bundle(bundle)
+    m = b.manifest
+    why = unsupported(m)
+    if why:
+        raise ExportError(f"cannot convert {bundle} for onnxruntime-genai: {why}")
+    blobs = {name: b.read(m.components[name].file) for name in ("vision", "embed", "decoder")}
+    graphs = {name: onnx.load_model_from_string(blob) for name, blob in blobs.items()}
+    dim = _last_dim(graphs["embed"].graph.output[0])
+    raw_tok = b.read(m.tokenizer.file).decode("utf-8")
+    files = {"vision.onnx": _vision(graphs["vision"], dim), "embedding.onnx": _embedding(graphs["embed"], m, dim)}
+    tok_config, ids, prepend_bos = _tokenizer(raw_tok, m)
+    contract = contract_for(m, prepend_bos, tok_config["tokenizer_class"])
+    config = genai_config(m, graphs["decoder"], dim, ids, graphs["vision"].graph.input[0].name)
+    with atomic_dir(out, overwrite, marker=CONFIG) as tmp:
+        for name, proto in files.items():
+            onnx.save(proto, str(tmp / name))
+        (tmp / "decoder.onnx").write_bytes(blobs["decoder"])  # as verified
+        for name in ("vision", "embed", "decoder"):  # external data: the graphs' references keep the file names
+            for ref in m.components[name].data_files:
+                _copy(b, ref.file, tmp / ref.file)
+        for name, data in ((CONFIG, config), ("tokenizer_config.json", tok_config), (CONTRACT, contract)):
+            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "tokenizer.json").write_text(raw_tok, encoding="utf-8")
+    return contract
+
+
+def _copy(b: Bundle, rel: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(b.read(rel))  # the verified bytes
+
+
+def _last_dim(value_info) -> int:
+    dims = value_info.type.tensor_type.shape.dim
+    if not dims or not dims[-1].HasField("dim_value"):
+        raise ExportError(f"graph output {value_info.name} has no fixed last dimension")
+    return int(dims[-1].dim_value)
+
+
+# ---- graphs -------------------------------------------------------------------------------------------------
+
+
+def _vision(proto, dim: int):
+    """The vision graph with its rows flattened: pixels [1, 3, S, S] -> image_features [n, D] (onnxruntime-genai
+    runs it once per tile, writing each tile's rows after the previous ones)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    rows = g.output[0].name
+    g.initializer.append(numpy_helper.from_array(np.array([-1, dim], np.int64), f"{_FLAT}/shape"))
+    g.node.append(helper.make_node("Reshape", [rows, f"{_FLAT}/shape"], ["image_features"], name=f"{_FLAT}/reshape"))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["image_tokens", dim]))
+    return _model(proto, g)
+
+
+def _embedding(proto, m: Manifest, dim: int):
+    """The embed graph (input_ids -> inputs_embeds) with image_features [K, D] spliced into the K image-token
+    positions, in order (K = 0 after the prompt: nothing is replaced)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    out, text = g.output[0].name, f"{_SPLICE}/text_embeds"
+    for node in g.node:
+        node.output[:] = [text if x == out else x for x in node.output]
+    for vi in g.value_info:
+        if vi.name == out:
+            vi.name = text
+    p = _SPLICE
+    g.initializer.extend([numpy_helper.from_array(np.array(m.image_token_id, np.int64), f"{p}/image_token_id"),
+                          numpy_helper.from_array(np.array([-1, dim], np.int64), f"{p}/flat")])
+    g.input.append(helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["image_tokens", dim]))
+    g.node.extend([
+        helper.make_node("Equal", [g.input[0].name, f"{p}/image_token_id"], [f"{p}/is_image"]),
+        helper.make_node("NonZero", [f"{p}/is_image"], [f"{p}/where"]),  # [2, K]: (batch, position) pairs
+        helper.make_node("Transpose", [f"{p}/where"], [f"{p}/index"], perm=[1, 0]),
+        helper.make_node("Reshape", ["image_features", f"{p}/flat"], [f"{p}/rows"]),
+        helper.make_node("ScatterND", [text, f"{p}/index", f"{p}/rows"], [out]),
+    ])
+    return _model(proto, g)
+
+
+def _model(like, graph):
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=list(like.opset_import), producer_name="edgevlm")
+    model.ir_version = like.ir_version
+    model.functions.extend(like.functions)
+    return model
+
+
+# ---- configuration ------------------------------------------------------------------------------------------
+
+
+def genai_config(m: Manifest, decoder, dim: int, ids: dict[str, int], pixel_name: str = "pixel_values") -> dict:
+    """genai_config.json: the three graphs, their tensor names and the decoder's dimensions. `ids`: special
+    token -> id; `pixel_name`: the vision graph's input."""
+    kv = m.components["decoder"].kv
+    gqa = [n for n in decoder.graph.node if n.op_type == "GroupQueryAttention"]
+    heads = next((a.i for a in gqa[0].attribute if a.name == "num_heads"), None) if gqa else None
+    vocab = _last_dim(next(o for o in decoder.graph.output if o.name == "logits"))
+    eos = list(m.generation.eos_token_ids)
+    bos, pad = (ids.get(m.special_tokens.get(k, ""), eos[0]) for k in ("bos_token", "pad_token"))
+    decoder_io = {
+        "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": _per_layer(kv.past, "key"), "past_value_names": _per_layer(kv.past, "value")},
+        "outputs": {"logits": "logits", "present_key_names": _per_layer(kv.present, "key"),
+                    "present_value_names": _per_layer(kv.present, "value")}}
+    return {
+        "model": {
+            "type": PIPELINE, "context_length": m.generation.context_length, "vocab_size": vocab,
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "image_token_id": m.image_token_id,
+            "decoder": {"filename": "decoder.onnx", "session_options": {"log_id": "edgevlm", "provider_options": []},
+                        "hidden_size": dim, "head_size": kv.head_dim, "num_key_value_heads": kv.heads,
+                        "num_attention_heads": int(heads or dim // kv.head_dim),
+                        "num_hidden_layers": m.components["decoder"].num_layers, **decoder_io},
+            "embedding": {"filename": "embedding.onnx",
+                          "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+                          "outputs": {"inputs_embeds": "inputs_embeds"}},
+            "vision": {"filename": "vision.onnx", "patch_size": tile_patch(m) or 1, "spatial_merge_size": 1,
+                       "inputs": {"pixel_values": pixel_name, "image_sizes": "image_sizes"},
+                       "outputs": {"image_features": "image_features"}},
+        },
+        # a GroupQueryAttention decoder extends its KV cache in place (one buffer of max_length positions)
+        "search": {"do_sample": False, "num_beams": 1, "top_k": 1, "max_length": m.generation.context_length,
+                   "past_present_share_buffer": bool(gqa)},
+    }
+
+
+def _per_layer(pattern: str, part: str) -> str:
+    """The manifest's "past_key_values.%d.%s" -> onnxruntime-genai's "past_key_values.%d.key"."""
+    name = pattern.replace("%d", "\x00") % part
+    if name.replace("\x00", "0") != pattern % (0, part):
+        raise ExportError(f"KV name pattern {pattern!r} is not of the form '...%d...%s...'")
+    return name.replace("\x00", "%d")
+
+
+def _tokenizer(raw: str, m: Manifest) -> tuple[dict, dict[str, int], int | None]:
+    """-> (tokenizer_config.json, special token -> id, the token id the app prepends or None). ort-extensions
+    reads tokenizer.json itself; the class tells it the format: byte-level BPE, or SentencePiece-style BPE."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(raw)
+    tok = Tokenizer.from_str(raw)
+    ids = {t: tok.token_to_id(t) for t in m.special_tokens.values() if tok.token_to_id(t) is not None}
+    sentencepiece = "Metaspace" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")]) or \
+        "\u2581" in json.dumps(spec.get("normalizer"))
+    config = {"tokenizer_class": "LlamaTokenizer" if sentencepiece else "GPT2Tokenizer",
+              "chat_template": minja_template(m), "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": m.generation.context_length,
+              **{k: v for k, v in m.special_tokens.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")}}
+    # edgevlm (as transformers' apply_chat_template) lets the tokenizer add its special tokens unless the rendered
+    # prompt starts with the BOS text; onnxruntime-genai's encode adds none, so the app prepends what would be added
+    bos = m.special_tokens.get("bos_token")
+    probe = template.render(m.chat_template, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                            add_generation_prompt=True, **m.special_tokens)
+    added = tok.encode("hi", add_special_tokens=True).ids
+    plain = tok.encode("hi", add_special_tokens=False).ids
+    prepend = None
+    if not (bos and probe.startswith(bos)) and len(added) > len(plain) and added[1:] == plain:
+        prepend = added[0]
+    return config, ids, prepend
+
+
+# onnxruntime-genai's template engine (minja) has the str methods capitalize() and title() but not those filters,
+# and no upper at all: `x | capitalize` becomes `x.capitalize()`, an upper-cased role name a lookup
+_OPERAND = r"((?:[A-Za-z_]\w*|'[^'\\]*'|\"[^\"\\]*\")(?:\[[^\[\]]*\]|\.[A-Za-z_]\w*)*)"
+_ROLES = "{'system': 'SYSTEM', 'user': 'USER', 'assistant': 'ASSISTANT'}"
+_ROLE = r"([A-Za-z_]\w*(?:\[[^\[\]]*\]|\.[A-Za-z_]\w*)*?(?:\['role'\]|\[\"role\"\]|\.role))"
+_REWRITES = [
+    (re.compile(_OPERAND + r"\s*\|\s*(capitalize|title)\b(?!\s*\()"), lambda g: f"{g.group(1)}.{g.group(2)}()"),
+    (re.compile(_ROLE + r"(?:\s*\|\s*upper\b(?!\s*\()|\.upper\(\))"), lambda g: f"{_ROLES}[{g.group(1)}]"),
+]
+_PROBES = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+           [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+            {"role": "user", "content": [{"type": "text", "text": "And?"}]}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]]
+
+
+def minja_template(m: Manifest) -> str:
+    """The chat template in what onnxruntime-genai's template engine runs (see _REWRITES); kept as it is unless
+    both render the same on probe chats."""
+    src = new = m.chat_template
+    for pattern, write in _REWRITES:
+        new = pattern.sub(write, new)
+    if new == src:
+        return src
+    for messages in _PROBES:
+        for gen in (True, False):
+            try:
+                a = template.render(src, messages, add_generation_prompt=gen, **m.special_tokens)
+            except Exception:  # the template refuses this conversation (e.g. no system role): nothing to compare
+                continue
+            if template.render(new, messages, add_generation_prompt=gen, **m.special_tokens) != a:
+                return src
+    return new
+
+
+def placeholders(m: Manifest) -> dict[str, list]:
+    """The text that replaces one image marker, per tile grid ("RxC"; "0x0": the image is one tile), as segments:
+    {"text": s} as it is, {"image_tokens": n} for n copies of the image token."""
+    lay = m.image_layout
+    if lay is None or lay.tiling == "none":
+        return {"0x0": [{"image_tokens": m.image_tokens}]}
+    most = -(-lay.longest_edge // lay.tile_size)  # tiles per side of the largest split
+    grids = [(0, 0)] + [(r, c) for r in range(1, most + 1) for c in range(1, most + 1)]
+    out = {}
+    for r, c in grids:
+        n = m.image_tokens * (r * c + 1 if r else 1)
+        text = tiling.placeholder(lay, "\x00", r, c, m.image_tokens, n)
+        out[f"{r}x{c}"] = _segments(text)
+    return out
+
+
+def _segments(text: str) -> list[dict]:
+    parts, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and (text[j] == "\x00") == (text[i] == "\x00"):
+            j += 1
+        parts.append({"image_tokens": j - i} if text[i] == "\x00" else {"text": text[i:j]})
+        i = j
+    return parts
+
+
+def contract_for(m: Manifest, prepend_bos: int | None, tokenizer_class: str) -> dict:
+    """preprocessing.json: everything an app does between a picture + a question and the generator (the guide,
+    docs/native-apps.md, says how)."""
+    lay = m.image_layout
+    tiles = None
+    if lay is not None and lay.tiling == "split":
+        tiles = {"kind": "split", "tile_size": lay.tile_size, "longest_edge": lay.longest_edge,
+                 "global_tile": lay.global_tile, "max_side": tiling.MAX_SIDE}
+    shape = list(m.components["vision"].inputs.get("pixel_values") or [])
+    return {
+        "format": CONTRACT_FORMAT, "version": 1, "family": m.family, "quant": m.quant.scheme,
+        "preprocess": dataclasses.asdict(m.preprocess),
+        "tiling": tiles,
+        "tile": {"shape": shape[1:], "rows": m.image_tokens},
+        "images": {"per_conversation": None if tile_patch(m) else 1, "turn": "first"},
+        "prompt": {"image_marker": m.image_token, "image_token": m.image_token, "image_token_id": m.image_token_id,
+                   "placeholders": placeholders(m), "prepend_token_id": prepend_bos,
+                   "tokenizer_class": tokenizer_class},
+        "model_inputs": {"pixel_values": "float32 [T, 3, S, S]: every tile of every image, in prompt order",
+                         "image_sizes": "int64 [T, 2]: (S, S) for every tile",
+                         "num_image_tokens": "int64 [1]: how many image tokens the prompt holds"},
+        "generation": {"eos_token_ids": list(m.generation.eos_token_ids),
+                       "context_length": m.generation.context_length,
+                       "max_new_tokens": m.generation.max_new_tokens},
+    }
+
+
+def export_ort_genai(hf_dir: str | os.PathLike | None, out: str | os.PathLike, *,
+                     base_bundle: str | os.PathLike | None = None, overwrite: bool = False, **export_kw) -> dict:
+    """`edgevlm export --format ort-genai`: convert `base_bundle` (any ONNX bundle, e.g. a quantized one), or
+    first export `hf_dir` to an ONNX bundle (with its parity check) in a scratch directory."""
+    if base_bundle is not None:
+        return convert(base_bundle, out, overwrite=overwrite)
+    from .exporter import export  # torch is imported only here
+
+    check_target(out, overwrite, marker=CONFIG)
+    with scratch_dir(out) as work:
+        export(hf_dir, work / "bundle", **export_kw)
+        return convert(work / "bundle", out, overwrite=overwrite)
