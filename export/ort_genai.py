@@ -56,9 +56,10 @@ def unsupported(m: Manifest) -> str | None:
                 "decoder pipeline (its text embeddings depend on the image through the pre-fusion layers); "
                 "convert a bundle exported without LLaVA-Mini")
     if m.is_static:
-        return ("a static (NPU) bundle's decoder takes fixed chunks over a float KV cache of fixed capacity and "
-                "returns only the new positions; onnxruntime-genai drives decoders with growing inputs (or, for "
-                "windowed QNN models, a uint8 KV cache): convert the dynamic bundle of the same checkpoint")
+        return ("a static (NPU) bundle's graphs take fixed chunks, but onnxruntime-genai's multimodal pipeline "
+                "embeds and prefills the whole prompt in one call, and its windowed (QNN-style) KV cache needs uint8 "
+                "caches in its own layout and exists only in its text-only pipeline: convert the dynamic bundle of "
+                "the same checkpoint")
     if m.image_layout is not None and m.image_layout.tiling == "anyres":
         return ("an anyres image layout (LLaVA-OneVision) stitches, unpads and shrinks tile features between the "
                 "vision graph and the language model; onnxruntime-genai feeds the vision output straight to the "
@@ -102,8 +103,8 @@ def convert(bundle: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     dim = _last_dim(graphs["embed"].graph.output[0])
     raw_tok = b.read(m.tokenizer.file).decode("utf-8")
     files = {"vision.onnx": _vision(graphs["vision"], dim), "embedding.onnx": _embedding(graphs["embed"], m, dim)}
-    tok_config, ids, prepend_bos = _tokenizer(raw_tok, m)
-    contract = contract_for(m, prepend_bos, tok_config["tokenizer_class"])
+    tok_config, ids, tok_info = _tokenizer(raw_tok, m)
+    contract = contract_for(m, tok_info)
     config = genai_config(m, graphs["decoder"], dim, ids, graphs["vision"].graph.input[0].name)
     with atomic_dir(out, overwrite, marker=CONFIG) as tmp:
         for name, proto in files.items():
@@ -228,31 +229,41 @@ def _per_layer(pattern: str, part: str) -> str:
     return name.replace("\x00", "%d")
 
 
-def _tokenizer(raw: str, m: Manifest) -> tuple[dict, dict[str, int], int | None]:
-    """-> (tokenizer_config.json, special token -> id, the token id the app prepends or None). ort-extensions
-    reads tokenizer.json itself; the class tells it the format: byte-level BPE, or SentencePiece-style BPE."""
+def tokenizer_class(spec: dict) -> tuple[str, bool]:
+    """tokenizer.json -> (the class that tells ort-extensions its format, whether ort-extensions encodes it as
+    `tokenizers` does). Exact: byte-level BPE (GPT-2, Qwen2, SmolLM) and SentencePiece-converted BPE with byte
+    fallback (Llama-2: a normalizer writes the spaces as U+2581). Not exact: a Metaspace pre-tokenizer (it
+    prepends U+2581 to the first word only), and without byte fallback ort-extensions drops characters outside
+    the vocabulary where `tokenizers` writes <unk>."""
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if "ByteLevel" in json.dumps(pre):
+        return "GPT2Tokenizer", True
+    if "Metaspace" in json.dumps([pre, spec.get("decoder")]) or "\u2581" in json.dumps(spec.get("normalizer")):
+        return "LlamaTokenizer", not pre and bool(model.get("byte_fallback"))
+    return "GPT2Tokenizer", False
+
+
+def _tokenizer(raw: str, m: Manifest) -> tuple[dict, dict[str, int], dict]:
+    """-> (tokenizer_config.json, special token -> id, the contract's tokenizer section)."""
     from tokenizers import Tokenizer
 
-    spec = json.loads(raw)
     tok = Tokenizer.from_str(raw)
     ids = {t: tok.token_to_id(t) for t in m.special_tokens.values() if tok.token_to_id(t) is not None}
-    sentencepiece = "Metaspace" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")]) or \
-        "\u2581" in json.dumps(spec.get("normalizer"))
-    config = {"tokenizer_class": "LlamaTokenizer" if sentencepiece else "GPT2Tokenizer",
-              "chat_template": minja_template(m), "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "model_max_length": m.generation.context_length,
+    cls, exact = tokenizer_class(json.loads(raw))
+    config = {"tokenizer_class": cls, "chat_template": minja_template(m.chat_template, m.special_tokens),
+              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": m.generation.context_length,
               **{k: v for k, v in m.special_tokens.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")}}
     # edgevlm (as transformers' apply_chat_template) lets the tokenizer add its special tokens unless the rendered
     # prompt starts with the BOS text; onnxruntime-genai's encode adds none, so the app prepends what would be added
     bos = m.special_tokens.get("bos_token")
     probe = template.render(m.chat_template, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                             add_generation_prompt=True, **m.special_tokens)
-    added = tok.encode("hi", add_special_tokens=True).ids
-    plain = tok.encode("hi", add_special_tokens=False).ids
+    added, plain = (tok.encode("hi", add_special_tokens=flag).ids for flag in (True, False))
     prepend = None
     if not (bos and probe.startswith(bos)) and len(added) > len(plain) and added[1:] == plain:
         prepend = added[0]
-    return config, ids, prepend
+    return config, ids, {"class": cls, "ort_extensions_exact": exact, "prepend_token_id": prepend}
 
 
 # onnxruntime-genai's template engine (minja) has the str methods capitalize() and title() but not those filters,
@@ -273,10 +284,10 @@ _PROBES = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]]
 
 
-def minja_template(m: Manifest) -> str:
-    """The chat template in what onnxruntime-genai's template engine runs (see _REWRITES); kept as it is unless
-    both render the same on probe chats."""
-    src = new = m.chat_template
+def minja_template(src: str, variables: dict[str, str]) -> str:
+    """The chat template `src` in what onnxruntime-genai's template engine runs (see _REWRITES); kept as it is
+    unless both render the same on probe chats (`variables`: the special tokens the template sees)."""
+    new = src
     for pattern, write in _REWRITES:
         new = pattern.sub(write, new)
     if new == src:
@@ -284,10 +295,10 @@ def minja_template(m: Manifest) -> str:
     for messages in _PROBES:
         for gen in (True, False):
             try:
-                a = template.render(src, messages, add_generation_prompt=gen, **m.special_tokens)
+                a = template.render(src, messages, add_generation_prompt=gen, **variables)
             except Exception:  # the template refuses this conversation (e.g. no system role): nothing to compare
                 continue
-            if template.render(new, messages, add_generation_prompt=gen, **m.special_tokens) != a:
+            if template.render(new, messages, add_generation_prompt=gen, **variables) != a:
                 return src
     return new
 
@@ -319,7 +330,7 @@ def _segments(text: str) -> list[dict]:
     return parts
 
 
-def contract_for(m: Manifest, prepend_bos: int | None, tokenizer_class: str) -> dict:
+def contract_for(m: Manifest, tokenizer: dict) -> dict:
     """preprocessing.json: everything an app does between a picture + a question and the generator (the guide,
     docs/native-apps.md, says how)."""
     lay = m.image_layout
@@ -335,8 +346,8 @@ def contract_for(m: Manifest, prepend_bos: int | None, tokenizer_class: str) -> 
         "tile": {"shape": shape[1:], "rows": m.image_tokens},
         "images": {"per_conversation": None if tile_patch(m) else 1, "turn": "first"},
         "prompt": {"image_marker": m.image_token, "image_token": m.image_token, "image_token_id": m.image_token_id,
-                   "placeholders": placeholders(m), "prepend_token_id": prepend_bos,
-                   "tokenizer_class": tokenizer_class},
+                   "placeholders": placeholders(m), "prepend_token_id": tokenizer["prepend_token_id"]},
+        "tokenizer": {"class": tokenizer["class"], "ort_extensions_exact": tokenizer["ort_extensions_exact"]},
         "model_inputs": {"pixel_values": "float32 [T, 3, S, S]: every tile of every image, in prompt order",
                          "image_sizes": "int64 [T, 2]: (S, S) for every tile",
                          "num_image_tokens": "int64 [1]: how many image tokens the prompt holds"},
