@@ -27,7 +27,8 @@ def tokenizer_class(spec: dict) -> tuple[str, bool]:
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     if "ByteLevel" in json.dumps(pre):
         return "GPT2Tokenizer", True
-    if "Metaspace" in json.dumps([pre, spec.get("decoder")]) or "\u2581" in json.dumps(spec.get("normalizer")):
+    spaces = json.dumps(spec.get("normalizer"), ensure_ascii=False)  # SentencePiece: " " written as U+2581
+    if "Metaspace" in json.dumps([pre, spec.get("decoder")]) or "\u2581" in spaces:
         return "LlamaTokenizer", not pre and bool(model.get("byte_fallback"))
     return "GPT2Tokenizer", False
 
