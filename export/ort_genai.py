@@ -100,6 +100,10 @@ def convert(bundle: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     graphs = {name: onnx.load_model_from_string(blob) for name, blob in blobs.items()}
     dim = _last_dim(graphs["embed"].graph.output[0])
     raw_tok = b.read(m.tokenizer.file).decode("utf-8")
+    types = [graphs[name].graph.output[0].type.tensor_type.elem_type for name in ("vision", "embed")]
+    if types[0] != types[1]:
+        raise ExportError(f"the vision graph's rows ({onnx.helper.tensor_dtype_to_np_dtype(types[0])}) and the "
+                          f"token embeddings ({onnx.helper.tensor_dtype_to_np_dtype(types[1])}) differ in type")
     files = {"vision.onnx": _vision(graphs["vision"], dim), "embedding.onnx": _embedding(graphs["embed"], m, dim)}
     tok_config, ids, tok_info = tokenizer_files(raw_tok, m)
     contract = contract_for(m, tok_info, tile_patch(m))
@@ -135,33 +139,40 @@ def _last_dim(value_info) -> int:
 def _vision(proto, dim: int):
     """The vision graph with its rows flattened: pixels [1, 3, S, S] -> image_features [n, D] (onnxruntime-genai
     runs it once per tile, writing each tile's rows after the previous ones)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = proto.graph
-    rows = g.output[0].name
+    rows, dtype = f"{_FLAT}/rows", g.output[0].type.tensor_type.elem_type
+    _rename(g, g.output[0].name, rows)
     g.initializer.append(numpy_helper.from_array(np.array([-1, dim], np.int64), f"{_FLAT}/shape"))
     g.node.append(helper.make_node("Reshape", [rows, f"{_FLAT}/shape"], ["image_features"], name=f"{_FLAT}/reshape"))
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["image_tokens", dim]))
+    g.output.append(helper.make_tensor_value_info("image_features", dtype, ["image_tokens", dim]))
     return _model(proto, g)
+
+
+def _rename(g, old: str, new: str) -> None:
+    """Rename the value `old` (a node output) to `new` wherever the graph uses it."""
+    for node in g.node:
+        node.output[:] = [new if x == old else x for x in node.output]
+        node.input[:] = [new if x == old else x for x in node.input]
+    for vi in g.value_info:
+        if vi.name == old:
+            vi.name = new
 
 
 def _embedding(proto, m: Manifest, dim: int):
     """The embed graph (input_ids -> inputs_embeds) with image_features [K, D] spliced into the K image-token
     positions, in order (K = 0 after the prompt: nothing is replaced)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = proto.graph
-    out, text = g.output[0].name, f"{_SPLICE}/text_embeds"
-    for node in g.node:
-        node.output[:] = [text if x == out else x for x in node.output]
-    for vi in g.value_info:
-        if vi.name == out:
-            vi.name = text
+    out, text, dtype = g.output[0].name, f"{_SPLICE}/text_embeds", g.output[0].type.tensor_type.elem_type
+    _rename(g, out, text)
     p = _SPLICE
     g.initializer.extend([numpy_helper.from_array(np.array(m.image_token_id, np.int64), f"{p}/image_token_id"),
                           numpy_helper.from_array(np.array([-1, dim], np.int64), f"{p}/flat")])
-    g.input.append(helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["image_tokens", dim]))
+    g.input.append(helper.make_tensor_value_info("image_features", dtype, ["image_tokens", dim]))
     g.node.extend([
         helper.make_node("Equal", [g.input[0].name, f"{p}/image_token_id"], [f"{p}/is_image"]),
         helper.make_node("NonZero", [f"{p}/is_image"], [f"{p}/where"]),  # [2, K]: (batch, position) pairs

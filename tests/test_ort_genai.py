@@ -119,6 +119,20 @@ class App:
         return self.run(self.generator(ids, [px], len(ids) + max_new), ids, max_new), len(ids)
 
 
+def compose(fmt: dict, messages: list[dict]) -> str:
+    """preprocessing.json's chat_format: the conversation as plain strings (apps without a template engine)."""
+    def text(msg):
+        return next(p["text"] for p in msg["content"] if p["type"] == "text")
+
+    users = [x for x in messages if x["role"] == "user"]
+    answers = [text(x) for x in messages if x["role"] == "assistant"]
+    first = fmt["first"] if users[0]["content"][0]["type"] == "image" else fmt["first_text_only"]
+    out = first[0] + text(users[0]) + first[1]
+    for answer, user in zip(answers, users[1:]):
+        out += fmt["answer_before"] + answer + fmt["next"][0] + text(user) + fmt["next"][1]
+    return out
+
+
 def edgevlm_tokens(vlm, image, question, max_new) -> tuple[list[int], str, int]:
     rs = list(vlm.stream(image, question, max_tokens=max_new))
     return [r.token for r in rs], "".join(r.text for r in rs), rs[0].prompt_tokens
@@ -168,7 +182,7 @@ def test_multi_turn_chat_reuses_the_kv_cache(og, ref, tmp_path):
     eos = set(vlm.manifest.generation.eos_token_ids)
     ctx = vlm.manifest.generation.context_length
     exs = list(shapes.examples(shapes.TEST_SEED + 2, 16, split="eval"))
-    same = turns = appended = rewinds = 0
+    same = turns = appended = rewinds = composed = 0
     for c in range(4):  # three turns on one generator: each turn appends only what follows its history
         chat, gen, messages = vlm.chat(), None, []
         image = exs[4 * c].image
@@ -177,6 +191,8 @@ def test_multi_turn_chat_reuses_the_kv_cache(og, ref, tmp_path):
             want = [r.token for r in chat.stream(q, image=image if j == 0 else None, max_tokens=24)]
             messages.append({"role": "user", "content": [{"type": "image"}] * (j == 0) + [{"type": "text", "text": q}]})
             ids = app.prompt_ids(messages, ["0x0"])
+            composed += compose(app.spec["chat_format"], messages) == app.tok.apply_chat_template(
+                json.dumps(messages), add_generation_prompt=True)
             if gen is None:
                 gen, new = app.generator(ids, [app.pixels(load_image(image))[0]], ctx), ids
             else:
@@ -201,8 +217,9 @@ def test_multi_turn_chat_reuses_the_kv_cache(og, ref, tmp_path):
         same += got == want
         turns += 1
     print(f"multi-turn: {same}/{turns} turns identical (4 chats x 3 turns on one generator each, {appended} tokens "
-          f"appended, {rewinds} rewinds; + 4 later-image turns)")
-    assert same == turns == 16
+          f"appended, {rewinds} rewinds; + 4 later-image turns); chat_format composes the template's text "
+          f"{composed}/12")
+    assert same == turns == 16 and composed == 12
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -212,8 +229,8 @@ def test_tiny_checkpoint_of_each_family(name, og, ref, bundle, tmp_path):
     vlm = edgevlm.load(b, threads=1)
     m = vlm.manifest
     outs, same, ids_same, grids = [], 0, 0, []
-    for k in range(3):
-        img = scene(k, (160 + 37 * k, 120 + 20 * k))
+    for k, size in enumerate([(160, 120), (200, 64), (64, 130)]):  # landscape, wide, tall: several tile grids
+        img = scene(k, size)
         rgb = load_image(img)
         want, _, want_len = edgevlm_tokens(vlm, img, "what color is the star?", 12)
         got, got_len = app.ask(rgb, "what color is the star?", 12)
@@ -221,6 +238,7 @@ def test_tiny_checkpoint_of_each_family(name, og, ref, bundle, tmp_path):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the star?"}]}]
         rendered = app.tok.apply_chat_template(json.dumps(msgs), add_generation_prompt=True)
         assert rendered == template.render(m.chat_template, msgs, add_generation_prompt=True, **m.special_tokens)
+        assert compose(app.spec["chat_format"], msgs) == rendered
         same += got == want and got_len == want_len
         outs.append(tuple(got))
     if app.own is None:  # onnxruntime-genai's own tokenizer made the prompts: compare with `tokenizers`
