@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,16 @@ def og():
     return onnxruntime_genai
 
 
+def _guide_block(first_line: str) -> str:
+    text = (ROOT / "docs" / "native-apps.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(" + re.escape(first_line) + r".*?)```", text, re.S).group(1)
+
+
 @pytest.fixture(scope="module")
 def ref():
     """The numpy reference implementation of docs/native-apps.md, run as written there."""
-    text = (ROOT / "docs" / "native-apps.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(# reference: preprocessing\n.*?)```", text, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "docs/native-apps.md", "exec"), namespace)
+    exec(compile(_guide_block("# reference: preprocessing\n"), "docs/native-apps.md", "exec"), namespace)
     return namespace
 
 
@@ -164,6 +168,14 @@ def test_demo_answers_identical(og, ref, tmp_path):
     same, text_same, total = _parity(og, ref, ASSETS / "shapes-fastvlm", tmp_path / "demo", 120, shapes.TEST_SEED,
                                      "demo (fp32)")
     assert total == 120 and same == total and text_same == total
+    # the guide's Python calls, as printed there
+    vlm = edgevlm.load(ASSETS / "shapes-fastvlm", threads=1)
+    for ex in list(shapes.examples(shapes.TEST_SEED + 4, 3, split="eval")):
+        code = _guide_block("import json, numpy as np, onnxruntime_genai as og\n")
+        code = code.replace("my-model-genai", str(tmp_path / "demo")).replace("What color is the star?", ex.question)
+        namespace = dict(ref, rgb=load_image(ex.image))
+        exec(compile(code, "docs/native-apps.md", "exec"), namespace)
+        assert namespace["answer"] == vlm.generate(ex.image, ex.question, max_tokens=64)
 
 
 def test_int4_bundle_answers_identical(og, ref, tmp_path):
@@ -174,6 +186,27 @@ def test_int4_bundle_answers_identical(og, ref, tmp_path):
     assert edgevlm.load(q, warmup=False).manifest.quant.scheme == "int4"
     same, text_same, total = _parity(og, ref, q, tmp_path / "int4-genai", 100, shapes.TEST_SEED + 1, "demo int4")
     assert total == 100 and same == total and text_same == total
+
+
+def test_graphs_with_external_data(og, ref, tmp_path):
+    """Large models keep their weights beside the graphs: the converted graphs still find them."""
+    import onnx
+
+    from edgevlm.bundle import sha256_file
+
+    b = tmp_path / "external"
+    shutil.copytree(ASSETS / "shapes-fastvlm", b)
+    m = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
+    for name, comp in m["components"].items():
+        data = comp["file"] + ".data"
+        onnx.save(onnx.load(str(b / comp["file"])), str(b / comp["file"]), save_as_external_data=True,
+                  all_tensors_to_one_file=True, location=data, size_threshold=1024)
+        comp.update(sha256=sha256_file(b / comp["file"]), data_files=[{"file": data, "sha256": sha256_file(b / data)}])
+    (b / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    same, text_same, total = _parity(og, ref, b, tmp_path / "genai", 30, shapes.TEST_SEED + 3, "external data")
+    assert sorted(p.name for p in (tmp_path / "genai").glob("*.data")) == ["decoder.onnx.data", "embed.onnx.data",
+                                                                            "vision.onnx.data"]
+    assert same == text_same == total == 30
 
 
 def test_multi_turn_chat_reuses_the_kv_cache(og, ref, tmp_path):
