@@ -1,4 +1,5 @@
-"""`edgevlm export --from HF_DIR --to BUNDLE`: checkpoint -> bundle, with a parity check."""
+"""`edgevlm export --from HF_DIR --to BUNDLE`: checkpoint -> bundle, with a parity check; `--format ort-genai`
+also converts an existing ONNX bundle (`--bundle B`) into a model directory for onnxruntime-genai."""
 
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ def parser() -> argparse.ArgumentParser:
         "Export a VLM checkpoint (FastVLM in transformers' or Apple's layout, LLaVA, LLaVA-OneVision, SmolVLM / "
         "Idefics3, MobileVLM) to an edgevlm bundle. "
         "A parity check against PyTorch runs after the export and its figures go into the manifest."))
-    p.add_argument("--from", dest="src", required=True, metavar="HF_DIR", help=(
+    p.add_argument("--from", dest="src", metavar="HF_DIR", help=(
         "checkpoint directory, or a Hugging Face hub id (org/name[@revision]) resolved through huggingface_hub's "
-        "cache: downloaded when online, read from the cache with HF_HUB_OFFLINE=1"))
+        "cache: downloaded when online, read from the cache with HF_HUB_OFFLINE=1 (--format ort-genai: or "
+        "--bundle)"))
     p.add_argument("--to", dest="dst", required=True, metavar="BUNDLE", help="bundle directory to write")
-    p.add_argument("--format", choices=["onnx", "gguf", "coreml"], default="onnx", help=(
+    p.add_argument("--format", choices=["onnx", "gguf", "coreml", "ort-genai"], default="onnx", help=(
         "onnx: every graph in ONNX; gguf: vision in ONNX, the language model as GGUF run by llama.cpp; "
-        "coreml: CoreML mlpackages next to the ONNX bundle (default: onnx)"))
+        "coreml: CoreML mlpackages next to the ONNX bundle; ort-genai: a model directory for onnxruntime-genai "
+        "(native apps: C, C#, Java/Kotlin, Objective-C/Swift), from --bundle B (any ONNX bundle, quantized too) "
+        "or from --from HF_DIR (exported first); see docs/native-apps.md (default: onnx)"))
     p.add_argument("--gguf-quant", choices=["F32", "Q8_0", "Q4_0", "Q4_K_M"], default="F32",
                    help="--format gguf: llama.cpp quantization of the language model (default: F32)")
     p.add_argument("--bundle", dest="base", metavar="B", help=(
         "--format gguf/coreml: reuse the vision graph of this ONNX bundle of the same checkpoint "
-        "instead of exporting it again"))
+        "instead of exporting it again; --format ort-genai: the ONNX bundle to convert"))
     p.add_argument("--coreml-quant", choices=["none", "int8", "int4", "palette4", "palette6"], default="none",
                    help="--format coreml: weight compression (linear int8/int4 or k-means palettes)")
     p.add_argument("--static", action="store_true", help=(
@@ -52,10 +56,16 @@ def parser() -> argparse.ArgumentParser:
 @one_line_errors
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.static and args.format != "onnx":
-        from edgevlm.errors import ArgumentError
+    from edgevlm.errors import ArgumentError
 
+    if args.static and args.format != "onnx":
         raise ArgumentError("--static applies to --format onnx only")
+    if args.format == "ort-genai" and (args.src is None) == (args.base is None):
+        raise ArgumentError("--format ort-genai takes one of --from HF_DIR and --bundle B")
+    if args.format != "ort-genai" and args.src is None:
+        raise ArgumentError("--from HF_DIR is required")
+    if args.format == "ort-genai":
+        return _ort_genai(args)
     requires("export", "export")
     if args.format in ("gguf", "coreml"):
         requires(f"export --format {args.format}", args.format)
@@ -79,4 +89,16 @@ def main(argv=None) -> int:
         m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
                    max_logit_diff=args.max_logit_diff, static=static, decoder=args.decoder)
     print(f"wrote {args.dst} ({m.family}, {m.quant.scheme}); parity: {json.dumps(m.source.parity)}")
+    return 0
+
+
+def _ort_genai(args) -> int:
+    requires("export --format ort-genai", "export", ("onnx",) if args.base else None)
+    from edgevlm.export.ort_genai import export_ort_genai
+
+    spec = export_ort_genai(args.src, args.dst, base_bundle=args.base, overwrite=args.force,
+                            parity_tokens=args.parity_tokens, max_logit_diff=args.max_logit_diff,
+                            decoder=args.decoder)
+    print(f"wrote {args.dst} (onnxruntime-genai; {spec['family']}, {spec['quant']}); the app's part: "
+          f"{args.dst}/preprocessing.json and docs/native-apps.md")
     return 0

@@ -50,19 +50,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *,
-               error: type[EdgeVLMError] = ExportError) -> Iterator[Path]:
+               error: type[EdgeVLMError] = ExportError, marker: str = MANIFEST) -> Iterator[Path]:
     """Yield an empty temp dir next to `out`; when the block completes it becomes `out` (an existing `out`
-    is replaced only with overwrite=True, and only if it is a bundle or empty). On any exception it is removed.
-    `error` is the edgevlm error type raised for a refused target."""
+    is replaced only with overwrite=True, and only if it is empty or holds `marker`: a bundle's manifest, or the
+    file that names another kind of model directory). On any exception it is removed. `error` is the edgevlm
+    error type raised for a refused target."""
     out = Path(out)
-    check_target(out, overwrite, error)
+    check_target(out, overwrite, error, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = _mkdtemp(out)
     try:
         yield tmp
         _fsync_tree(tmp)  # durable before it becomes visible
-        check_target(out, overwrite, error)  # the target may have appeared while we worked
+        check_target(out, overwrite, error, marker)  # the target may have appeared while we worked
         old = None
         if out.is_symlink() or out.is_file():
             out.unlink()
@@ -136,16 +137,19 @@ def _mkdtemp(out: Path) -> Path:
     return tmp
 
 
-def check_target(out: str | os.PathLike, overwrite: bool, error: type[EdgeVLMError] = ExportError) -> None:
-    """Raise `error` unless `out` may be written: absent, or (overwrite=True) a bundle or an empty directory.
-    Writers call it before long work so a refused target fails fast; atomic_dir checks again."""
+def check_target(out: str | os.PathLike, overwrite: bool, error: type[EdgeVLMError] = ExportError,
+                 marker: str = MANIFEST) -> None:
+    """Raise `error` unless `out` may be written: absent, or (overwrite=True) an empty directory or one holding
+    `marker` (a bundle: manifest.json). Writers call it before long work so a refused target fails fast;
+    atomic_dir checks again."""
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
         raise error(f"{out} already exists (pass overwrite=True / --force to replace it)")
-    if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise error(f"refusing to replace {out}: it is a non-empty directory that is not a bundle (no {MANIFEST})")
+    if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not (out / marker).is_file():
+        what = "a bundle" if marker == MANIFEST else "one this command writes"
+        raise error(f"refusing to replace {out}: it is a non-empty directory that is not {what} (no {marker})")
 
 
 def _fsync_tree(root: Path) -> None:
