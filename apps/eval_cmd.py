@@ -1,4 +1,4 @@
-"""`edgevlm eval --bundle B --dataset shapes --seed S --n N [--json]`: exact-match accuracy, greedy."""
+"""`edgevlm eval --bundle B --dataset shapes|chats|outworld --seed S --n N [--json]`: exact-match accuracy, greedy."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ def parser() -> argparse.ArgumentParser:
         "Measure a bundle's accuracy (greedy, exact match) on a procedural held-out set, overall and per "
         "question type. Without --bundle the embedded demo bundle is evaluated."))
     p.add_argument("--bundle", metavar="B", help="bundle directory (default: the embedded demo)")
-    p.add_argument("--dataset", default="shapes", choices=["shapes"])
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "chats", "outworld"],
+                   help="shapes: one question about a shapes scene; chats: three questions in one chat (per turn); "
+                        "outworld: pictures that are not shapes scenes (the demo's one sentence is right)")
     p.add_argument("--seed", type=int, default=None, help="dataset seed (default: the project's test seed)")
-    p.add_argument("--n", type=int, default=500, help="number of questions (default 500)")
+    p.add_argument("--n", type=int, default=500, help="number of questions, or chats (default 500)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
                    help="image-token budget per image (default: the bundle's, else all rows)")
@@ -27,11 +29,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import edgevlm
-    from edgevlm.data import shapes
-    from edgevlm.evaluate import evaluate
+    from edgevlm.evaluate import TEST_SEEDS, evaluate
 
     vlm = edgevlm.load(args.bundle)
-    seed = shapes.TEST_SEED if args.seed is None else args.seed
+    seed = TEST_SEEDS[args.dataset] if args.seed is None else args.seed
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -32,12 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# OpenMP threads that spin while waiting lose the cores they wait for on a shared machine: on 2 busy cores a
+# tower step took 12-18 s with spinning threads, 2-3 s with sleeping ones. Read when torch first loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from edgevlm.data import chats, outworld, shapes

@@ -54,6 +54,10 @@ class Example:
     answer: str
     kind: str  # one of KINDS, or "none"
 
+    @property
+    def qtype(self) -> str:  # what accuracy is broken down by (edgevlm.evaluate)
+        return self.kind
+
 
 def _rng(seed: int, index: int, split: str, salt: int = 0) -> np.random.Generator:
     if split not in SPLITS:
@@ -315,6 +319,38 @@ def make_image(seed: int, index: int, split: str = "eval", kind: str | None = No
     return im
 
 
+ODD_FORMS = ("as is", "tiny", "strip", "tower", "grey", "rgba", "palette", "large", "dark", "washed out")
+
+
+def make_odd(seed: int, index: int) -> Image.Image:
+    """An out-of-world picture in an odd form: 1-8 px, a long strip or tower (up to 150:1), greyscale, with alpha, a
+    2-16 colour palette, photo-sized, nearly black or nearly white (the form cycles with index)."""
+    rng = _rng(seed, index, "eval", salt=2)
+    im = make_image(seed, index, "eval")
+    form = ODD_FORMS[index % len(ODD_FORMS)]
+    if form == "tiny":
+        k = int(rng.integers(1, 9))
+        return im.resize((k, k))
+    if form in ("strip", "tower"):
+        long = int(rng.integers(300, 1200))
+        short = int(rng.integers(-(-long // 150), 40))  # the runtime refuses sides more than 200:1
+        return im.resize((long, short) if form == "strip" else (short, long))
+    if form == "grey":
+        return im.convert("L")
+    if form == "rgba":
+        alpha = Image.fromarray(_u8(_field(rng, im.size[1], im.size[0], 3)), "L")
+        return Image.merge("RGBA", (*im.split(), alpha))
+    if form == "palette":
+        return im.convert("P", palette=Image.Palette.ADAPTIVE, colors=int(rng.integers(2, 17)))
+    if form == "large":
+        return im.resize((int(rng.integers(800, 1600)), int(rng.integers(600, 1200))), Image.Resampling.BILINEAR)
+    if form == "dark":
+        return Image.fromarray((np.asarray(im) // int(rng.integers(8, 40))).astype(np.uint8))
+    if form == "washed out":
+        return Image.fromarray((255 - (255 - np.asarray(im)) // int(rng.integers(8, 40))).astype(np.uint8))
+    return im
+
+
 def question(rng: np.random.Generator, split: str = "train") -> str:
     """A question someone might ask about any picture: half in the shapes world's own words (about a random
     scene), half not (held-out splits add wordings and nouns training never uses)."""
@@ -332,6 +368,9 @@ def generic_question(rng: np.random.Generator, split: str = "train") -> str:
     return NOUN_FORMS[int(rng.integers(len(NOUN_FORMS)))].format(nouns[int(rng.integers(len(nouns)))])
 
 
+normalize_answer = shapes.normalize_answer
+
+
 def make_example(seed: int, index: int, split: str = "eval", image: bool = True) -> Example:
     """An out-of-world picture (image=False: none) with a question; the answer is always SENTENCE."""
     q = question(_rng(seed, index, split, salt=1), split)
@@ -342,5 +381,6 @@ def make_example(seed: int, index: int, split: str = "eval", image: bool = True)
 
 
 def examples(seed: int, n: int, split: str = "eval", start: int = 0, image: bool = True) -> Iterator[Example]:
+    """Examples start .. start+n-1 of the (seed, split) stream."""
     for i in range(start, start + n):
         yield make_example(seed, i, split, image)
