@@ -45,7 +45,7 @@ class VLM(ImageSide):
         self.graphs = _open_graphs(bundle, providers, threads)
         raw = bundle.read(m.tokenizer.file)
         self.tokenizer = load_tokenizer(raw, m.tokenizer.file)
-        self.prompter = Prompter(self.tokenizer, raw.decode("utf-8"), m, limits.prompt_chars)
+        self.prompter = Prompter(self.tokenizer, raw.decode("utf-8"), m, limits)
         check_graphs(m, {k: g for k, g in self.graphs.items() if isinstance(g, OnnxGraph)})
         if m.is_static:  # fixed-shape graphs: the embedder pads to whole chunks, pre-fusion runs over a static cache
             from .backends.static_kv import StaticEmbed, StaticKVGraph
