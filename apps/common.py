@@ -16,7 +16,8 @@ EXTRAS = {
     "quant": ("onnx", "onnx_ir", "rich", "matplotlib"),
     "gguf": ("gguf", "llama_cpp"),
     "coreml": ("coremltools", "sklearn"),
-    "server": ("starlette", "uvicorn"),
+    "server": ("starlette", "uvicorn", "llguidance"),
+    "structured": ("llguidance",),
     "plot": ("matplotlib",),
 }
 

@@ -67,6 +67,7 @@ class VLM(ImageSide):
         self.budget_method = "hybrid"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
+        self._token_table = None  # structured output's view of the tokenizer, made on first use
         if warmup:
             self._warmup()
 
@@ -105,6 +106,15 @@ class VLM(ImageSide):
         image_bytes, prefix_bytes, disk_bytes."""
         return Caches(self.bundle.sha256, cache_dir, variant=self.decoder.entry_variant or "none",
                       check_prefix=self.decoder.entry_fits, check_image=self._image_fits, **bounds)
+
+    def token_table(self):
+        """The tokenizer as structured output's grammar engine reads it (built on first use, then kept)."""
+        if self._token_table is None:
+            from .constrain import TokenTable
+
+            m = self.manifest
+            self._token_table = TokenTable(self.prompter.raw, m.vocab_size, m.generation.eos_token_ids)
+        return self._token_table
 
     def with_graphs(self, graphs: dict[str, bytes], threads: int = 1) -> "VLM":
         """A VLM sharing this one's bundle, tokenizer and manifest with the named ONNX graphs replaced (given as

@@ -96,7 +96,7 @@ class Prompter:
 
     def __init__(self, tok: Tokenizer, raw: str, manifest, limits):
         m = manifest
-        self.tok, self._raw, self._literal, self.limits = tok, raw, None, limits
+        self.tok, self.raw, self._literal, self.limits = tok, raw, None, limits
         self.source, self.variables, self.image_token = m.chat_template, dict(m.special_tokens), m.image_token
         self.bos, self.max_chars = m.special_tokens.get("bos_token"), limits.prompt_chars
         added = {a.content: i for i, a in tok.get_added_tokens_decoder().items() if a.content}
@@ -107,7 +107,7 @@ class Prompter:
     def literal(self) -> Tokenizer:
         """A copy of the tokenizer that reads special tokens in its input as plain text (made on first use)."""
         if self._literal is None:
-            lit = Tokenizer.from_str(self._raw)
+            lit = Tokenizer.from_str(self.raw)
             lit.encode_special_tokens = True
             self._literal = lit
         return self._literal
