@@ -228,6 +228,7 @@ def _load(src, where: dict):
         raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
     where["model_type"] = model_type
     adapter = adapter_for(model_type)
+    _check_tokenizer_files(hf_dir)
     mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
     processor = adapter.load_processor(hf_dir)
     adapter.check_processor(processor, model_type)
@@ -235,6 +236,15 @@ def _load(src, where: dict):
     pre = adapter.preprocess(processor)
     model = mini.base if mini else adapter.load_model(hf_dir)
     return hf_dir, adapter, mini, processor, pre, model.eval()
+
+
+def _check_tokenizer_files(hf_dir: Path) -> None:
+    import importlib.util
+
+    if (hf_dir / "tokenizer.model").is_file() and not (hf_dir / "tokenizer.json").is_file() \
+            and importlib.util.find_spec("sentencepiece") is None:
+        raise ExportError("the tokenizer is only a SentencePiece tokenizer.model (no tokenizer.json): pip install "
+                          "sentencepiece (in the export extra) so that transformers can convert it")
 
 
 def chat_template(processor, model_type: str) -> str:
