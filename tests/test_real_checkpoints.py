@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,10 +46,12 @@ def exported(tmp_path_factory):
             else:
                 assert main(["--from", str(ckpt), "--to", str(out), "--parity-tokens", str(TOKENS)]) == 0
                 log = ""
-            made[name] = (ckpt, out, log)
-        return made[name]
+            made[name] = (ckpt, out, log, root)
+        return made[name][:3]
 
-    return get
+    yield get
+    for *_, root in made.values():  # gigabytes of weights and graphs per checkpoint: not kept after the module
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _reference(ckpt):  # transformers, loaded as the exporter loads it (Apple's layout and MobileVLM converted)
