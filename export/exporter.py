@@ -90,21 +90,8 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
 
     try:
         step(STAGES[0])
-        hf_dir = resolve(hf_dir)
-        try:
-            model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
-        where["model_type"] = model_type
-        adapter = adapter_for(model_type)
-        mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
-        processor = adapter.load_processor(hf_dir)  # before the model: its checks are cheap
-        adapter.check_processor(processor, model_type)
-        processor.chat_template = chat_template(processor, model_type)
-        model = mini.base if mini else adapter.load_model(hf_dir)
-        model.eval()
+        hf_dir, adapter, mini, processor, pre, model = _load(hf_dir, where)
         text_config = adapter.text_config(model)
-        pre = adapter.preprocess(processor)
         probe = parity.probe_image()
         pixel_shape = preprocess(np.asarray(probe), pre).shape
         if static and decoder == "gqa":
@@ -229,6 +216,35 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     finally:
         bar.close()
     return manifest
+
+
+def _load(src, where: dict):
+    """Checkpoint -> (directory, adapter, LLaVA-Mini or None, processor, preprocess config, model in eval mode);
+    everything that can refuse the checkpoint cheaply runs before the model is loaded."""
+    hf_dir = resolve(src)
+    try:
+        model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
+    where["model_type"] = model_type
+    adapter = adapter_for(model_type)
+    _check_tokenizer_files(hf_dir)
+    mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
+    processor = adapter.load_processor(hf_dir)
+    adapter.check_processor(processor, model_type)
+    processor.chat_template = chat_template(processor, model_type)
+    pre = adapter.preprocess(processor)
+    model = mini.base if mini else adapter.load_model(hf_dir)
+    return hf_dir, adapter, mini, processor, pre, model.eval()
+
+
+def _check_tokenizer_files(hf_dir: Path) -> None:
+    import importlib.util
+
+    if (hf_dir / "tokenizer.model").is_file() and not (hf_dir / "tokenizer.json").is_file() \
+            and importlib.util.find_spec("sentencepiece") is None:
+        raise ExportError("the tokenizer is only a SentencePiece tokenizer.model (no tokenizer.json): pip install "
+                          "sentencepiece (in the export extra) so that transformers can convert it")
 
 
 def chat_template(processor, model_type: str) -> str:

@@ -24,7 +24,7 @@ from .checkpoints import CheckpointSpec, VisionDims, make_image_matter
 NOT_COPIED = {"SOURCE.md", "README.md", "LICENSE", "hf_api_model.json", "model.safetensors.index.json"}
 TEXT_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model")
+                   "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
