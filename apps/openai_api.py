@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from edgevlm.image import ACCEPTED_FORMATS, MAX_SIDE_RATIO
+from edgevlm.sampling import MAX_BIAS
 
 from .body import BodyError, load_json
 
@@ -193,8 +194,9 @@ def _logit_bias(bias, vocab: int) -> dict[int, float] | None:
         if not TOKEN_ID.fullmatch(k) or int(k) >= vocab:
             raise ApiError(400, f"logit_bias keys must be token ids below {vocab} (the vocabulary size), "
                                 f"not {k[:20]!r}", param="logit_bias")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise ApiError(400, f"logit_bias values must be numbers in [-100, 100] (token {k})", param="logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_BIAS <= v <= MAX_BIAS:
+            raise ApiError(400, f"logit_bias values must be numbers in [-{MAX_BIAS}, {MAX_BIAS}] (token {k})",
+                           param="logit_bias")
         out[int(k)] = float(v)
     return out
 
