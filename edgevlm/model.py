@@ -272,9 +272,7 @@ def _open_graphs(bundle: Bundle, providers, threads: int) -> dict:
 
             graphs[name] = CoremlGraph(name, bundle, comp)
             continue
-        if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path
-            for f in [comp.file] + [r.file for r in comp.data_files]:
-                bundle.read(f)  # verified already; drop the in-memory copy
+        if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path (hashed at open)
             source = str(bundle.path(comp.file))
         else:
             source = bundle.read(comp.file)
