@@ -73,8 +73,8 @@ class Session:
             self.last = last
             hit = " · image from cache" if last.image_cache_hits else ""
             self.console.print(f"[dim]TTFT {last.ttft_s * 1000:.1f} ms · {last.prefilled_tokens}/{last.prompt_tokens} "
-                               f"prompt tokens prefilled{hit} · {plural(last.generated_tokens, 'token')}, "
-                               f"{last.decode_tps:.0f} tok/s[/]")
+                               f"prompt tokens prefilled{hit} · {plural(last.generated_tokens, 'token')}"
+                               + (f", {last.decode_tps:.0f} tok/s" if last.generated_tokens > 1 else "") + "[/]")
         self.chat.prepare()  # the next turn's separator and header run now, while the user reads and types
 
     def stats(self) -> None:

@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the image and prefix KV caches on disk here too (they survive restarts)")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server log detail on stderr (default warning; info and debug also log each request)")
     return p
 
 
