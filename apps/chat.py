@@ -32,12 +32,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy "
                    "(default)")
     p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample among the K most likely tokens only (default 0: no limit)")
+                   help="with --temperature > 0: sample among the K most likely tokens only (default 0: no limit)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample among the most likely tokens whose probabilities add up to P (default 1: all)")
+                   help="with --temperature > 0: sample among the most likely tokens whose probabilities add up "
+                        "to P (default 1: all)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="seed of the sampler's random numbers (default: a new one each run; greedy needs none)")
-    p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
+                   help="seed of the sampler's random numbers, for repeatable answers at --temperature > 0 "
+                        "(default: a new one each run)")
+    p.add_argument("--stop", action="append", default=None, metavar="S",
+                   help="end the answer where this text would appear (repeatable)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the image and prefix KV caches on disk here too: a later run with the same image "
                         "and prompt prefix skips the encoder and the shared part of the prefill")

@@ -98,7 +98,7 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
     with pytest.raises(SystemExit):
         chat.main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for option, says in [("--top-k K", "sample among the K most likely tokens only"), ("--seed S", "seed of the sampler"),
+    for option, says in [("--top-k K", "sample among the K most likely tokens only"), ("--seed S", "for repeatable answers"),
                          ("--top-p P", "whose probabilities add up to P"), ("--temperature T", "0 = greedy"),
                          ("--max-tokens N", "capped to it, with a note")]:
         assert f"{option} {says}" in shown or (option in shown and says in shown), option
