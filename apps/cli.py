@@ -32,8 +32,8 @@ def interrupt_ends_at_once():
     """Ctrl-C while Python loads a command's modules ends the process at once, quietly, with status 130. (A
     KeyboardInterrupt inside a C extension's initialisation -- numpy, onnxruntime -- surfaces as an ImportError
     and a traceback, which no `except KeyboardInterrupt` catches.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield  # (ignored: a background job's, which the shell's Ctrl-C must not end)
         return
     previous = signal.signal(signal.SIGINT, _end_now)
     try:

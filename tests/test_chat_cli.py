@@ -247,7 +247,7 @@ def mapped(pid: int, name: str) -> bool:
 @pytest.mark.parametrize("when", ["_multiarray_umath", "onnxruntime_pybind11_state", "tokenizers", 0.5])
 def test_ctrl_c_while_starting_ends_quietly(terminal, when):
     """Ctrl-C while Python loads numpy / onnxruntime / tokenizers (an interrupted C extension raises ImportError, a
-    traceback), or half a second in: exit status 130, nothing but the echoed ^C and a line end."""
+    traceback), or half a second in: exit status 130, and no more than what the start had shown."""
     t = terminal()
     end = time.monotonic() + 60
     if isinstance(when, str):  # the moment the extension's shared library is mapped: its initialisation runs next
@@ -266,4 +266,8 @@ def test_ctrl_c_while_starting_ends_quietly(terminal, when):
     screen = t.text
     print(when, rc, repr(screen))
     assert rc == 130 and "Traceback" not in screen and "Error" not in screen
-    assert screen.replace("^C", "").strip() == ""
+    # beside ^C: the loading bar's frames (transient: the terminal erased them), and the banner and the demo note
+    # when the load had just ended
+    shown = [line for line in screen.replace("^C", "").splitlines() if line.strip()]
+    assert [line for line in shown if not line.startswith(("edgevlm chat — loaded", DEMO_NOTE))
+            and "loading the embedded demo" not in line] == []
