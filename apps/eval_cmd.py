@@ -14,7 +14,8 @@ def parser() -> argparse.ArgumentParser:
         "Measure a bundle's accuracy (greedy, exact match) on a procedural held-out set, overall and per "
         "question type. Without --bundle the embedded demo bundle is evaluated."))
     p.add_argument("--bundle", metavar="B", help="bundle directory (default: the embedded demo)")
-    p.add_argument("--dataset", default="shapes", choices=["shapes"])
+    p.add_argument("--dataset", default="shapes", choices=["shapes"],
+                   help="the held-out set: shapes, the procedural scenes the demo model was trained on (default)")
     p.add_argument("--seed", type=int, default=None, help="dataset seed (default: the project's test seed)")
     p.add_argument("--n", type=int, default=500, help="number of questions (default 500)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
