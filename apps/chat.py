@@ -47,6 +47,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
                    help="image-token budget per image: keep at most K image rows, spread over the picture "
                         "(default: the bundle's generation.max_image_tokens, else all)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="make every answer a JSON value following the JSON Schema in FILE (structured output: "
+                        "tokens the schema does not allow are never sampled)")
+    p.add_argument("--regex", metavar="RE", default=None, help="make every answer match this regular expression")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="with --prompt --json: each token's log-probability and its K likeliest alternatives (0-20)")
+    p.add_argument("--json", action="store_true",
+                   help="with --prompt: print one JSON object (answer, finish_reason, figures, logprobs) instead of "
+                        "the text")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
     return p
@@ -75,6 +84,29 @@ def check(args) -> None:
         raise ArgumentError("--prompt is empty: give a question, or leave --prompt out for an interactive chat")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ArgumentError("--max-tokens must be at least 1")
+    if (args.json or args.logprobs is not None) and args.prompt is None:
+        raise ArgumentError("--json and --logprobs go with --prompt (one answer)")
+    if args.json_schema and args.regex:
+        raise ArgumentError("give one of --json-schema and --regex")
+
+
+def response_format(args) -> dict | None:
+    """--json-schema FILE / --regex RE as the runtime's response_format."""
+    import json
+
+    from edgevlm.errors import ArgumentError
+
+    if args.regex:
+        return {"type": "regex", "regex": args.regex}
+    if not args.json_schema:
+        return None
+    try:
+        schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ArgumentError(f"--json-schema: cannot read {args.json_schema!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ArgumentError(f"--json-schema: {args.json_schema!r} is not JSON: {e}") from None
+    return {"type": "json_schema", "json_schema": {"schema": schema}}
 
 
 def fit_max_tokens(gen: dict, context_length: int, err) -> None:
@@ -86,7 +118,9 @@ def fit_max_tokens(gen: dict, context_length: int, err) -> None:
 
 
 def one_answer(chat, args, gen: dict, context_length: int) -> int:
-    """--prompt: the answer on stdout; why it was cut, if it was, on stderr."""
+    """--prompt: the answer on stdout (or, with --json, one JSON object); why it was cut, if it was, on stderr."""
+    if args.json:
+        return json_answer(chat, args, gen)
     last = None
     for last in chat.stream(args.prompt, image=args.image, **gen):
         sys.stdout.write(last.text)
@@ -96,6 +130,20 @@ def one_answer(chat, args, gen: dict, context_length: int) -> int:
     note = stop_note(last, context_length)
     if note:
         print(note, file=sys.stderr)
+    return 0
+
+
+def json_answer(chat, args, gen: dict) -> int:
+    import json
+
+    rs = list(chat.stream(args.prompt, image=args.image, **gen))
+    tok = chat.vlm.tokenizer
+    out = {"answer": "".join(r.text for r in rs), "finish_reason": rs[-1].finish_reason, **rs[-1].figures()}
+    if args.logprobs is not None:
+        out["logprobs"] = [{"token": tok.decode([r.token], skip_special_tokens=False), "id": r.token,
+                            "logprob": r.logprob, "top": [{"id": t, "token": tok.decode([t], skip_special_tokens=False),
+                                                           "logprob": lp} for t, lp in r.top_logprobs]} for r in rs]
+    print(json.dumps(out))
     return 0
 
 
@@ -141,7 +189,10 @@ def main(argv=None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     providers = args.providers.split(",") if args.providers else None
     gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-               seed=args.seed, stop=args.stop, max_image_tokens=args.max_image_tokens)
+               seed=args.seed, stop=args.stop, max_image_tokens=args.max_image_tokens,
+               response_format=response_format(args))
+    if args.logprobs is not None:
+        gen.update(logprobs=True, top_logprobs=args.logprobs)
     vlm, load_s = load(args.bundle, providers, err, args.cache_dir)
     fit_max_tokens(gen, vlm.context_length, err)
     chat = vlm.chat(system=args.system)

@@ -132,3 +132,29 @@ def test_bench_plot_shows_first_decode_and_keeps_the_legend_off_the_bars(tmp_pat
     assert not box.overlaps(fig.axes[0].get_window_extent(renderer))
     width, height = fig.canvas.get_width_height()
     assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height  # inside the saved picture
+
+
+def test_chat_structured_output_and_json(tmp_path, capsys):
+    """--json-schema / --regex constrain the answer; --json --logprobs print one JSON object with the figures."""
+    from pathlib import Path
+
+    import edgevlm
+
+    star = str(Path(edgevlm.__file__).parent / "assets" / "examples" / "shapes-1.png")
+    schema = tmp_path / "color.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"color": {"enum": ["red", "blue", "green"]}},
+                                  "required": ["color"], "additionalProperties": False}))
+    assert cli.main(["chat", "--image", star, "--prompt", "What color is the star?", "--json-schema", str(schema)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"color": "blue"}
+    assert cli.main(["chat", "--image", star, "--prompt", "What color is the star?", "--regex", "red|green"]) == 0
+    assert capsys.readouterr().out.strip() in ("red", "green")
+    assert cli.main(["chat", "--image", star, "--prompt", "What color is the star?", "--json", "--logprobs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    print({k: out[k] for k in ("answer", "finish_reason", "logprobs")})
+    assert out["answer"] == "blue" and out["finish_reason"] == "stop" and out["ttft_s"] > 0
+    assert all(e["logprob"] <= 0 and len(e["top"]) == 2 for e in out["logprobs"])
+    assert "".join(e["token"] for e in out["logprobs"]).startswith("blue")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert cli.main(["chat", "--prompt", "hi", "--json-schema", str(bad)]) == 1
+    assert "not JSON" in capsys.readouterr().err
