@@ -18,6 +18,8 @@ EXTRAS = {
     "coreml": ("coremltools", "sklearn"),
     "server": ("starlette", "uvicorn"),
     "plot": ("matplotlib",),
+    "parquet": ("pyarrow",),
+    "ray": ("ray", "pyarrow", "pandas"),  # ray[data]
 }
 
 
