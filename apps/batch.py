@@ -163,12 +163,11 @@ class _Actor:
     def __init__(self, bundle: str | None, gen: dict):
         self.vlm, self.gen = load_model(bundle), gen
 
-    def __call__(self, batch: dict) -> dict:  # batch: {"i", "image", "prompt"} -> {"result": JSON per row}
+    def __call__(self, batch: dict) -> dict:  # {"i", "image", "prompt"} -> {"result": one JSON per row}
         import numpy as np
 
         tasks = list(zip(batch["i"].tolist(), batch["image"].tolist(), batch["prompt"].tolist()))
-        out = answer_rows(self.vlm, tasks, self.gen)
-        return {"result": np.array([json.dumps(r) for r in out], dtype=object)}
+        return {"result": np.array([json.dumps(r) for r in answer_rows(self.vlm, tasks, self.gen)], dtype=object)}
 
 
 def _ray_init(address: str | None, workers: int | None) -> bool:
@@ -194,6 +193,7 @@ def _quiet_ray_data() -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 def run_ray(tasks: list[Task], options: Options, workers: int | None, batch_size: int,

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgevlm.errors import ArgumentError, DependencyError
+from edgevlm.errors import ArgumentError, BundleError, DependencyError
 
 from . import batch, batch_io
 from .common import one_line_errors
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The options `batch` and `eval --dataset FILE` share: the engine, sampling, the image-token budget."""
+    """The options `batch` and `eval --dataset FILE` share: which engine, how many workers, rows per task."""
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=batch.ENGINES, default="local",
                    help="local: a process pool on this machine (default); ray: Ray Data on a Ray cluster")
@@ -33,8 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (the running cluster) or HOST:PORT; without it --engine ray starts a local instance")
     g.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="rows per task sent to a worker (and per fsync of the output; default 32)")
-    g.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
-                   help="image-token budget per image (default: the bundle's)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling (greedy by default)")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
@@ -56,15 +57,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, metavar="P", help="the prompt of rows that have none")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="default: the bundle's")
     p.add_argument("--json-schema", metavar="FILE", help="constrain answers to a JSON schema (not yet available)")
+    p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
+                   help="image-token budget per image (default: the bundle's)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_engine_args(p)
+    add_sampling_args(p)
     return p
 
 
 def options(args, max_tokens: int | None) -> batch.Options:
-    return batch.Options(bundle=args.bundle, max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                         stop=tuple(args.stop), max_image_tokens=args.max_image_tokens)
+    """The generation options of parsed args (eval has no sampling options: greedy)."""
+    bundle = str(Path(args.bundle).resolve()) if args.bundle else None  # workers may run in another directory
+    if bundle and args.ray_address is None and not Path(bundle, "manifest.json").is_file():
+        # caught here, not by N workers at once (on a cluster the bundle may live on the workers only)
+        raise BundleError(f"bundle {args.bundle!r} has no manifest.json")
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+                if hasattr(args, k)}
+    return batch.Options(bundle=bundle, max_tokens=max_tokens, stop=tuple(getattr(args, "stop", ())),
+                         max_image_tokens=args.max_image_tokens, **sampling)
 
 
 def make_tasks(rows: list[dict], ids: list, done: set, base: Path, prompt_key: str = "prompt",
