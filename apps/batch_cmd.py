@@ -147,7 +147,7 @@ def check_columns(rows: list[dict], taken, path) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.json_schema:
-        raise DependencyError("--json-schema needs structured output, which edgevlm does not have yet")
+        raise DependencyError("--json-schema is not yet available: edgevlm has no structured output yet")
     rows = batch_io.read_rows(args.input)
     if rows and not any("image" in r for r in rows[:1000]):
         raise ArgumentError(f"{args.input}: rows need an `image` column (a path)")
