@@ -178,7 +178,8 @@ def _ray_init(address: str | None, workers: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs = {"num_cpus": workers or os.cpu_count()} if address is None else {}
+    local = address is None and not os.environ.get("RAY_ADDRESS")  # else Ray joins a running cluster
+    kwargs = {"num_cpus": workers or os.cpu_count()} if local else {}
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **kwargs)
     return True
 
