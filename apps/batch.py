@@ -208,9 +208,10 @@ def run_ray(tasks: list[Task], options: Options, workers: int | None, batch_size
     started = _ray_init(address, workers)
     try:
         _quiet_ray_data()
-        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        blocks = -(-len(tasks) // batch_size)
+        size = min(workers or max(1, int(ray.cluster_resources().get("CPU", 1))), blocks)
         items = [{"i": i, "image": image, "prompt": prompt} for i, image, prompt in tasks]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(_Actor, fn_constructor_kwargs={"bundle": options.bundle, "gen": options.generation()},
                             compute=ActorPoolStrategy(size=size), num_cpus=1, batch_size=batch_size,
                             batch_format="numpy")
@@ -244,4 +245,5 @@ def run(tasks: list[Task], options: Options, engine: str = "local", workers: int
         return run_ray(tasks, options, workers, batch_size, address)
     if address is not None:
         raise ArgumentError("--ray-address needs --engine ray")
-    return run_local(tasks, options, workers or os.cpu_count() or 1, batch_size)
+    chunks = -(-len(tasks) // batch_size)  # no more workers than there are chunks of work: each loads a model
+    return run_local(tasks, options, min(workers or os.cpu_count() or 1, chunks), batch_size)

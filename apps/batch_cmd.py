@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         raise ArgumentError(f"{args.input}: rows need an `image` column (a path)")
     check_columns(rows, batch.RESULT_TYPES, args.input)
     ids = batch_io.row_ids(rows, args.input)
-    out = batch_io.open_output(args.output, rows, batch.RESULT_TYPES)
+    out = batch_io.open_output(args.output, rows, batch.RESULT_TYPES, args.input)
     skipped = sum(i in out.done for i in ids)
     tasks = make_tasks(rows, ids, out.done, Path(args.input).resolve().parent, default_prompt=args.prompt)
 

@@ -182,9 +182,11 @@ def parquet_schema(rows: list[dict], result_types: dict[str, str]):
     return pa.schema(fields + [pa.field(k, pa.type_for_alias(t)) for k, t in result_types.items()])
 
 
-def open_output(path: str | os.PathLike, rows: list[dict], result_types: dict[str, str]):
+def open_output(path: str | os.PathLike, rows: list[dict], result_types: dict[str, str], source=None):
     """JsonlOut or ParquetOut by the path's suffix; its `done` holds the ids it already has."""
     path = Path(path)
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise ArgumentError(f"--output {path} is the input file; give the results their own file")
     if _fmt(path, OUTPUTS, "output") == ".jsonl":
         if path.is_dir():
             raise ArgumentError(f"output {path} is a directory")

@@ -67,7 +67,7 @@ def _load(path) -> tuple[list[dict], list]:
 def evaluate_file(args) -> dict:
     """Score args.bundle on the rows of args.dataset with args' engine -> score() figures + the run's figures."""
     rows, ids = _load(args.dataset)
-    out = batch_io.open_output(args.output, rows, TYPES) if args.output else None
+    out = batch_io.open_output(args.output, rows, TYPES, args.dataset) if args.output else None
     done = out.done if out else set()
     tasks = make_tasks(rows, ids, done, Path(args.dataset).resolve().parent, prompt_key="question")
     records: list[dict] = []

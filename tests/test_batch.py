@@ -190,6 +190,8 @@ def test_refusals_are_one_line(demo, capsys, tmp_path):
         assert batch_cmd.main(["--input", rows, "--output", str(tmp_path / "o.jsonl"), *extra]) == 1
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err, err
+    assert batch_cmd.main(["--input", rows, "--output", rows]) == 1
+    assert "is the input file" in capsys.readouterr().err
     (tmp_path / "x.txt").write_text("")
     assert batch_cmd.main(["--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "o.jsonl")]) == 1
     assert ".jsonl/.csv/.parquet" in capsys.readouterr().err
