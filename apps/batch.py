@@ -241,7 +241,7 @@ def run(tasks: list[Task], options: Options, engine: str = "local", workers: int
     if not tasks:
         return iter(())
     if engine == "ray":
-        requires("batch --engine ray", "ray")
+        requires("batch --engine ray", "ray")  # (the commands check first, naming themselves)
         return run_ray(tasks, options, workers, batch_size, address)
     if address is not None:
         raise ArgumentError("--ray-address needs --engine ray")

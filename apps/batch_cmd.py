@@ -19,7 +19,7 @@ from typing import Callable
 from edgevlm.errors import ArgumentError, BundleError, DependencyError
 
 from . import batch, batch_io
-from .common import one_line_errors
+from .common import one_line_errors, requires
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -139,6 +139,14 @@ class _RateColumn:  # rich ProgressColumn duck type: renders the task's rows per
         return Column(no_wrap=True)
 
 
+def check_extras(args, command: str, files: tuple[str, ...]) -> None:
+    """Refuse at once, before reading or writing anything, when the engine or a file format lacks its extra."""
+    if args.engine == "ray":
+        requires(f"{command} --engine ray", "ray")
+    if any(str(f).lower().endswith(".parquet") for f in files if f):
+        requires(f"{command} with Parquet files", "parquet")
+
+
 def check_columns(rows: list[dict], taken, path) -> None:
     clash = sorted({k for r in rows[:1000] for k in r} & set(taken))
     if clash:
@@ -150,6 +158,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.json_schema:
         raise DependencyError("--json-schema is not yet available: edgevlm has no structured output yet")
+    check_extras(args, "batch", (args.input, args.output))
     rows = batch_io.read_rows(args.input)
     if rows and not any("image" in r for r in rows[:1000]):
         raise ArgumentError(f"{args.input}: rows need an `image` column (a path)")

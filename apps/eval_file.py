@@ -16,7 +16,7 @@ from pathlib import Path
 from edgevlm.errors import ArgumentError
 
 from . import batch, batch_io
-from .batch_cmd import check_columns, execute, make_tasks, options, result_fields
+from .batch_cmd import check_columns, check_extras, execute, make_tasks, options, result_fields
 
 REQUIRED = ("image", "question", "answer")
 CATEGORY_KEYS = ("category", "qtype", "task")  # the first a row has groups the per-category scores
@@ -66,6 +66,7 @@ def _load(path) -> tuple[list[dict], list]:
 
 def evaluate_file(args) -> dict:
     """Score args.bundle on the rows of args.dataset with args' engine -> score() figures + the run's figures."""
+    check_extras(args, "eval", (args.dataset, args.output))
     rows, ids = _load(args.dataset)
     out = batch_io.open_output(args.output, rows, TYPES, args.dataset) if args.output else None
     done = out.done if out else set()

@@ -195,3 +195,21 @@ def test_refusals_are_one_line(demo, capsys, tmp_path):
     (tmp_path / "x.txt").write_text("")
     assert batch_cmd.main(["--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "o.jsonl")]) == 1
     assert ".jsonl/.csv/.parquet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,extra,missing", [
+    (["batch", "--input", "{rows}", "--output", "{tmp}/o.jsonl", "--engine", "ray"], "ray", "ray"),
+    (["batch", "--input", "{rows}", "--output", "{tmp}/o.parquet"], "parquet", "pyarrow"),
+    (["eval", "--dataset", "{rows}", "--output", "{tmp}/o.jsonl", "--engine", "ray"], "ray", "ray"),
+])
+def test_without_its_extra_a_command_says_which_to_install(demo, argv, extra, missing, tmp_path):
+    """In a fresh interpreter where the module cannot be imported (a venv without the extra), the command refuses
+    in one line naming the extra, before writing anything."""
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from edgevlm.apps.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = [a.format(tmp=tmp_path, rows=demo["root"] / "rows.jsonl") for a in argv]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    err = p.stderr.strip()
+    assert p.returncode == 1 and p.stdout == "" and err.splitlines() == [err], err
+    assert f"pip install 'edgevlm[{extra}]'" in err and missing in err
+    assert not any(tmp_path.iterdir())
