@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     if args.json_schema:
         raise DependencyError("--json-schema is not yet available: edgevlm has no structured output yet")
     check_extras(args, "batch", (args.input, args.output))
+    opts = options(args, args.max_tokens)
     rows = batch_io.read_rows(args.input)
     if rows and not any("image" in r for r in rows[:1000]):
         raise ArgumentError(f"{args.input}: rows need an `image` column (a path)")
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         out.write([{"id": ids[r["_i"]], **rows[r["_i"]], **result_fields(r)} for r in results])
 
     try:
-        figures = execute(tasks, options(args, args.max_tokens), args, sink, quiet=args.json)
+        figures = execute(tasks, opts, args, sink, quiet=args.json)
     finally:
         out.close()
     summary = {"input": str(args.input), "output": str(args.output), "total": len(rows), "skipped": skipped,

@@ -8,6 +8,8 @@ import argparse
 import json
 import sys
 
+from edgevlm.errors import ArgumentError
+
 from .batch_cmd import add_engine_args
 from .common import one_line_errors
 
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.dataset != "shapes":
         return _eval_file(args)
+    if args.engine != "local" or args.workers or args.ray_address or args.output:
+        raise ArgumentError("--engine, --workers, --ray-address and --output are for --dataset FILE; "
+                            "the shapes set is scored in this process")
     import edgevlm
     from edgevlm.data import shapes
     from edgevlm.evaluate import evaluate

@@ -67,6 +67,7 @@ def _load(path) -> tuple[list[dict], list]:
 def evaluate_file(args) -> dict:
     """Score args.bundle on the rows of args.dataset with args' engine -> score() figures + the run's figures."""
     check_extras(args, "eval", (args.dataset, args.output))
+    opts = options(args, args.max_tokens)
     rows, ids = _load(args.dataset)
     out = batch_io.open_output(args.output, rows, TYPES, args.dataset) if args.output else None
     done = out.done if out else set()
@@ -84,7 +85,7 @@ def evaluate_file(args) -> dict:
             records.extend(recs)
 
     try:
-        figures = execute(tasks, options(args, args.max_tokens), args, sink, label="eval", quiet=args.json)
+        figures = execute(tasks, opts, args, sink, label="eval", quiet=args.json)
     finally:
         if out:
             out.close()
