@@ -104,25 +104,26 @@ def execute(tasks: list[batch.Task], opts: batch.Options, args, sink: Callable[[
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    t0, n, errors, rss = time.perf_counter(), 0, 0, {}
-    first = None  # (seconds, rows) at the first batch of results: what startup costs, and where steady state begins
+    t0, n, errors, rss, done_at = time.perf_counter(), 0, 0, {}, []
+    first = None  # seconds to the first results: what starting the workers costs
     results = batch.run(tasks, opts, args.engine, args.workers, args.batch_size, args.ray_address)
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), disable=quiet or not sys.stderr.isatty(), transient=True) as bar:
         task = bar.add_task(label, total=len(tasks))
         for out in results:
-            first = first or (time.perf_counter() - t0, len(out))
+            first = first or time.perf_counter() - t0
             sink(out)
             n, errors = n + len(out), errors + sum(r["error"] is not None for r in out)
             for r in out:
                 rss[r["_worker"]] = max(rss.get(r["_worker"], 0), r["_rss"])
+                done_at.append(r["_t"])
             bar.advance(task, len(out))
     seconds = time.perf_counter() - t0
-    t_first, n_first = first or (0.0, 0)
-    steady = (n - n_first) / (seconds - t_first) if n > n_first and seconds > t_first else 0.0
+    # steady state: rows finished by the workers between their first and last row (startup excluded)
+    span = max(done_at) - min(done_at) if done_at else 0.0
     return {"rows": n, "errors": errors, "seconds": round(seconds, 3), "rows_per_s": round(n / max(seconds, 1e-9), 2),
-            "first_result_s": round(t_first, 3), "steady_rows_per_s": round(steady, 2), "engine": args.engine,
-            "workers": len(rss), "worker_peak_rss_bytes": rss}
+            "first_result_s": round(first or 0.0, 3), "steady_rows_per_s": round((n - 1) / span, 2) if span else 0.0,
+            "engine": args.engine, "workers": len(rss), "worker_peak_rss_bytes": rss}
 
 
 class _RateColumn:  # rich ProgressColumn duck type: renders the task's rows per second

@@ -5,7 +5,8 @@
 Each run is the command itself in a fresh process (`edgevlm batch --json` on demo images written as PNG files,
 the embedded demo bundle, greedy), so a Ray run pays for `ray.init` and its actor pool as a user does. The
 configurations take turns, `--repeats` rounds; medians are reported. Figures: rows/s over the whole command
-(startup included), rows/s after the first results (steady state), seconds to the first results, each worker's
+(startup included), steady rows/s (rows the workers finished between their first and last row: startup left
+out), seconds until the command had its first results, each worker's
 peak RSS (as the worker reports it), and the peak RSS of the command's whole process tree (for Ray: its GCS,
 raylet and other daemons too), sampled from /proc. Every run's answers are checked against a plain
 single-process loop. Writes JSON, a markdown table and a PNG to benchmarks/results (named by the CPU's ISA).
