@@ -103,9 +103,13 @@ def answer_one(vlm, image, prompt, gen: dict) -> dict:
 
 
 def answer_rows(vlm, tasks: list[Task], gen: dict) -> list[dict]:
-    """Results of tasks: {"_i": row index, result fields..., "_t": when it was done (epoch seconds), "_worker":
-    host:pid, "_rss": peak bytes}."""
-    out = [{"_i": i, **answer_one(vlm, image, prompt, gen), "_t": time.time()} for i, image, prompt in tasks]
+    """Results of tasks: {"_i": row index, result fields..., "_t": when it was done (epoch seconds), "_cpu": CPU
+    seconds it took (of this thread: the model runs on one), "_worker": host:pid, "_rss": peak bytes}."""
+    out = []
+    for i, image, prompt in tasks:
+        cpu = time.thread_time()
+        r = answer_one(vlm, image, prompt, gen)
+        out.append({"_i": i, **r, "_cpu": time.thread_time() - cpu, "_t": time.time()})
     meta = {"_worker": f"{socket.gethostname()}:{os.getpid()}", "_rss": _peak_rss()}
     return [{**r, **meta} for r in out]
 

@@ -104,7 +104,7 @@ def execute(tasks: list[batch.Task], opts: batch.Options, args, sink: Callable[[
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    t0, n, errors, rss, done_at = time.perf_counter(), 0, 0, {}, []
+    t0, n, errors, rss, done_at, cpu = time.perf_counter(), 0, 0, {}, [], 0.0
     first = None  # seconds to the first results: what starting the workers costs
     results = batch.run(tasks, opts, args.engine, args.workers, args.batch_size, args.ray_address)
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
@@ -117,12 +117,14 @@ def execute(tasks: list[batch.Task], opts: batch.Options, args, sink: Callable[[
             for r in out:
                 rss[r["_worker"]] = max(rss.get(r["_worker"], 0), r["_rss"])
                 done_at.append(r["_t"])
+                cpu += r["_cpu"]
             bar.advance(task, len(out))
     seconds = time.perf_counter() - t0
     # steady state: rows finished by the workers between their first and last row (startup excluded)
     span = max(done_at) - min(done_at) if done_at else 0.0
     return {"rows": n, "errors": errors, "seconds": round(seconds, 3), "rows_per_s": round(n / max(seconds, 1e-9), 2),
             "first_result_s": round(first or 0.0, 3), "steady_rows_per_s": round((n - 1) / span, 2) if span else 0.0,
+            "cpu_s_per_row": round(cpu / n, 5) if n else 0.0,  # a figure other jobs on the cores do not change
             "engine": args.engine, "workers": len(rss), "worker_peak_rss_bytes": rss}
 
 

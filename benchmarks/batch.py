@@ -6,9 +6,9 @@ Each run is the command itself in a fresh process (`edgevlm batch --json` on dem
 the embedded demo bundle, greedy), so a Ray run pays for `ray.init` and its actor pool as a user does. The
 configurations take turns, `--repeats` rounds; medians are reported. Figures: rows/s over the whole command
 (startup included), steady rows/s (rows the workers finished between their first and last row: startup left
-out), seconds until the command had its first results, each worker's
-peak RSS (as the worker reports it), and the peak RSS of the command's whole process tree (for Ray: its GCS,
-raylet and other daemons too), sampled from /proc. Every run's answers are checked against a plain
+out), seconds until the command had its first results, CPU ms per row (of the worker thread that ran the model:
+unchanged by other jobs on the cores), each worker's peak RSS (as the worker reports it), and the peak RSS of
+the command's whole process tree (for Ray: its GCS, raylet and other daemons too), sampled from /proc. Every run's answers are checked against a plain
 single-process loop. Writes JSON, a markdown table and a PNG to benchmarks/results (named by the CPU's ISA).
 """
 
@@ -105,6 +105,7 @@ def summarize(runs: list[dict]) -> dict:
     worker = statistics.median(max(r["worker_peak_rss_bytes"].values()) for r in runs)
     return {"rows_per_s": med("rows_per_s"), "steady_rows_per_s": med("steady_rows_per_s"),
             "first_result_s": med("first_result_s"), "seconds": med("seconds"),
+            "cpu_ms_per_row": round(1000 * med("cpu_s_per_row"), 2),
             "worker_peak_rss_mb": round(worker / 2**20), "tree_peak_rss_mb": round(med("tree_peak_rss_bytes") / 2**20),
             "identical": all(r["identical"] for r in runs), "runs": runs}
 
@@ -115,14 +116,20 @@ def write(results: dict, name: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"`edgevlm batch` on {results['rows']} demo images (embedded demo bundle, greedy), CPU {results['cpu']} "
              f"(ISA {results['isa']}, {results['cores']} cores), median of {results['repeats']} runs taking turns; "
-             "each run is the command in a fresh process, startup included.", "",
-             "| engine | workers | rows/s (whole run) | rows/s (steady) | first results (s) | peak RSS per worker (MB) "
-             "| peak RSS of all processes (MB) | answers = single process |", "|---|---|---|---|---|---|---|---|"]
+             "each run is the command in a fresh process, startup included. Load average (1, 5, 15 min) at the "
+             f"start {results['load_average_at_start']}, at the end {results['load_average_at_end']}: other jobs "
+             "shared the cores.", "",
+             "| engine | workers | rows/s (whole run) | rows/s (steady) | first results (s) | CPU ms per row "
+             "| peak RSS per worker (MB) | peak RSS of all processes (MB) | answers = single process |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, s in results["configs"].items():
         engine, workers = key.split(" x")
         lines.append(f"| {engine} | {workers} | {s['rows_per_s']:.1f} | {s['steady_rows_per_s']:.1f} | "
-                     f"{s['first_result_s']:.1f} | {s['worker_peak_rss_mb']} | {s['tree_peak_rss_mb']} | "
+                     f"{s['first_result_s']:.1f} | {s['cpu_ms_per_row']:.1f} | {s['worker_peak_rss_mb']} | {s['tree_peak_rss_mb']} | "
                      f"{'yes' if s['identical'] else 'NO'} |")
+    lines += ["", "CPU ms per row: the CPU time of the worker thread that ran the model, per row (other jobs on the "
+              "cores do not change it; 1000 / it is the rows/s one uncontended core would give). Wall-clock rates "
+              "depend on the cores' other load while each run ran."]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(results, out / f"{name}.png")
 
@@ -169,6 +176,7 @@ def main() -> None:
     args = p.parse_args()
     from edgevlm.cpu import isa
 
+    load0 = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine share its cores
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows = make_rows(root, args.rows)
@@ -183,7 +191,8 @@ def main() -> None:
                 runs[f"{engine} x{workers}"].append(r)
                 print(f"round {k + 1}: {engine} x{workers}: {r['rows_per_s']:.1f} rows/s "
                       f"(steady {r['steady_rows_per_s']:.1f}), identical={r['identical']}", flush=True)
-    results = {"rows": args.rows, "repeats": args.repeats, "isa": isa(), "cpu": cpu_name(), "cores": os.cpu_count(), "configs": {k: summarize(v) for k, v in runs.items()}}
+    results = {"load_average_at_end": [round(x, 2) for x in os.getloadavg()], "load_average_at_start": load0,
+               "rows": args.rows, "repeats": args.repeats, "isa": isa(), "cpu": cpu_name(), "cores": os.cpu_count(), "configs": {k: summarize(v) for k, v in runs.items()}}
     write(results, args.name)
     print((HERE / "results" / f"{args.name}.md").read_text())
 
