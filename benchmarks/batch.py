@@ -92,7 +92,14 @@ def run_once(root: Path, engine: str, workers: int, out: Path) -> dict:
     sampler.join()
     if job.returncode != 0:
         raise SystemExit(f"{engine} x{workers} failed (exit {job.returncode})")
-    return {**json.loads(stdout.strip().splitlines()[-1]), "tree_peak_rss_bytes": peak[0]}
+    return {**anonymous(json.loads(stdout.strip().splitlines()[-1])), "tree_peak_rss_bytes": peak[0]}
+
+
+def anonymous(summary: dict) -> dict:
+    """The command's summary without this machine's paths and host name (workers numbered instead)."""
+    out = {k: v for k, v in summary.items() if k not in ("input", "output")}
+    out["worker_peak_rss_bytes"] = {f"worker {k}": v for k, v in enumerate(summary["worker_peak_rss_bytes"].values())}
+    return out
 
 
 def identical(out: Path, ref: list[str]) -> bool:
