@@ -32,7 +32,7 @@ RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.md"))
 
 # Wording that narrates the project's history instead of describing the product.
 HISTORY = [
-    r"\bsessions? \d", r"\b(this|that|previous|last|next|earlier|later) session\b", r"\brun \d+\b",
+    r"\bsessions? \d", r"\b(this|that|previous|last|next|earlier|later) session\b", r"\brun #?\d+\b(?!\.\d)",
     r"\bruns \d+ ?(?:[–-]|and|to) ?\d+", r"\b(?:one|two|three|\d+) demos? ago\b", r"\b(?:previous|last|earlier) demo\b",
     r"\bnew in this (?:demo|run|version)\b", r"\b(?:committed|final) run\b",
 ]
@@ -155,12 +155,23 @@ def test_family_values_are_the_adapters():
         assert [f for f in families if f"`{f}`" not in text] == [], doc.name
 
 
-@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings."""
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("path", DOCS + [ROOT / "CHANGELOG.md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_and_paths(path):
     text = path.read_text(encoding="utf-8")
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-        if not re.match(r"[a-z]+:", target):
-            assert (path.parent / target).exists(), f"{path.name}: broken link {target}"
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        dest = path.parent / target if target else path
+        assert dest.exists(), f"{path.name}: broken link {target}"
+        if anchor and dest.suffix == ".md":
+            assert anchor in anchors(dest), f"{path.name}: no heading #{anchor} in {dest.name}"
     assert not re.search(r"/work/|/root/|/home/\w|/tmp/x\b", text), f"{path.name}: a path of one machine"
 
 
