@@ -69,6 +69,21 @@ def main(argv=None) -> int:
     requires("export", "export")
     if args.format in ("gguf", "coreml"):
         requires(f"export --format {args.format}", args.format)
+    from edgevlm.errors import EdgeVLMError, ExportError
+    from edgevlm.export.exporter import unexpected
+
+    try:
+        m = _export(args)
+    except EdgeVLMError:
+        raise
+    except Exception as e:  # never a traceback: one line naming what failed
+        raise ExportError(unexpected({"stage": f"--format {args.format} export", "model_type": None,
+                                      "src": args.src}, e)) from e
+    print(f"wrote {args.dst} ({m.family}, {m.quant.scheme}); parity: {json.dumps(m.source.parity)}")
+    return 0
+
+
+def _export(args):
     if args.format in ("gguf", "coreml"):  # they read the checkpoint directory themselves
         from edgevlm.export.hub import resolve
 
@@ -76,20 +91,17 @@ def main(argv=None) -> int:
     if args.format == "gguf":
         from edgevlm.export.gguf import export_gguf  # torch is imported only here
 
-        m = export_gguf(args.src, args.dst, quant=args.gguf_quant, base_bundle=args.base, overwrite=args.force,
-                        parity_tokens=args.parity_tokens, max_logit_diff=args.max_logit_diff)
-    elif args.format == "coreml":
+        return export_gguf(args.src, args.dst, quant=args.gguf_quant, base_bundle=args.base, overwrite=args.force,
+                           parity_tokens=args.parity_tokens, max_logit_diff=args.max_logit_diff)
+    if args.format == "coreml":
         from edgevlm.export.coreml import export_coreml
 
-        m = export_coreml(args.src, args.dst, quant=args.coreml_quant, base_bundle=args.base, overwrite=args.force)
-    else:
-        from edgevlm.export.exporter import StaticOptions, export
+        return export_coreml(args.src, args.dst, quant=args.coreml_quant, base_bundle=args.base, overwrite=args.force)
+    from edgevlm.export.exporter import StaticOptions, export
 
-        static = StaticOptions(args.kv_capacity, args.prefill_chunk) if args.static else None
-        m = export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
-                   max_logit_diff=args.max_logit_diff, static=static, decoder=args.decoder)
-    print(f"wrote {args.dst} ({m.family}, {m.quant.scheme}); parity: {json.dumps(m.source.parity)}")
-    return 0
+    static = StaticOptions(args.kv_capacity, args.prefill_chunk) if args.static else None
+    return export(args.src, args.dst, overwrite=args.force, parity_tokens=args.parity_tokens,
+                  max_logit_diff=args.max_logit_diff, static=static, decoder=args.decoder)
 
 
 def _ort_genai(args) -> int:

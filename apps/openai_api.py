@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from edgevlm.image import ACCEPTED_FORMATS, MAX_SIDE_RATIO
+from edgevlm.sampling import MAX_BIAS
 
 from .body import BodyError, load_json
 
@@ -60,6 +61,7 @@ class ChatRequest:
 
 
 DATA_URL = re.compile(r"data:image/([a-z0-9.+-]+);base64,(.*)", re.S | re.I)
+DATA_TYPE = re.compile(r"data:([^;,]*)[;,]", re.I)  # the media type of any data: URL
 
 
 def parse_request(body: bytes, limits: Limits, default_max_tokens: int, vocab: int) -> ChatRequest:
@@ -73,14 +75,15 @@ def parse_request(body: bytes, limits: Limits, default_max_tokens: int, vocab: i
         raise ApiError(400, "the request body must be a JSON object")
     if not isinstance(req.get("model", ""), str):
         raise ApiError(400, "model must be a string", param="model")
+    for name in req:  # every field is honoured or refused by name: none is dropped silently
+        if name not in HONOURED:
+            raise ApiError(400, f"{name} is not supported by this server", code="unsupported_parameter", param=name)
     # one model per server: any `model` name is answered by it (apps hard-code names), and replies name it
     if req.get("n", 1) != 1:
-        raise ApiError(400, "only n = 1 is supported", param="n")
-    if req.get("tools") or req.get("functions"):
-        raise ApiError(400, "tool calls are not supported", param="tools")
+        raise ApiError(400, "only n = 1 is supported", code="unsupported_parameter", param="n")
     for p in ("frequency_penalty", "presence_penalty"):
         if req.get(p) not in (None, 0, 0.0):
-            raise ApiError(400, f"{p} is not supported (leave it 0)", param=p)
+            raise ApiError(400, f"{p} is not supported (leave it 0)", code="unsupported_parameter", param=p)
     system, history, turn = _conversation(req.get("messages"), limits)
     stream = _typed(req, "stream", bool, False)
     opts = req.get("stream_options") or {}
@@ -103,6 +106,12 @@ def _typed(req: dict, name: str, kind, default):
     return v
 
 
+# The chat-completions fields this server honours (n, frequency_penalty and presence_penalty at their no-op values
+# only); top_k, repetition_penalty and max_image_tokens are ours. Any other field is refused by name.
+HONOURED = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "seed", "stop", "logit_bias", "logprobs", "top_logprobs", "response_format", "n", "frequency_penalty",
+    "presence_penalty", "top_k", "repetition_penalty", "max_image_tokens"})
 MIN_TEMPERATURE = 1e-6  # below it, logits / temperature can overflow to inf in the sampler; 0 is greedy
 MAX_SEED = 2**63 - 1
 TOKEN_ID = re.compile(r"[0-9]{1,10}")
@@ -142,8 +151,37 @@ def _sampling(req: dict, limits: Limits, default_max_tokens: int, vocab: int) ->
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
         raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
+    logprobs = _typed(req, "logprobs", bool, False)
+    top_logprobs = _number(req, "top_logprobs", 0, 0, 20, integer=True)
+    if top_logprobs and not logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                logit_bias=_logit_bias(req.get("logit_bias"), vocab))
+                logit_bias=_logit_bias(req.get("logit_bias"), vocab), logprobs=logprobs, top_logprobs=top_logprobs,
+                repetition_penalty=float(_number(req, "repetition_penalty", 1.0, 0.01, 10)),
+                max_image_tokens=_number(req, "max_image_tokens", None, 1, 1 << 16, integer=True),
+                response_format=_response_format(req.get("response_format")))
+
+
+def _response_format(rf) -> dict | None:
+    """OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}; the
+    grammar is compiled here, so a schema it cannot take is a 400 before the request is queued."""
+    if rf is None:
+        return None
+    from edgevlm.constrain import grammar_of
+    from edgevlm.errors import ArgumentError, DependencyError
+
+    if isinstance(rf, dict) and rf.get("type") == "json_schema" and isinstance(rf.get("json_schema"), dict):
+        unknown = set(rf["json_schema"]) - {"name", "schema", "strict", "description"}
+        if unknown:
+            raise ApiError(400, f"response_format.json_schema: unknown field {sorted(unknown)[0]!r}",
+                           param="response_format")
+    try:
+        grammar_of(rf)
+    except ArgumentError as e:
+        raise ApiError(400, str(e), param="response_format") from None
+    except DependencyError as e:
+        raise ApiError(501, str(e), type="server_error", param="response_format") from None
+    return rf
 
 
 def _logit_bias(bias, vocab: int) -> dict[int, float] | None:
@@ -157,8 +195,9 @@ def _logit_bias(bias, vocab: int) -> dict[int, float] | None:
         if not TOKEN_ID.fullmatch(k) or int(k) >= vocab:
             raise ApiError(400, f"logit_bias keys must be token ids below {vocab} (the vocabulary size), "
                                 f"not {k[:20]!r}", param="logit_bias")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise ApiError(400, f"logit_bias values must be numbers in [-100, 100] (token {k})", param="logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_BIAS <= v <= MAX_BIAS:
+            raise ApiError(400, f"logit_bias values must be numbers in [-{MAX_BIAS}, {MAX_BIAS}] (token {k})",
+                           param="logit_bias")
         out[int(k)] = float(v)
     return out
 
@@ -229,12 +268,22 @@ def _content(content, i: int, allow_images: bool) -> tuple[list[str], list[bytes
 def _data_url(url, where: str) -> bytes:
     m = DATA_URL.fullmatch(url) if isinstance(url, str) else None
     if not m:
-        raise ApiError(400, f"{where}: images must be data: URLs (data:image/png;base64,...); "
-                            "this server fetches nothing", code="invalid_image_url", param=where)
+        raise ApiError(400, f"{where}: {_not_an_image_url(url)}", code="invalid_image_url", param=where)
     try:
         return base64.b64decode(re.sub(r"\s+", "", m.group(2)), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{where}: the data: URL is not valid base64", code="invalid_image_url", param=where) from None
+
+
+def _not_an_image_url(url) -> str:
+    kind = DATA_TYPE.match(url) if isinstance(url, str) else None
+    if kind is None:
+        return "images must be data: URLs (data:image/png;base64,...); this server fetches nothing"
+    if kind.group(1).lower().startswith("image/"):
+        return "an image's data: URL must be base64 (data:image/png;base64,...)"
+    # e.g. a text file picked in a browser: data:text/plain;base64,...
+    return (f"the data: URL holds {kind.group(1)[:60] or 'data of no type'}, not an image; send one of "
+            f"{', '.join(ACCEPTED_FORMATS)} as data:image/...;base64,...")
 
 
 def _check_pixels(data: bytes, max_pixels: int) -> None:

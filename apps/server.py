@@ -33,19 +33,32 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def chunk(cid: str, created: int, model: str, delta: dict, finish=None, **extra) -> bytes:
+def chunk(cid: str, created: int, model: str, delta: dict, finish=None, logprobs=None, **extra) -> bytes:
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], **extra}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def token_logprobs(r, text_of) -> dict | None:
+    """OpenAI's logprobs entry of one Response (None without logprobs): the token's text and bytes, its log
+    probability, and the top alternatives'."""
+    if r.logprob is None:
+        return None
+
+    def entry(token: int, lp: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top_logprobs]}
 
 
 class EventStream:
     """A text/event-stream response fed from the worker's event queue; stops the worker if the client leaves."""
 
     def __init__(self, first, events: asyncio.Queue, stop: Stop, deadline: float, model: str,
-                 include_usage: bool, on_close):
+                 include_usage: bool, on_close, text_of):
         self.first, self.events, self.stop, self.deadline = first, events, stop, deadline
-        self.model, self.include_usage, self.on_close = model, include_usage, on_close
+        self.model, self.include_usage, self.on_close, self.text_of = model, include_usage, on_close, text_of
 
     async def __call__(self, scope, receive, send) -> None:
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
@@ -59,8 +72,10 @@ class EventStream:
                 if kind == "token":
                     r, n = item, n + 1
                     extra = {"edgevlm": r.figures()} if n == 1 or r.finish_reason else {}
-                    if r.text or n == 1:
-                        await send_body(send, chunk(cid, created, self.model, {"content": r.text}, **extra))
+                    lp = token_logprobs(r, self.text_of)
+                    if r.text or n == 1 or lp:
+                        lp = {"content": [lp]} if lp else None
+                        await send_body(send, chunk(cid, created, self.model, {"content": r.text}, None, lp, **extra))
                     if r.finish_reason:
                         await send_body(send, chunk(cid, created, self.model, {}, r.finish_reason, **extra))
                         if self.include_usage:
@@ -143,10 +158,14 @@ async def read_body(request: Request, limit: int, deadline: float, budget: BodyB
                        headers={"connection": "close"}) from None
 
 
-def completions_route(engine: Engine, budget: BodyBudget, limits: Limits, model_id: str, timeout: float, manifest):
+def completions_route(engine: Engine, budget: BodyBudget, limits: Limits, model_id: str, timeout: float, vlm):
     """POST /v1/chat/completions: media type, body, parse (every bound checked), queue, then the answer streamed
     or collected; the client's disconnect stops the worker."""
+    manifest = vlm.manifest
     default_max_tokens = manifest.generation.max_new_tokens
+
+    def text_of(token: int) -> str:  # a token's text, as OpenAI's logprobs show it
+        return vlm.tokenizer.decode([token], skip_special_tokens=False)
     vocab = manifest.vocab_size  # bounds logit_bias ids and top_k
 
     async def completions(request: Request):
@@ -186,9 +205,9 @@ def completions_route(engine: Engine, budget: BodyBudget, limits: Limits, model_
             watcher.cancel()
             raise
         if req.stream:
-            return EventStream(first, events, stop, deadline, model_id, req.include_usage, watcher.cancel)
+            return EventStream(first, events, stop, deadline, model_id, req.include_usage, watcher.cancel, text_of)
         try:
-            return await collect(first, events, stop, deadline, model_id)
+            return await collect(first, events, stop, deadline, model_id, text_of)
         finally:
             watcher.cancel()
 
@@ -205,7 +224,7 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
     pages = {name: (web / name).read_bytes() for name in ("index.html", "app.js", "style.css")}
     types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css"}
 
-    completions = completions_route(engine, budget, limits, model_id, timeout, vlm.manifest)
+    completions = completions_route(engine, budget, limits, model_id, timeout, vlm)
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -247,11 +266,12 @@ def create_app(vlm, model_id: str, limits: Limits = Limits(), parallel: int = 1,
     return Guard(app, api_key=api_key, allow_origins=allow_origins, allow_hosts=allow_hosts)
 
 
-async def collect(first, events, stop: Stop, deadline, model_id) -> JSONResponse:
+async def collect(first, events, stop: Stop, deadline, model_id, text_of) -> JSONResponse:
     """A non-streaming reply: every token's text, then the last Response's figures."""
-    kind, item, text, last = first[0], first[1], [], None
+    kind, item, text, last, lps = first[0], first[1], [], None, []
     while kind == "token":
         text.append(item.text)
+        lps.append(token_logprobs(item, text_of))
         last = item
         if item.finish_reason:
             break
@@ -265,6 +285,7 @@ async def collect(first, events, stop: Stop, deadline, model_id) -> JSONResponse
     return JSONResponse({
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
         "model": model_id, "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                        "finish_reason": last.finish_reason, "logprobs": None}],
+                                        "finish_reason": last.finish_reason,
+                                        "logprobs": {"content": lps} if lps and lps[0] else None}],
         "usage": usage, "edgevlm": last.figures()})
 

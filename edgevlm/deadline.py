@@ -23,7 +23,7 @@ class Expired(Exception):
 
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)  # (thread id, exception class or NULL: withdraw)
 _lock = threading.Lock()
 _wake = threading.Condition(_lock)
 _heap: list[tuple[float, int, int]] = []  # (when, ticket, thread id)
@@ -40,7 +40,7 @@ def _watch() -> None:
                 when, ticket, tid = heapq.heappop(_heap)
                 if ticket in _live and when <= now:
                     del _live[ticket]  # fire once; the work's `finally` withdraws it if it ended meanwhile
-                    _set_async_exc(tid, Expired)
+                    _set_async_exc(tid, id(Expired))  # (a module-level class: alive as long as this module)
             _wake.wait(None if not _heap else _heap[0][0] - now)
 
 

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
+from .constrain import grammar_of
 from .decoders import Decoder, Prompt, State, common_prefix
 from .errors import ArgumentError, ContextOverflowError
 from .profile import STAGES, peak_rss_bytes
@@ -44,6 +45,8 @@ class Response:
     cache_bytes: dict[str, int] = field(default_factory=dict)  # entries and bytes per cache tier (Caches.stats)
     peak_rss_bytes: int = 0  # the process's peak resident memory at the first token
     backend: str = ""  # the decoder's backend: onnx, gguf, coreml
+    logprob: float | None = None  # with logprobs=True: log p(token) under the model's raw logits
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # with top_logprobs=k: the k likeliest (token, log p)
 
     @property
     def warm(self) -> bool:
@@ -54,13 +57,14 @@ class Response:
         """Every field but the token and its text, and `warm`: what the chat command's /stats and /save and the
         server's `edgevlm` reply field report."""
         d = dataclasses.asdict(self)
-        return {**{k: v for k, v in d.items() if k not in ("text", "token", "finish_reason")}, "warm": self.warm}
+        skip = ("text", "token", "finish_reason", "logprob", "top_logprobs")
+        return {**{k: v for k, v in d.items() if k not in skip}, "warm": self.warm}
 
     @property
     def profile(self) -> dict:
         """One flat, JSON-ready record of this call's first-token path: every stage of profile.STAGES (0.0
-        when it did not run), cold/warm, cache hits and sizes, peak RSS. The CLI's /stats, the server's
-        `edgevlm` response field and `edgevlm bench` all read this."""
+        when it did not run), cold/warm, cache hits and sizes, peak RSS. `edgevlm bench` and the benchmarks read
+        this; the chat command and the server report `figures()`, the same fields unflattened."""
         return {"ttft_s": self.ttft_s, "warm": self.warm, "backend": self.backend,
                 **{f"{s}_s": self.stages.get(s, 0.0) for s in STAGES},
                 "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
@@ -73,11 +77,13 @@ class Response:
 
 def token_steps(decoder: Decoder, state: State, prompt: Prompt, logits: np.ndarray, sample: Sampler,
                 processors: Sequence[Processor], max_tokens: int, eos: set[int],
-                timings: dict | None = None) -> Iterator[tuple[int, str | None]]:
-    """(token, finish reason) per generated token: None while generating, then "stop" (an end-of-turn token) or
-    "length" (max_tokens, or the context's end). The first decode step's seconds go to timings["first_decode"]."""
+                timings: dict | None = None) -> Iterator[tuple[int, str | None, np.ndarray]]:
+    """(token, finish reason, the model's logits it was sampled from [V]) per generated token. The reason is
+    None while generating, then "stop" (an end-of-turn token) or "length" (max_tokens, or the context's end).
+    The first decode step's seconds go to timings["first_decode"]."""
     history: list[int] = []
     while True:
+        raw = logits
         for p in processors:
             logits = p(logits, history)
         tok = sample(logits)
@@ -85,13 +91,23 @@ def token_steps(decoder: Decoder, state: State, prompt: Prompt, logits: np.ndarr
         finish = "stop" if tok in eos else None
         if finish is None and (len(history) >= max_tokens or len(state.keys) + 1 >= decoder.n_ctx):
             finish = "length"
-        yield tok, finish
+        yield tok, finish, raw
         if finish:
             return
         t = time.perf_counter()
         logits = decoder.step(state, tok, prompt)
         if timings is not None and len(history) == 1:
             timings["first_decode"] = time.perf_counter() - t
+
+
+def log_probs(logits: np.ndarray, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's log-probability of `token` and its `top` most likely tokens with theirs, from raw logits [V]."""
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    lp = x - np.log(np.exp(x).sum())
+    best = np.argpartition(-lp, top - 1)[:top] if top else np.zeros(0, np.int64)
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return float(lp[token]), tuple((int(i), float(lp[i])) for i in best)
 
 
 class Detokenizer:
@@ -193,13 +209,22 @@ class Chat:
     def stream(self, text: str, image=None, max_tokens: int | None = None, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | str | None = None, max_image_tokens: int | None = None,
-               logit_bias: dict[int, float] | None = None) -> Iterator[Response]:
-        """One turn: a Response per generated token (the last one carries finish_reason)."""
+               logit_bias: dict[int, float] | None = None, response_format: dict | None = None,
+               json_schema: dict | None = None, logprobs: bool = False, top_logprobs: int = 0) -> Iterator[Response]:
+        """One turn: a Response per generated token (the last one carries finish_reason). response_format /
+        json_schema constrain the answer (edgevlm.constrain); logprobs / top_logprobs add the model's
+        log-probabilities to each Response."""
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
         sample = make_sampler(temperature, top_k, top_p, seed)
         processors = make_logits_processors(repetition_penalty, logit_bias, m.vocab_size)
+        if json_schema is not None:
+            response_format = {"type": "json_schema", "json_schema": {"schema": json_schema}}
+        grammar = grammar_of(response_format)
+        if grammar is not None:  # the mask goes last: nothing after it may lift a banned token
+            processors.append(vlm.token_table().processor(grammar))
+        top = _top_logprobs(logprobs, top_logprobs)
         detok = Detokenizer(vlm.tokenizer, _stop_strings(stop))
         max_tokens = _max_tokens(max_tokens, m.generation.max_new_tokens)
         logits, profile = self._begin(text, image, max_image_tokens, stages)
@@ -207,8 +232,10 @@ class Chat:
                             set(m.generation.eos_token_ids), stages)
         n, t_first = 0, 0.0
         try:
-            for tok, finish in steps:
+            for tok, finish, raw in steps:
                 n, now = n + 1, time.perf_counter()
+                if top is not None:
+                    profile["logprob"], profile["top_logprobs"] = log_probs(raw, tok, top)
                 if n == 1:
                     t_first = now
                     profile.update(peak_rss_bytes=peak_rss_bytes(), cache_bytes=vlm.caches.stats(), ttft_s=now - t0)
@@ -265,6 +292,15 @@ def _stop_strings(stop) -> list[str]:
     if stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
         return [s for s in (stop or []) if s]
     raise ArgumentError("stop must be a string or a list of strings")
+
+
+def _top_logprobs(logprobs, top) -> int | None:
+    """None: no log-probabilities; else how many alternatives per token (0-20, as OpenAI)."""
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+        raise ArgumentError("top_logprobs must be an integer from 0 to 20")
+    if top and not logprobs:
+        raise ArgumentError("top_logprobs needs logprobs=True")
+    return top if logprobs else None
 
 
 def _max_tokens(value, default: int) -> int:

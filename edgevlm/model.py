@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import cpu, pipeline
 from . import limits as limits_mod
-from .backends.onnx import OnnxGraph, ProviderSpec
+from .backends.onnx import OnnxGraph, ProviderSpec, resolve_providers
 from .bundle import Bundle, open_bundle
 from .cache import Caches
 from .contract import check_graphs
@@ -45,7 +45,7 @@ class VLM(ImageSide):
         self.graphs = _open_graphs(bundle, providers, threads)
         raw = bundle.read(m.tokenizer.file)
         self.tokenizer = load_tokenizer(raw, m.tokenizer.file)
-        self.prompter = Prompter(self.tokenizer, raw.decode("utf-8"), m, limits.prompt_chars)
+        self.prompter = Prompter(self.tokenizer, raw.decode("utf-8"), m, limits)
         check_graphs(m, {k: g for k, g in self.graphs.items() if isinstance(g, OnnxGraph)})
         if m.is_static:  # fixed-shape graphs: the embedder pads to whole chunks, pre-fusion runs over a static cache
             from .backends.static_kv import StaticEmbed, StaticKVGraph
@@ -67,6 +67,7 @@ class VLM(ImageSide):
         self.budget_method = "hybrid"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
+        self._token_table = None  # structured output's view of the tokenizer, made on first use
         if warmup:
             self._warmup()
 
@@ -105,6 +106,15 @@ class VLM(ImageSide):
         image_bytes, prefix_bytes, disk_bytes."""
         return Caches(self.bundle.sha256, cache_dir, variant=self.decoder.entry_variant or "none",
                       check_prefix=self.decoder.entry_fits, check_image=self._image_fits, **bounds)
+
+    def token_table(self):
+        """The tokenizer as structured output's grammar engine reads it (built on first use, then kept)."""
+        if self._token_table is None:
+            from .constrain import TokenTable
+
+            m = self.manifest
+            self._token_table = TokenTable(self.prompter.raw, m.vocab_size, m.generation.eos_token_ids)
+        return self._token_table
 
     def with_graphs(self, graphs: dict[str, bytes], threads: int = 1) -> "VLM":
         """A VLM sharing this one's bundle, tokenizer and manifest with the named ONNX graphs replaced (given as
@@ -252,6 +262,7 @@ def _open_graphs(bundle: Bundle, providers, threads: int) -> dict:
     """Every component but a GGUF decoder (llama.cpp opens its own file): ONNX graphs from their verified bytes
     (or by path when weights are external), CoreML programs by path."""
     graphs = {}
+    providers = resolve_providers(providers) if providers else None  # once: a missing provider is named once
     for name, comp in bundle.manifest.components.items():
         if comp.backend == "gguf":
             if name != "decoder":
@@ -262,9 +273,7 @@ def _open_graphs(bundle: Bundle, providers, threads: int) -> dict:
 
             graphs[name] = CoremlGraph(name, bundle, comp)
             continue
-        if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path
-            for f in [comp.file] + [r.file for r in comp.data_files]:
-                bundle.read(f)  # verified already; drop the in-memory copy
+        if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path (hashed at open)
             source = str(bundle.path(comp.file))
         else:
             source = bundle.read(comp.file)

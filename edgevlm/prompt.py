@@ -94,11 +94,11 @@ def _marked(messages: list[dict]) -> list[dict]:
 class Prompter:
     """The prompt side of a bundle: its template, tokenizer, reserved strings and the text limit."""
 
-    def __init__(self, tok: Tokenizer, raw: str, manifest, max_chars: int):
+    def __init__(self, tok: Tokenizer, raw: str, manifest, limits):
         m = manifest
-        self.tok, self._raw, self._literal = tok, raw, None
+        self.tok, self.raw, self._literal, self.limits = tok, raw, None, limits
         self.source, self.variables, self.image_token = m.chat_template, dict(m.special_tokens), m.image_token
-        self.bos, self.max_chars = m.special_tokens.get("bos_token"), max_chars
+        self.bos, self.max_chars = m.special_tokens.get("bos_token"), limits.prompt_chars
         added = {a.content: i for i, a in tok.get_added_tokens_decoder().items() if a.content}
         words = set(added) | {w for w in [m.image_token, *m.special_tokens.values()] if w}
         self.reserved = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
@@ -107,7 +107,7 @@ class Prompter:
     def literal(self) -> Tokenizer:
         """A copy of the tokenizer that reads special tokens in its input as plain text (made on first use)."""
         if self._literal is None:
-            lit = Tokenizer.from_str(self._raw)
+            lit = Tokenizer.from_str(self.raw)
             lit.encode_special_tokens = True
             self._literal = lit
         return self._literal
@@ -144,7 +144,8 @@ class Prompter:
         return np.asarray(self.tok.post_process(merged, add_special_tokens=add_special).ids, np.int64)
 
     def _render(self, messages: list[dict]) -> str:
-        return template.render(self.source, messages, add_generation_prompt=True, **self.variables)
+        return template.render(self.source, messages, add_generation_prompt=True, limits=self.limits,
+                               **self.variables)
 
 
 def _fill(text: str, image_token: str, fills: list[str]) -> str:

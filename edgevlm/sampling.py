@@ -21,6 +21,7 @@ from .errors import ArgumentError, BackendError
 Sampler = Callable[[np.ndarray], int]  # logits [vocab] -> next token
 Processor = Callable[[np.ndarray, Sequence[int]], np.ndarray]  # (logits [vocab], tokens so far) -> logits
 MAX_TOKEN_ID = (1 << 31) - 1
+MAX_BIAS = 100  # logit_bias values lie in [-MAX_BIAS, MAX_BIAS] (OpenAI's range)
 
 
 def _finite_numbers(*xs) -> bool:
@@ -116,6 +117,6 @@ def _bias_arrays(logit_bias: Mapping[int, float] | None) -> tuple[np.ndarray, np
     for tok, b in items:
         if not isinstance(tok, (int, np.integer)) or isinstance(tok, bool) or not 0 <= tok <= MAX_TOKEN_ID:
             raise ArgumentError(f"logit_bias keys must be token ids (0 .. 2**31-1), got {tok!r:.40}")
-        if not _finite_numbers(b) or not -100 <= b <= 100:
-            raise ArgumentError(f"logit_bias values must be numbers in [-100, 100], got {b!r:.40}")
+        if not _finite_numbers(b) or not -MAX_BIAS <= b <= MAX_BIAS:
+            raise ArgumentError(f"logit_bias values must be numbers in [-{MAX_BIAS}, {MAX_BIAS}], got {b!r:.40}")
     return np.array([t for t, _ in items], np.int64), np.array([b for _, b in items], np.float32)

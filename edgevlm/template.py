@@ -1,4 +1,5 @@
-"""Chat templates, rendered in jinja2's immutable sandbox (templates come with bundles: untrusted)."""
+"""Chat templates, rendered as transformers renders them (its `generation` tag and globals) in a budgeted
+sandbox (edgevlm/sandbox.py): templates come with bundles, untrusted."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .deadline import Expired, deadline
 from .errors import TemplateError
+from .limits import DEFAULT, Limits
+from .sandbox import Forbidden, Sandbox, budgeted_range, caps, install_filters, lipsum
 
 
 def _raise(message):
@@ -18,6 +21,8 @@ def _raise(message):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
+        raise Forbidden("tojson indent over 64")
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -38,51 +43,6 @@ class _Namespace(jinja2.utils.Namespace):
     def _check(name):
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-
-MAX_OUTPUT = 1 << 20  # characters a template may produce (a prompt is far smaller; the context is the limit)
-MAX_VALUE = 1 << 20  # length of a string or list a template may build with + or *
-MAX_RANGE_ITEMS = 1 << 20  # range() items per render, all loops together
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """jinja2's immutable sandbox, stricter: touching an unsafe attribute is an error at once (not an empty
-    undefined), and + / * / ** cannot build huge values."""
-
-    intercepted_binops = frozenset({"+", "*", "**"})
-
-    def unsafe_undefined(self, obj, attribute):
-        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "**":
-            if isinstance(right, (int, float)) and abs(right) > 64 and not (isinstance(left, (int, float)) and abs(left) <= 1):
-                raise jinja2.exceptions.SecurityError("exponent too large")
-            return left ** right
-        if operator == "*":
-            seq, n = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * max(n, 0) > MAX_VALUE:
-                raise jinja2.exceptions.SecurityError(f"value longer than {MAX_VALUE}")
-            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 4096:
-                raise jinja2.exceptions.SecurityError("integer too large")
-            return left * right
-        if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
-                and len(left) + len(right) > MAX_VALUE:
-            raise jinja2.exceptions.SecurityError(f"value longer than {MAX_VALUE}")
-        return left + right
-
-
-def _budgeted_range():
-    used = [0]
-
-    def bounded_range(*args):
-        r = range(*args)
-        used[0] += len(r)
-        if used[0] > MAX_RANGE_ITEMS:
-            raise jinja2.exceptions.SecurityError(f"more than {MAX_RANGE_ITEMS} range() items in one render")
-        return r
-
-    return bounded_range
 
 
 class _Generation(jinja2.ext.Extension):
@@ -114,8 +74,10 @@ def environment() -> jinja2.Environment:
     """The sandbox chat templates render in, with what transformers' chat templates may use: the `generation`
     tag, loop controls (`break`, `continue`), `raise_exception`, `strftime_now`, `namespace`, `dict` and
     `tojson` with its ensure_ascii / indent / separators / sort_keys options."""
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+    install_filters(env)
     env.filters["tojson"] = _tojson
+    env.globals["lipsum"] = lipsum
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["namespace"] = _Namespace
@@ -134,22 +96,30 @@ def _compile(source: str) -> jinja2.Template:
         raise TemplateError(f"chat template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
-def render(source: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
-    """Render a chat template over plain-data messages ({"role", "content"}) the way HF processors do."""
+def render(source: str, messages: list[dict], add_generation_prompt: bool = True, limits: Limits = DEFAULT,
+           **variables) -> str:
+    """Render a chat template over plain-data messages ({"role", "content"}) the way HF processors do, within
+    limits' template budget: time (template_seconds), output and value sizes, range() items."""
     template = _compile(source)
+    token = caps.set(limits)
     try:
-        parts, size = [], 0
-        for part in template.generate(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                      documents=None, range=_budgeted_range(), **variables):
-            size += len(part)
-            if size > MAX_OUTPUT:
-                raise TemplateError(f"chat template output exceeds {MAX_OUTPUT} characters")
-            parts.append(part)
+        with deadline(limits.template_seconds):
+            parts, size = [], 0
+            for part in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          tools=None, documents=None, range=budgeted_range(), **variables):
+                size += len(part)
+                if size > limits.template_output:
+                    raise TemplateError(f"chat template output exceeds {limits.template_output} characters")
+                parts.append(part)
         return "".join(parts)
-    except jinja2.exceptions.SecurityError as e:
+    except Expired:
+        raise TemplateError(f"chat template ran over its {limits.template_seconds} s budget") from None
+    except Forbidden as e:
         raise TemplateError(f"chat template tried an operation the sandbox forbids: {e}") from None
     except jinja2.exceptions.TemplateError as e:
         raise TemplateError(f"chat template failed: {e}") from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, OverflowError,
             ZeroDivisionError, ArithmeticError, LookupError, UnicodeError, MemoryError) as e:
         raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        caps.reset(token)

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -84,138 +85,21 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", disable=not progress, file=sys.stderr)
     where = {"stage": STAGES[0], "model_type": None, "src": str(hf_dir)}
 
-    def step(name):
-        where["stage"] = name
-        bar.set_postfix_str(name)
+    def step(i: int):
+        where["stage"] = STAGES[i]
+        bar.set_postfix_str(STAGES[i])
+        bar.update(1 if i else 0)
 
     try:
-        step(STAGES[0])
-        hf_dir = resolve(hf_dir)
-        try:
-            model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
-        where["model_type"] = model_type
-        adapter = adapter_for(model_type)
-        mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
-        processor = adapter.load_processor(hf_dir)  # before the model: its checks are cheap
-        adapter.check_processor(processor, model_type)
-        processor.chat_template = chat_template(processor, model_type)
-        model = mini.base if mini else adapter.load_model(hf_dir)
-        model.eval()
-        text_config = adapter.text_config(model)
-        pre = adapter.preprocess(processor)
-        probe = parity.probe_image()
-        pixel_shape = preprocess(np.asarray(probe), pre).shape
-        if static and decoder == "gqa":
-            raise ExportError("--decoder gqa applies to dynamic bundles only (static ones have their own decoder graphs)")
-        if static:
-            static = dataclasses.replace(static, kv_capacity=min(static.kv_capacity,
-                                                                 int(text_config.max_position_embeddings)))
-            if static.prefill_chunk < 1 or static.kv_capacity < 2:
-                raise ExportError(f"static shapes need --prefill-chunk >= 1 and --kv-capacity >= 2, got {static}")
-        bar.update()
-
+        step(0)
+        src = _prepare(hf_dir, where, static, decoder)
         with atomic_dir(out, overwrite) as tmp:
-            step(STAGES[1])
-            vision_files = graphs.export_vision(adapter, model, pixel_shape, tmp / "vision.onnx")
-            with torch.no_grad():
-                vis_out = adapter.image_features(model, torch.zeros(pixel_shape))
-            vis_out = vis_out if isinstance(vis_out, tuple) else (vis_out,)
-            n_img, dim = vis_out[0].shape[1:]
-            vision_outputs = {name: list(t.shape) for name, t in zip(adapter.vision_outputs, vis_out)}
-            layout = None if mini else adapter.image_layout(model, processor, int(n_img))
-            tiled = layout is not None and layout.tiling != "none"
-            bar.update()
-            step(STAGES[2])
-            body, embed_tokens, lm_head = adapter.language_parts(model)
-            embed_files = graphs.export_embed(embed_tokens, tmp / "embed.onnx", static and static.prefill_chunk)
-            bar.update()
-            step(STAGES[3])
-            if static:
-                decoders = _static_decoder(body, graphs.LastLogits(lm_head), text_config, tmp, static)
-            else:
-                files = None
-                if decoder in ("auto", "gqa"):
-                    why = gqa.supported(body, text_config)
-                    if why and decoder == "gqa":
-                        raise ExportError(f"--decoder gqa: {why}")
-                    files = None if why else gqa.export_decoder(body, lm_head, text_config, tmp / "decoder.onnx")
-                if files is None:
-                    files = graphs.export_decoder(body, graphs.LastLogits(lm_head), text_config, tmp / "decoder.onnx")
-                decoders = {"decoder": (files, None)}
-            bar.update()
-
-            step(STAGES[4])
-            tok = processor.tokenizer
-            (tmp / "tokenizer.json").write_text(tok.backend_tokenizer.to_str(), encoding="utf-8")
-            image_token = processor.image_token
-            image_token_id = int(tok.convert_tokens_to_ids(image_token))
-            counted = int((parity.hf_inputs(processor, probe, "hi")["input_ids"] == image_token_id).sum())
-            n_tokens = 1 if mini else int(n_img)
-            if counted != n_tokens and not tiled:  # tiled: the count depends on the image; parity checks it
-                raise ExportError(f"processor expands the image to {counted} tokens; the model takes {n_tokens}")
-            if static and static.kv_capacity <= n_tokens + 1:
-                raise ExportError(f"--kv-capacity {static.kv_capacity} cannot hold the image's {n_tokens} tokens "
-                                  "and a prompt")
-            extra = {}
-            if mini:
-                parts = export_extra(mini, int(n_img), tmp, static, use_gqa=decoder != "torch")
-                for name, (files, kw) in parts.items():
-                    kv = kw.pop("kv", None)
-                    extra[name] = _component(tmp, files, bool(static), kv=KVSpec(**kv) if kv else None, **kw)
-            heads, head_dim = graphs.kv_dims(text_config)
-            n_layers = text_config.num_hidden_layers
-            kv_shape = [1, heads, "past", head_dim]
-            kv = KVSpec(past=graphs.PAST, present=graphs.PRESENT, heads=heads, head_dim=head_dim)
-            io = {} if static else {  # a static bundle's shapes are read back from its graph files
-                "vision": {"inputs": {"pixel_values": list(pixel_shape)},
-                           "outputs": vision_outputs},
-                "embed": {"inputs": {"input_ids": [1, "seq"]}, "outputs": {"inputs_embeds": [1, "seq", int(dim)]}},
-                "decoder": {"inputs": {"inputs_embeds": [1, "seq", int(dim)], "attention_mask": [1, "past+seq"],
-                                       "position_ids": [1, "seq"], **{graphs.PAST % (0, "key"): kv_shape}},
-                            "outputs": {"logits": [1, 1, int(text_config.vocab_size)]}}}
-            embed_static = StaticShape(chunk=static.prefill_chunk) if static else None
-            manifest = Manifest(
-                format_version=1,
-                family=adapter.family,
-                components={
-                    "vision": _component(tmp, vision_files, bool(static), **io.get("vision", {})),
-                    "embed": _component(tmp, embed_files, bool(static), static=embed_static, **io.get("embed", {})),
-                    **{name: _component(tmp, files, bool(static), num_layers=n_layers, kv=kv, static=shape,
-                                        **io.get(name, {})) for name, (files, shape) in decoders.items()},
-                    **extra,
-                },
-                fusion="prefusion" if mini else "splice",
-                image_layout=layout,
-                preprocess=pre,
-                tokenizer=FileRef("tokenizer.json", sha256_file(tmp / "tokenizer.json")),
-                chat_template=processor.chat_template,
-                special_tokens={k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
-                image_token=image_token,
-                image_token_id=image_token_id,
-                image_tokens=n_tokens,
-                generation=Generation(eos_token_ids=_eos_ids(model, text_config),
-                                      context_length=static.kv_capacity if static else
-                                      int(text_config.max_position_embeddings)),
-                source=Source(checkpoint=hf_dir.name if Path(where["src"]).is_dir() else where["src"],
-                              exporter_version=__version__),
-            )
+            parts = _graphs(src, tmp, decoder, step)
+            step(4)
+            manifest = _manifest(src, parts, tmp, where)
             (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-            bar.update()
-
-            step(STAGES[5])
-            if mini:
-                figures = check_parity(mini, processor, tmp, max_new_tokens=parity_tokens)
-            else:
-                figures = parity.check(model, processor, adapter, tmp, max_new_tokens=parity_tokens)
-            log.info("parity: %s", {k: v for k, v in figures.items() if not isinstance(v, list)})
-            if not figures["prompt_ids_match"]:
-                raise ExportError("the runtime's prompt tokens differ from the processor's: template or tokenizer mismatch")
-            if figures["max_abs_logit_diff"] > max_logit_diff:
-                raise ExportError(f"parity failed: max |logit diff| {figures['max_abs_logit_diff']:.3g} > {max_logit_diff}")
-            parity_figures = {k: v for k, v in figures.items() if k not in ("greedy_reference", "greedy_runtime")}
-            manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=parity_figures))
+            step(5)
+            manifest = _parity(src, tmp, manifest, parity_tokens, max_logit_diff)
             write_atomic(tmp / MANIFEST, manifest.to_json())
             bar.update()
     except ExportError as e:  # say which model type it concerns
@@ -229,6 +113,148 @@ def export(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_logit_d
     finally:
         bar.close()
     return manifest
+
+
+def _prepare(hf_dir, where: dict, static: StaticOptions | None, decoder: str) -> SimpleNamespace:
+    """The checkpoint loaded and what the export needs of it before any graph: processor, preprocess, the
+    probe image and its pixel shape, the (checked) static options."""
+    hf_dir, adapter, mini, processor, pre, model = _load(hf_dir, where)
+    text_config = adapter.text_config(model)
+    probe = parity.probe_image()
+    if static and decoder == "gqa":
+        raise ExportError("--decoder gqa applies to dynamic bundles only (static ones have their own decoder graphs)")
+    if static:
+        static = dataclasses.replace(static, kv_capacity=min(static.kv_capacity,
+                                                             int(text_config.max_position_embeddings)))
+        if static.prefill_chunk < 1 or static.kv_capacity < 2:
+            raise ExportError(f"static shapes need --prefill-chunk >= 1 and --kv-capacity >= 2, got {static}")
+    return SimpleNamespace(hf_dir=hf_dir, adapter=adapter, mini=mini, processor=processor, pre=pre, model=model,
+                           text_config=text_config, probe=probe, pixel_shape=preprocess(np.asarray(probe), pre).shape,
+                           static=static)
+
+
+def _graphs(src: SimpleNamespace, tmp: Path, decoder: str, step) -> SimpleNamespace:
+    """vision.onnx, embed.onnx and the decoder graph(s) written into tmp; what the manifest needs of them."""
+    adapter, model, static = src.adapter, src.model, src.static
+    step(1)
+    vision_files = graphs.export_vision(adapter, model, src.pixel_shape, tmp / "vision.onnx")
+    with torch.no_grad():
+        vis_out = adapter.image_features(model, torch.zeros(src.pixel_shape))
+    vis_out = vis_out if isinstance(vis_out, tuple) else (vis_out,)
+    n_img, dim = vis_out[0].shape[1:]
+    layout = None if src.mini else adapter.image_layout(model, src.processor, int(n_img))
+    step(2)
+    body, embed_tokens, lm_head = adapter.language_parts(model)
+    embed_files = graphs.export_embed(embed_tokens, tmp / "embed.onnx", static and static.prefill_chunk)
+    step(3)
+    if static:
+        decoders = _static_decoder(body, graphs.LastLogits(lm_head), src.text_config, tmp, static)
+    else:
+        files = None
+        if decoder in ("auto", "gqa"):
+            why = gqa.supported(body, src.text_config)
+            if why and decoder == "gqa":
+                raise ExportError(f"--decoder gqa: {why}")
+            files = None if why else gqa.export_decoder(body, lm_head, src.text_config, tmp / "decoder.onnx")
+        if files is None:
+            files = graphs.export_decoder(body, graphs.LastLogits(lm_head), src.text_config, tmp / "decoder.onnx")
+        decoders = {"decoder": (files, None)}
+    return SimpleNamespace(vision_files=vision_files, embed_files=embed_files, decoders=decoders, n_img=int(n_img),
+                           dim=int(dim), layout=layout, use_gqa=decoder != "torch",
+                           vision_outputs={name: list(t.shape) for name, t in zip(adapter.vision_outputs, vis_out)})
+
+
+def _manifest(src: SimpleNamespace, parts: SimpleNamespace, tmp: Path, where: dict) -> Manifest:
+    """The bundle's manifest (the tokenizer written beside it); its parity figures come after the check."""
+    static, processor, text_config = src.static, src.processor, src.text_config
+    tok = processor.tokenizer
+    (tmp / "tokenizer.json").write_text(tok.backend_tokenizer.to_str(), encoding="utf-8")
+    image_token = processor.image_token
+    image_token_id = int(tok.convert_tokens_to_ids(image_token))
+    counted = int((parity.hf_inputs(processor, src.probe, "hi")["input_ids"] == image_token_id).sum())
+    n_tokens = 1 if src.mini else parts.n_img
+    if counted != n_tokens and not (parts.layout is not None and parts.layout.tiling != "none"):
+        raise ExportError(f"processor expands the image to {counted} tokens; the model takes {n_tokens}")
+    if static and static.kv_capacity <= n_tokens + 1:  # (tiled: the count depends on the image; parity checks it)
+        raise ExportError(f"--kv-capacity {static.kv_capacity} cannot hold the image's {n_tokens} tokens and a prompt")
+    extra = {}
+    if src.mini:
+        for name, (files, kw) in export_extra(src.mini, parts.n_img, tmp, static, use_gqa=parts.use_gqa).items():
+            kv = kw.pop("kv", None)
+            extra[name] = _component(tmp, files, bool(static), kv=KVSpec(**kv) if kv else None, **kw)
+    heads, head_dim = graphs.kv_dims(text_config)
+    kv = KVSpec(past=graphs.PAST, present=graphs.PRESENT, heads=heads, head_dim=head_dim)
+    io = {} if static else _dynamic_io(src.pixel_shape, parts, kv, int(text_config.vocab_size))
+    components = {
+        "vision": _component(tmp, parts.vision_files, bool(static), **io.get("vision", {})),
+        "embed": _component(tmp, parts.embed_files, bool(static),
+                            static=StaticShape(chunk=static.prefill_chunk) if static else None, **io.get("embed", {})),
+        **{name: _component(tmp, files, bool(static), num_layers=text_config.num_hidden_layers, kv=kv, static=shape,
+                            **io.get(name, {})) for name, (files, shape) in parts.decoders.items()},
+        **extra}
+    return Manifest(
+        format_version=1, family=src.adapter.family, components=components,
+        fusion="prefusion" if src.mini else "splice", image_layout=parts.layout, preprocess=src.pre,
+        tokenizer=FileRef("tokenizer.json", sha256_file(tmp / "tokenizer.json")), chat_template=processor.chat_template,
+        special_tokens={k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
+        image_token=image_token, image_token_id=image_token_id, image_tokens=n_tokens,
+        generation=Generation(eos_token_ids=_eos_ids(src.model, text_config),
+                              context_length=static.kv_capacity if static else int(text_config.max_position_embeddings)),
+        source=Source(checkpoint=src.hf_dir.name if Path(where["src"]).is_dir() else where["src"],
+                      exporter_version=__version__))
+
+
+def _dynamic_io(pixel_shape, parts: SimpleNamespace, kv: KVSpec, vocab: int) -> dict:
+    """The declared inputs / outputs of a dynamic bundle's graphs (a static bundle's are read from its files)."""
+    return {"vision": {"inputs": {"pixel_values": list(pixel_shape)}, "outputs": parts.vision_outputs},
+            "embed": {"inputs": {"input_ids": [1, "seq"]}, "outputs": {"inputs_embeds": [1, "seq", parts.dim]}},
+            "decoder": {"inputs": {"inputs_embeds": [1, "seq", parts.dim], "attention_mask": [1, "past+seq"],
+                                   "position_ids": [1, "seq"], graphs.PAST % (0, "key"): [1, kv.heads, "past", kv.head_dim]},
+                        "outputs": {"logits": [1, 1, vocab]}}}
+
+
+def _parity(src: SimpleNamespace, tmp: Path, manifest: Manifest, tokens: int, max_logit_diff: float) -> Manifest:
+    """The written bundle against PyTorch: prompt ids, logits, greedy tokens; the figures into the manifest."""
+    if src.mini:
+        figures = check_parity(src.mini, src.processor, tmp, max_new_tokens=tokens)
+    else:
+        figures = parity.check(src.model, src.processor, src.adapter, tmp, max_new_tokens=tokens)
+    log.info("parity: %s", {k: v for k, v in figures.items() if not isinstance(v, list)})
+    if not figures["prompt_ids_match"]:
+        raise ExportError("the runtime's prompt tokens differ from the processor's: template or tokenizer mismatch")
+    if figures["max_abs_logit_diff"] > max_logit_diff:
+        raise ExportError(f"parity failed: max |logit diff| {figures['max_abs_logit_diff']:.3g} > {max_logit_diff}")
+    kept = {k: v for k, v in figures.items() if k not in ("greedy_reference", "greedy_runtime")}
+    return dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, parity=kept))
+
+
+def _load(src, where: dict):
+    """Checkpoint -> (directory, adapter, LLaVA-Mini or None, processor, preprocess config, model in eval mode);
+    everything that can refuse the checkpoint cheaply runs before the model is loaded."""
+    hf_dir = resolve(src)
+    try:
+        model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{hf_dir} is not a transformers checkpoint: {e}") from None
+    where["model_type"] = model_type
+    adapter = adapter_for(model_type)
+    _check_tokenizer_files(hf_dir)
+    mini = MiniVLM.load(hf_dir) if MiniVLM.is_mini(hf_dir) else None  # LLaVA-Mini on top of the family
+    processor = adapter.load_processor(hf_dir)
+    adapter.check_processor(processor, model_type)
+    processor.chat_template = chat_template(processor, model_type)
+    pre = adapter.preprocess(processor)
+    model = mini.base if mini else adapter.load_model(hf_dir)
+    return hf_dir, adapter, mini, processor, pre, model.eval()
+
+
+def _check_tokenizer_files(hf_dir: Path) -> None:
+    import importlib.util
+
+    if (hf_dir / "tokenizer.model").is_file() and not (hf_dir / "tokenizer.json").is_file() \
+            and importlib.util.find_spec("sentencepiece") is None:
+        raise ExportError("the tokenizer is only a SentencePiece tokenizer.model (no tokenizer.json): pip install "
+                          "sentencepiece (in the export extra) so that transformers can convert it")
 
 
 def chat_template(processor, model_type: str) -> str:

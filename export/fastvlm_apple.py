@@ -28,10 +28,9 @@ class Tower:
     timm_arch: str
     image_size: int
     stride: int  # pixels per image token along a side
-    widths: tuple[int, ...]
 
 
-TOWERS = {"mobileclip_l_1024": Tower("fastvit_mci3", 1024, 64, (96, 192, 384, 768, 1536))}
+TOWERS = {"mobileclip_l_1024": Tower("fastvit_mci3", 1024, 64)}  # FastViTHD widths 96, 192, 384, 768, 1536
 
 # Apple's FastViT keeps every stage part in one list, `network`: blocks of stage S at BLOCKS[S], the downsampling
 # before stage S at DOWN[S], the conditional positional encoding before stage S at POS[S] (FastViTHD: stages 3, 4)
@@ -51,10 +50,6 @@ TEMPLATE = (  # transformers' convert_fastvlm_weights_to_hf.py gives converted c
     "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ '\\n' + content['text'] }}{% endfor %}{{'<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def is_apple_layout(config: dict) -> bool:
-    return config.get("model_type") == "llava_qwen2"
 
 
 def check(config: dict) -> Tower:

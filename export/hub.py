@@ -33,11 +33,12 @@ def resolve(src: str | Path) -> Path:
         if not any(snap.glob("*.safetensors")):  # older checkpoints: PyTorch weights only
             snap = Path(snapshot_download(allow_patterns=TEXT + ["pytorch_model*.bin"], **get))
     except LocalEntryNotFoundError:
-        raise ExportError(f"--from {src}: not in the hub cache ({constants.HF_HUB_CACHE}) and downloading is off "
-                          "(HF_HUB_OFFLINE=1 or no network): download it once online, or pass a directory") from None
+        raise ExportError(f"--from {src}: no such directory, and as a hub id it is not in the hub cache "
+                          f"({constants.HF_HUB_CACHE}) while downloading is off (HF_HUB_OFFLINE=1 or no network): "
+                          "download it once online, or pass a directory") from None
     except RepositoryNotFoundError:
-        raise ExportError(f"--from {src}: no such hub repository (or it is private: log in with `hf auth login`)") \
-            from None
+        raise ExportError(f"--from {src}: no such directory, and no such hub repository (or it is private: log in "
+                          "with `hf auth login`)") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise ExportError(f"--from {src}: the hub download failed: {_one_line(e)}") from None
     return snap

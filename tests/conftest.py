@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims
+from edgevlm.export.dev.builders import CheckpointSpec, TextDims, VisionDims
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -61,7 +61,7 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(name) -> a checkpoint directory, built once per session."""
-    from edgevlm.export.checkpoints import build_checkpoint
+    from edgevlm.export.dev.builders import build_checkpoint
 
     made = {}
 
@@ -162,10 +162,41 @@ def serve(tmp_path_factory):
 LONG = 32000
 
 
+STATIC_CAPACITY, STATIC_CHUNK = 128, 8  # a prompt (16 image rows + text) takes several chunks, the last padded
+
+
+@pytest.fixture(scope="session")
+def static_bundle(checkpoint, tmp_path_factory):
+    """`edgevlm export --static` of fastvlm-qwen2-gqa (fixed shapes, a 128-slot KV cache)."""
+    from edgevlm.apps.cli import main
+
+    out = tmp_path_factory.mktemp("static") / "bundle"
+    assert main(["export", "--from", str(checkpoint("fastvlm-qwen2-gqa")), "--to", str(out), "--static",
+                 "--kv-capacity", str(STATIC_CAPACITY), "--prefill-chunk", str(STATIC_CHUNK)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def gguf_bundle(checkpoint, bundle, tmp_path_factory):
+    """gguf_bundle(name, quant) -> a bundle with a GGUF decoder (vision reused from the ONNX bundle)."""
+    from edgevlm.export.gguf import export_gguf
+
+    made = {}
+
+    def get(name: str, quant: str = "F32"):
+        if (name, quant) not in made:
+            out = tmp_path_factory.mktemp(f"{name}-{quant}") / "bundle"
+            export_gguf(checkpoint(name), out, quant=quant, base_bundle=bundle(name), progress=False)
+            made[name, quant] = out
+        return made[name, quant]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def long_bundle(tmp_path_factory):
     """A tiny random-weight LLaVA with an 8k context: its answers can run for seconds on any machine."""
-    from edgevlm.export.checkpoints import build_checkpoint
+    from edgevlm.export.dev.builders import build_checkpoint
     from edgevlm.export.exporter import export
 
     spec = CheckpointSpec("llava", TextDims(hidden=80, heads=5, kv_heads=5, layers=2, max_positions=LONG + 192),

@@ -23,21 +23,6 @@ from conftest import scene  # noqa: E402
 QUESTIONS = ["what color is the circle?", "how many squares are there?", "describe the image."]
 
 
-@pytest.fixture(scope="module")
-def gguf_bundle(checkpoint, bundle, tmp_path_factory):
-    """gguf_bundle(name, quant) -> a bundle with a GGUF decoder (vision reused from the ONNX bundle)."""
-    made = {}
-
-    def get(name: str, quant: str = "F32"):
-        if (name, quant) not in made:
-            out = tmp_path_factory.mktemp(f"{name}-{quant}") / "bundle"
-            export_gguf(checkpoint(name), out, quant=quant, base_bundle=bundle(name), progress=False)
-            made[name, quant] = out
-        return made[name, quant]
-
-    return get
-
-
 def test_import_edgevlm_loads_no_llama_cpp():
     code = "import sys, edgevlm; sys.exit(1 if 'llama_cpp' in sys.modules or 'gguf' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

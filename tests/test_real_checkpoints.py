@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,10 +46,12 @@ def exported(tmp_path_factory):
             else:
                 assert main(["--from", str(ckpt), "--to", str(out), "--parity-tokens", str(TOKENS)]) == 0
                 log = ""
-            made[name] = (ckpt, out, log)
-        return made[name]
+            made[name] = (ckpt, out, log, root)
+        return made[name][:3]
 
-    return get
+    yield get
+    for *_, root in made.values():  # gigabytes of weights and graphs per checkpoint: not kept after the module
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _reference(ckpt):  # transformers, loaded as the exporter loads it (Apple's layout and MobileVLM converted)
@@ -76,9 +79,10 @@ def test_published_checkpoint_exports_and_matches_transformers_on_two_images(nam
     assert figures["prompt_ids_match"] and figures["greedy_match"] and figures["greedy_tokens"] == TOKENS
     assert figures["max_abs_pixel_diff"] <= 1e-6 and figures["max_abs_logit_diff"] <= 5e-4
 
-    # image 2: a scene, same question, checked here against transformers
+    # image 2: a wide scene, same question, checked here against transformers (4:1: SmolVLM cuts 4 x 1 tiles + the
+    # global one instead of the probe's 4 x 3, OneVision picks another grid, LLaVA / FastVLM crop or pad it)
     model, processor = _reference(ckpt)
-    image = scene(1, (320, 240))
+    image = scene(1, (320, 80))
     inputs = parity.hf_inputs(processor, image, parity.PROMPT)
     ref_tokens, ref_logits = parity.reference_generate(model, inputs, TOKENS)
     del model

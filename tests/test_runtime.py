@@ -345,3 +345,24 @@ def test_a_graph_that_concatenates_its_kv_refuses_the_buffer():
     with pytest.raises(BackendError, match="failed"):  # the run itself refuses (the logits shape is fixed)
         pipeline.forward(g, spec, x, buf, quiet=True)
     assert buf.length == 0
+
+
+def test_a_deadline_interrupts_a_python_loop_and_withdraws_cleanly():
+    """edgevlm.deadline: the body gets Expired at its next bytecode once the time passes; a body that ends in
+    time never sees it, and nothing fires after the block (the code after it runs undisturbed)."""
+    from edgevlm.deadline import Expired, deadline
+
+    spins = 0
+    with pytest.raises(Expired):
+        with deadline(0.2):
+            while True:  # would never end on its own
+                spins += 1
+    assert spins > 0
+    for _ in range(200):  # many short bodies ending just before or after their deadline: none leaks Expired
+        try:
+            with deadline(0.001):
+                sum(range(2000))
+        except Expired:
+            pass
+    total = sum(range(10**6))  # the code after the blocks runs to its end
+    assert total == 10**6 * (10**6 - 1) // 2

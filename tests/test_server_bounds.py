@@ -83,9 +83,12 @@ def test_deep_json_is_a_400_before_parsing(default):
     status, _, data = post(default, json.dumps(ok))
     assert status == 200, data
 
-    def nested(levels: int) -> str:  # a request whose ignored `metadata` field takes the body to `levels` deep
-        return json.dumps({**ok, "messages": ask("hi")})[:-1] + ', "metadata": ' + "[" * (levels - 1) + "]" * (
-            levels - 1) + "}"
+    def nested(levels: int) -> str:  # a JSON Schema of arrays of arrays takes the body to `levels` deep
+        schema = {"type": "integer"}
+        for _ in range(levels - 4):  # the body, response_format, json_schema and the outermost schema: 4 levels
+            schema = {"type": "array", "items": schema}
+        fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}
+        return json.dumps({**ok, "messages": ask("hi"), "response_format": fmt})
     assert post(default, nested(32))[0] == 200
     assert post(default, nested(33))[0] == 400
     after = health(default)

@@ -13,18 +13,9 @@ import edgevlm
 from edgevlm.errors import BundleError, ContextOverflowError
 from edgevlm.export.graphs import graph_shapes
 
+from conftest import STATIC_CAPACITY as CAPACITY, STATIC_CHUNK as CHUNK  # noqa: E402,F401
+
 NAME = "fastvlm-qwen2-gqa"
-CAPACITY, CHUNK = 128, 8  # a prompt (16 image rows + text) takes several chunks, the last one padded
-
-
-@pytest.fixture(scope="module")
-def static_bundle(checkpoint, tmp_path_factory):
-    from edgevlm.apps.cli import main
-
-    out = tmp_path_factory.mktemp("static") / "bundle"
-    assert main(["export", "--from", str(checkpoint(NAME)), "--to", str(out), "--static", "--kv-capacity",
-                 str(CAPACITY), "--prefill-chunk", str(CHUNK)]) == 0
-    return out
 
 
 def _all_static(bundle) -> dict:

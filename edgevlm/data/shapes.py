@@ -238,6 +238,23 @@ def answer(scene: Scene, q: Question) -> str:
     raise ValueError(f"unknown qtype {q.qtype!r}")
 
 
+def scene_schema(max_objects: int = 3) -> dict:
+    """A JSON Schema of a scene's description (structured output's demo): its objects left to right, each a size,
+    a colour and a shape (the order of the words in a free-text description)."""
+    obj = {"type": "object", "properties": {"size": {"enum": list(SIZES)}, "color": {"enum": list(COLORS)},
+                                            "shape": {"enum": list(SHAPES)}},
+           "required": ["size", "color", "shape"], "additionalProperties": False}
+    return {"type": "object", "properties": {"objects": {"type": "array", "items": obj, "minItems": 1,
+                                                         "maxItems": max_objects}},
+            "required": ["objects"], "additionalProperties": False}
+
+
+def scene_json(scene: Scene) -> dict:
+    """The truth in scene_schema's form."""
+    return {"objects": [{"size": o.size, "color": o.color, "shape": o.shape}
+                        for o in sorted(scene.objects, key=lambda o: o.cx)]}
+
+
 def _unique_ref(scene: Scene, o: Obj, keys: tuple[tuple[str, ...], ...]) -> Ref | None:
     # The first (shortest) phrase built from the given attribute sets that names only o.
     for attrs in keys:
