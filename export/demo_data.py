@@ -133,7 +133,7 @@ class Conversations:
 
     def encode(self, chats: list[list[tuple]], image: bool = True) -> Row:
         """Chats of (question, answer[, ref_marks]) turns -> a Row. Each answer token, eos included, has weight
-        1/len(answer + eos): every answer counts the same however long it is. A mark whose text prefix does not
+        1/len(answer + eos): every answer counts the same however long it is (a JSON one JSON_WEIGHT times). A mark whose text prefix does not
         tokenize as a prefix of the question is dropped (byte-level BPE on word boundaries keeps them all)."""
         row = Row(image)
         head = self.head if image else self.head_text
@@ -153,7 +153,7 @@ class Conversations:
                         row.refs.append((len(row.ids) + len(pre) - 1, target))
                 row.add(qi + self.tail)
                 ai = self.ids(a) + [self.eos]
-                w = 1.0 / len(ai)
+                w = (JSON_WEIGHT if a.startswith("{") else 1.0) / len(ai)
                 row.target(len(row.ids) - 1, ai[0], w, k)
                 at = row.add(ai, None if branch else ai[1:] + [IGNORE], w, answer=k)
                 if not branch:
@@ -216,6 +216,8 @@ def collate(pixels: np.ndarray, rows: list[Row], pad_id: int) -> Batch:
 EXTRA = {"position": 3}
 EXTRA_FORMS = ("x", "y")
 CHAT_TURNS = {1: 0.1, 2: 0.25, 3: 0.3, 4: 0.25, 5: 0.1}  # questions per chat: mostly 2-4, some 1 and 5
+JSON_SHARE = 0.35  # share of shapes rows with a JSON question (structured output's demo: shapes.JSON_QUESTIONS)
+JSON_WEIGHT = 3.0  # a JSON answer counts as this many plain ones: its few free tokens sit among forced ones
 OFF_TOPIC = 0.3  # share of shapes rows with one question from outside the world's wordings (-> SENTENCE)
 LARGE = 0.1  # share of shapes pictures drawn larger and brought down to 128 px as the runtime does
 OUTWORLD_ROWS, TEXT_ROWS = 3 / 16, 1 / 16  # rows of a language step: out-of-world pictures, no picture
@@ -274,6 +276,9 @@ class Stream:
                  for q in specs for text in [shapes.question_text(q)]]
         order = rng.permutation(len(turns))
         turns = [turns[i] for i in order]
+        if rng.random() < JSON_SHARE:
+            q = shapes.JSON_QUESTIONS[int(rng.integers(len(shapes.JSON_QUESTIONS)))]
+            turns.insert(int(rng.integers(len(turns) + 1)), (q, shapes.json_answer(ex.scene), []))
         if rng.random() < OFF_TOPIC:
             turns.insert(int(rng.integers(len(turns) + 1)), (outworld.generic_question(rng), outworld.SENTENCE, []))
         return self.conv.encode(split_chats(turns, rng))

@@ -183,6 +183,10 @@ def validate(logits_fn, conv: Conversations, n: int = 512) -> dict:
         c = chats.shapes_chat(shapes.VALIDATION_SEED, i, 3)
         items.append((conv.encode([[(t.question, t.answer) for t in c.turns]]), c.image,
                       [(f"turn{k + 1}", t.qtype) for k, t in enumerate(c.turns)]))
+    for i in range(n // 8):  # a JSON description as the first question
+        ex = shapes.make_example(shapes.VALIDATION_SEED, 50_000 + i)
+        items.append((conv.encode([[(shapes.JSON_QUESTIONS[0], shapes.json_answer(ex.scene))]]), ex.image,
+                      [("json", "")]))
     for i, image in [(i, True) for i in range(n // 4)] + [(i, False) for i in range(n // 8)]:
         c = chats.outworld_chat(outworld.VALIDATION_SEED, i, 1, image=image)
         items.append((conv.encode([[(c.turns[0].question, c.turns[0].answer)]], image=image), c.image,
@@ -198,7 +202,7 @@ def validate(logits_fn, conv: Conversations, n: int = 512) -> dict:
             per.setdefault(group, []).append(float(k))
             if qtype:
                 per.setdefault(qtype, []).append(float(k))
-    turns = [x for k, v in per.items() if k.startswith("turn") for x in v]
+    turns = [x for k, v in per.items() if k.startswith("turn") for x in v]  # the headline: shapes chats
     return {"exact": round(float(np.mean(turns)), 4), **{k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())}}
 
 
@@ -377,7 +381,8 @@ def main(argv=None) -> int:
     p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
                    help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
-    if args.minutes is None and (args.max_steps is None or (args.vision_steps is None and args.variant == "standard")):
+    if args.minutes is None and (args.max_steps is None or (args.vision_steps is None and args.variant == "standard"
+                                                         and args.init is None)):
         p.error("give --minutes, or --max-steps (and for the standard model --vision-steps)")
     summary = train(args.out, args.minutes, args.seed, args.variant, args.init, args.vision_minutes, args.scenes,
                     args.per_scene, args.lr, threads=args.threads, tower_lr=args.tower_lr,
