@@ -242,7 +242,10 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
             raise SystemExit("--variant mini needs --init STANDARD_CHECKPOINT")
         tok = AutoTokenizer.from_pretrained(init)
         processor = build_processor(tok, patch=IMAGE_SIZE)
-        model = MiniVLM(AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32), grid=GRID)
+        if MiniVLM.is_mini(init):  # continue a trained LLaVA-Mini checkpoint (its compressor and pre-fusion too)
+            model = MiniVLM.load(init)
+        else:
+            model = MiniVLM(AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32), grid=GRID)
         tower, n_img = model.base.model.vision_tower, 1
     conv = Conversations(tok, processor, n_img, branches=variant != "standard")
     stream = Stream(conv, seed)
@@ -376,8 +379,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
     p.add_argument("--init", type=Path, default=None,
-                   help="a trained standard checkpoint: where --variant mini starts; for standard, continue it "
-                        "(no vision stage)")
+                   help="a trained checkpoint to continue (no vision stage): standard for --variant standard; for "
+                        "--variant mini a LLaVA-Mini checkpoint, or a standard one to start it from")
     p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
                    help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
