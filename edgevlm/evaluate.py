@@ -18,12 +18,15 @@ TEST_SEEDS = {"shapes": shapes.TEST_SEED, "outworld": outworld.TEST_SEED, "chats
 
 
 def evaluate(vlm, dataset: str = "shapes", seed: int = shapes.TEST_SEED, n: int = 500,
-             progress: Callable[[int], None] | None = None, max_tokens: int = 24, start: int = 0,
+             progress: Callable[[int], None] | None = None, max_tokens: int | None = None, start: int = 0,
              max_image_tokens: int | None = None) -> dict:
     """Greedy answers to held-out questions start .. start+n-1 (split "eval" of the seed) -> accuracy figures.
-    For "chats", n chats of three questions: accuracy over all answers, per_type per turn ("turn1", ...)."""
+    For "chats", n chats of three questions: accuracy over all answers, per_type per turn ("turn1", ...).
+    max_tokens: an answer's cap (default: 24, and 64 for "outworld", whose one right answer is a sentence)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
+    if max_tokens is None:
+        max_tokens = 64 if dataset == "outworld" else 24
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     for qtype, got, want in _answers(vlm, dataset, seed, n, start, max_tokens, max_image_tokens, progress):
