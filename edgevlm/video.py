@@ -163,3 +163,18 @@ def _check_stream(stream, total: int, rate: float, limits: Limits) -> None:
     if total > limits.video_decoded_frames:
         raise VideoError(f"the video has {total} frames; at most {limits.video_decoded_frames} are decoded "
                          "(edgevlm.Limits.video_decoded_frames): cut it shorter")
+
+
+def write(path, frames: list, fps: float = 1.0, codec: str = "mpeg4") -> None:
+    """Frames (HxWx3 uint8, even sides) -> a video file at fps (examples and tests; PyAV)."""
+    from fractions import Fraction
+
+    av = _av()
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f, np.uint8), format="rgb24")))
+        container.mux(stream.encode())

@@ -195,6 +195,7 @@ def _manifest(src: SimpleNamespace, parts: SimpleNamespace, tmp: Path, where: di
     return Manifest(
         format_version=1, family=src.adapter.family, components=components,
         fusion="prefusion" if src.mini else "splice", image_layout=parts.layout, preprocess=src.pre,
+        video=None if src.mini else src.adapter.video_layout(src.model, processor),
         tokenizer=FileRef("tokenizer.json", sha256_file(tmp / "tokenizer.json")), chat_template=processor.chat_template,
         special_tokens={k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
         image_token=image_token, image_token_id=image_token_id, image_tokens=n_tokens,

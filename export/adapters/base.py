@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgevlm.errors import ExportError
-from edgevlm.manifest import ImageLayout, Preprocess
+from edgevlm.manifest import ImageLayout, Preprocess, VideoLayout
 
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL / HF PILImageResampling codes
 
@@ -55,6 +55,10 @@ class Adapter:
         when they can be (no CLS row), else a plain sequence."""
         side = int(round(tile_rows ** 0.5))
         return ImageLayout(grid=(side, side) if side * side == tile_rows else None)
+
+    def video_layout(self, model, processor) -> VideoLayout | None:
+        """How the processor turns a video into prompt rows; None: a video is its frames, each an image."""
+        return None
 
     def hf_pixels(self, inputs) -> torch.Tensor:
         """The processor's pixel_values as tiles [T, 3, S, S]."""
@@ -108,6 +112,19 @@ def preprocess_from_hf(ip) -> Preprocess:
         pad_to_square=pad,
         **pixel_settings(ip),
     )
+
+
+def renders_video(processor, marker: str) -> bool:
+    """Does the processor's chat template write `marker` for a message's video item?"""
+    from edgevlm.template import render
+
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    tok = processor.tokenizer
+    try:
+        return render(processor.chat_template, msgs, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "") \
+            .count(marker) == 1
+    except Exception:
+        return False
 
 
 def tile_preprocess(ip, tile: int) -> Preprocess:
