@@ -101,9 +101,14 @@ class VLM(ImageSide):
         return "".join(r.text for r in self.stream(image, prompt, **kwargs))
 
     def prepare(self, image) -> str:
-        """Pre-encode an image (e.g. while the user types): everything that depends only on the image is
-        computed and cached (RAM, and disk with cache_dir). Returns its cache key."""
-        key = self.image_state(image)[0]
+        """Pre-encode an image or an edgevlm.Video (e.g. while the user types): everything that depends only on the
+        image (each frame) is computed and cached (RAM, and disk with cache_dir). Returns its cache key."""
+        from .video import Video
+
+        if isinstance(image, Video):
+            key = media.video_item(self, image, None, None, {})[0].key
+        else:
+            key = self.image_state(image)[0]
         self.caches.flush()
         return key
 
