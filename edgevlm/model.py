@@ -238,11 +238,11 @@ class VLM(ImageSide):
         self.caches.flush()
 
     def prompt_logits(self, image, prompt: str, max_image_tokens: int | None = None) -> np.ndarray:
-        """Logits [V] after a fresh one-turn prompt about an image, a list of images or none; nothing reused
-        (parity checks)."""
-        chat = self.chat()
+        """Logits [V] after a fresh one-turn prompt about an image, a list of images or none (or a prompt of parts,
+        image None); nothing reused (parity checks)."""
+        parts = media.parts_of(prompt, images=_listed(image)) if isinstance(prompt, str) else media.parts_of(prompt)
         self.decoder.reset()
-        return chat._begin(media.parts_of(prompt, images=_listed(image)), max_image_tokens, {}, reuse=False)[0]
+        return self.chat()._begin(parts, max_image_tokens, {}, reuse=False)[0]
 
     def _prompt_embeds(self, ids: np.ndarray, keys: list, states: dict[str, dict], start: int,
                        stages: dict) -> np.ndarray:
