@@ -4,6 +4,11 @@ videos (one token a frame; export/train_video.py).
 
     python benchmarks/video_demo.py [--mini-video benchmarks/.cache/shapes-fastvlm-mini-video] [--n 40]
         [--out benchmarks/results/video_demo]
+    python benchmarks/video_demo.py --scaled [--llm 12x768] [--image-size 256] [--counts 1,2,4,8]
+
+--scaled: TTFT only, on a random-weight standard / LLaVA-Mini pair of a larger shape (benchmarks/prefusion_ttft.py
+builds it: an LLM of 12 x 768 or Qwen2-0.5B's shape behind a FastViT tower; 256 px = 64 tokens a frame), where the
+language model's prefill, not the tower, decides TTFT. Random weights: only speed is meant.
 
 Accuracy: greedy answers to held-out videos of 2..8 frames (edgevlm/data/shapes_video.py, test seed), exact after
 normalisation. TTFT: "cold" = frames no cache holds (each frame encoded: tower, and for LLaVA-Mini its compressor
@@ -93,13 +98,13 @@ def per_frame(rows: dict, key: str) -> float:
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["Accuracy (greedy, exact) on held-out shapes videos:", "",
+    lines = [] if not result["accuracy"] else ["Accuracy (greedy, exact) on held-out shapes videos:", "",
              "| bundle | all | " + " | ".join(f"{f} fr" for f in range(MIN_FRAMES, MAX_FRAMES + 1)) + " | "
              + " | ".join(VIDEO_QTYPES) + " |", "|---" * (2 + MAX_FRAMES - MIN_FRAMES + 1 + len(VIDEO_QTYPES)) + "|"]
     for name, a in result["accuracy"].items():
         lines.append(f"| {name} | {a['exact']:.3f} | " + " | ".join(f"{a['per_frames'][f]:.2f}" for f in a["per_frames"])
                      + " | " + " | ".join(f"{a['per_type'].get(q, 0):.2f}" for q in VIDEO_QTYPES) + " |")
-    lines += ["", "TTFT against frames (median ms). cold: every frame encoded now; fresh: frames from the image cache, "
+    lines += ["" if lines else "", "TTFT against frames (median ms). cold: every frame encoded now; fresh: frames from the image cache, "
               "the prompt prefilled from scratch; follow: another question about the same video (its prompt prefix "
               "from the prefix cache too):", "",
               "| bundle | frames | prompt tokens | cold | fresh | follow |", "|---|---|---|---|---|---|"]
@@ -137,6 +142,30 @@ def _plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def scaled(args) -> int:
+    import sys
+    import tempfile
+
+    from edgevlm.cpu import isa
+
+    sys.path.insert(0, str(ROOT))
+    from prefusion_ttft import LLMS, build_scaled
+
+    if args.out == ROOT / "results" / "video_demo":
+        args.out = ROOT / "results" / f"video_ttft_scaled_{args.llm.replace('.', 'p')}"
+    with tempfile.TemporaryDirectory() as work:
+        built = build_scaled(Path(work), args.image_size, args.llm)
+        vlms = {name: edgevlm.load(path, threads=args.threads) for name, path in built.items()}
+        result = {"ttft": ttft(vlms, [int(c) for c in args.counts.split(",")], args.repeats), "accuracy": {}}
+    d = LLMS[args.llm]
+    result["machine"] = (f"{args.threads} threads, ISA {isa()}; random weights: LLM {d['layers']} x {d['hidden']}, "
+                         f"FastViT at {args.image_size} px = {(args.image_size // 32) ** 2} tokens a frame "
+                         "(standard), 1 (LLaVA-Mini, 2 pre-fusion layers)")
+    write(result, args.out)
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mini-video", type=Path, default=ROOT / ".cache" / "shapes-fastvlm-mini-video")
@@ -145,7 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "video_demo")
+    p.add_argument("--scaled", action="store_true", help="TTFT of a larger random-weight pair (no accuracy)")
+    p.add_argument("--llm", default="12x768", help="--scaled: the LLM's shape (prefusion_ttft.LLMS)")
+    p.add_argument("--image-size", type=int, default=256, help="--scaled: the tower's input size")
     args = p.parse_args(argv)
+    if args.scaled:
+        return scaled(args)
     from edgevlm.cpu import isa
 
     bundles = {"standard": ASSETS / "shapes-fastvlm", "llava-mini": ASSETS / "shapes-fastvlm-mini",
