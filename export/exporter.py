@@ -244,6 +244,7 @@ def _load(src, where: dict):
     processor = adapter.load_processor(hf_dir)
     adapter.check_processor(processor, model_type)
     processor.chat_template = chat_template(processor, model_type)
+    processor.chat_template = adapter.template_for_video(processor)
     pre = adapter.preprocess(processor)
     model = mini.base if mini else adapter.load_model(hf_dir)
     return hf_dir, adapter, mini, processor, pre, model.eval()

@@ -8,7 +8,7 @@ import torch
 from edgevlm.errors import ExportError
 from edgevlm.manifest import ImageLayout, Preprocess, VideoLayout
 
-from .base import Adapter, renders_video, tile_preprocess
+from .base import Adapter, renders_alike, renders_video, tile_preprocess
 
 
 class SmolVlmAdapter(Adapter):
@@ -60,6 +60,17 @@ class SmolVlmAdapter(Adapter):
             f"{{{{ '\\n' }}}}{{% endfor %}}{{{{ '\\n' }}}}{whole}{{% endif %}}")
         return ImageLayout(grid=(side, side), tiling="split", tile_size=_longest_edge(ip, "max_image_size"),
                            longest_edge=_longest_edge(ip, "size"), global_tile="last", prompt=prompt)
+
+    def template_for_video(self, processor) -> str:
+        """SmolVLMProcessor renders a prompt with a video through its own default template (published SmolVLM2
+        templates write no video marker): the bundle carries that one when it renders everything else alike."""
+        from transformers.models.smolvlm import processing_smolvlm
+
+        own, default = processor.chat_template, getattr(processing_smolvlm, "DEFAULT_CHAT_TEMPLATE", None)
+        marker = getattr(processor, "video_token", None) or "<video>"
+        if getattr(processor, "video_processor", None) is None or not default or renders_video(processor, marker):
+            return own
+        return default if renders_alike(processor, own, default) else own
 
     def video_layout(self, model, processor) -> VideoLayout | None:
         """SmolVLM2: each frame resized (longest edge) and squeezed into one tile, under a line with its time;
