@@ -124,8 +124,8 @@ class Session:
         if p.suffix.lower() == ".json":
             data = json.dumps({"bundle": self.bundle_name, "turns": self.turns}, indent=2) + "\n"
         else:
-            data = "".join("".join(f"[image: {p}]\n" for p in _listed(t["image"])) + f"> {t['user']}\n{t['assistant']}\n\n"
-                           for t in self.turns)
+            data = "".join("".join(f"[image: {p}]\n" for p in _listed(t["image"]))
+                           + f"> {t['user']}\n{t['assistant']}\n\n" for t in self.turns)
         from edgevlm.atomic import write_atomic
 
         try:

@@ -69,7 +69,8 @@ def ttft(vlms: dict, counts: list[int], repeats: int) -> dict:
                     continue
                 vlm.caches.prefixes.clear()
                 fresh = next(iter(vlm.stream(None, ex.question, video=video, max_tokens=1)))
-                follow = next(iter(vlm.stream(None, "How many shapes are there at the end?", video=video, max_tokens=1)))
+                other = "How many shapes are there at the end?"
+                follow = next(iter(vlm.stream(None, other, video=video, max_tokens=1)))
                 cell = runs[name].setdefault(f, {"cold": [], "fresh": [], "follow": [], "tokens": 0, "stages": []})
                 for kind, resp in zip(KINDS, (cold, fresh, follow)):
                     cell[kind].append(resp.ttft_s)
@@ -82,8 +83,8 @@ def ttft(vlms: dict, counts: list[int], repeats: int) -> dict:
             stages = sorted({s for st in c["stages"] for s in st})
             out[name][f] = {**{f"{k}_ms": round(1000 * statistics.median(c[k]), 2) for k in KINDS},
                             "prompt_tokens": c["tokens"],
-                            "cold_stages_ms": {s: round(1000 * statistics.median(st.get(s, 0.0) for st in c["stages"]), 2)
-                                               for s in stages}}
+                            "cold_stages_ms": {s: round(1000 * statistics.median(st.get(s, 0.0) for st in c["stages"]),
+                                                                        2) for s in stages}}
     return out
 
 
@@ -102,10 +103,11 @@ def write(result: dict, out: Path) -> None:
              "| bundle | all | " + " | ".join(f"{f} fr" for f in range(MIN_FRAMES, MAX_FRAMES + 1)) + " | "
              + " | ".join(VIDEO_QTYPES) + " |", "|---" * (2 + MAX_FRAMES - MIN_FRAMES + 1 + len(VIDEO_QTYPES)) + "|"]
     for name, a in result["accuracy"].items():
-        lines.append(f"| {name} | {a['exact']:.3f} | " + " | ".join(f"{a['per_frames'][f]:.2f}" for f in a["per_frames"])
+        lines.append(f"| {name} | {a['exact']:.3f} | "
+                     + " | ".join(f"{a['per_frames'][f]:.2f}" for f in a["per_frames"])
                      + " | " + " | ".join(f"{a['per_type'].get(q, 0):.2f}" for q in VIDEO_QTYPES) + " |")
-    lines += ["" if lines else "", "TTFT against frames (median ms). cold: every frame encoded now; fresh: frames from the image cache, "
-              "the prompt prefilled from scratch; follow: another question about the same video (its prompt prefix "
+    lines += ["", "TTFT against frames (median ms). cold: every frame encoded now; fresh: frames from the image "
+              "cache, the prompt prefilled from scratch; follow: another question about the same video (its prompt prefix "
               "from the prefix cache too):", "",
               "| bundle | frames | prompt tokens | cold | fresh | follow |", "|---|---|---|---|---|---|"]
     for name, rows in result["ttft"].items():

@@ -46,7 +46,8 @@ class ImageSide:
             rgb = load_image(image, limits=self.limits, check=self._checker(spend))
             tiles = None
             if one_tile:  # the whole image padded to a square, one tile; its rows and the row end
-                pixels = preprocess(rgb, dataclasses.replace(m.preprocess, pad_to_square=lay.multi_pad), self._resize_threads)
+                square = dataclasses.replace(m.preprocess, pad_to_square=lay.multi_pad)
+                pixels = preprocess(rgb, square, self._resize_threads)
             elif lay and lay.tiling != "none":
                 tiles = tiling.make_tiles(rgb, m.preprocess, lay)
                 pixels = tiles.pixels
@@ -193,7 +194,8 @@ class ImageSide:
             return False
         if "row_end" in state:  # a video frame (edgevlm.media): its rows and the vision graph's row end
             end = state["row_end"]
-            return end.ndim == 1 and end.dtype == np.float32 and end.size in (0, rows.shape[1]) and state.get("kv") is None
+            return (end.ndim == 1 and end.dtype == np.float32 and end.size in (0, rows.shape[1])
+                    and state.get("kv") is None)
         split = m.image_layout is not None and m.image_layout.tiling == "split"
         if split != ("layout" in state):
             return False

@@ -349,7 +349,8 @@ def _check_layout(m: Manifest) -> None:
 
 def _check_video(m: Manifest) -> None:
     v, lay = m.video, m.image_layout
-    if lay is not None and (lay.multi not in ("same", "one_tile") or (lay.multi == "one_tile") != (lay.multi_pad is not None)):
+    if lay is not None and (lay.multi not in ("same", "one_tile")
+                            or (lay.multi == "one_tile") != (lay.multi_pad is not None)):
         raise BundleError("manifest: image_layout.multi must be same|one_tile (one_tile with multi_pad)")
     for c in (lay.multi_pad if lay is not None else None) or ():
         _in("image_layout.multi_pad", c, 0, 255)

@@ -147,7 +147,8 @@ def test_server_takes_several_image_url_parts_in_order(serve, bundle):
     def data(img):
         png = io.BytesIO()
         img.save(png, "PNG")
-        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}}
+        url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        return {"type": "image_url", "image_url": {"url": url}}
 
     content = [{"type": "text", "text": "first"}, data(a), {"type": "text", "text": "then"}, data(b_),
                {"type": "text", "text": "what color is the circle?"}]

@@ -32,10 +32,12 @@ def hf_model(ckpt):
 
 
 def hf_video_inputs(processor, frames, seconds, rate: float, total: int, image=None):
-    """transformers' inputs for [image?, video, question]: the frames as sampled, their metadata as a decoder gives it."""
+    """transformers' inputs for [image?, video, question]: the frames as sampled, their metadata as a decoder gives
+    it."""
     from transformers.video_utils import VideoMetadata
 
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "video"}, {"type": "text", "text": QUESTION}]
+    content = [{"type": "image"}] if image is not None else []
+    content += [{"type": "video"}, {"type": "text", "text": QUESTION}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     meta = VideoMetadata(total_num_frames=total, fps=rate, duration=total / rate,
                          frames_indices=[int(round(s * rate)) for s in seconds])
@@ -159,7 +161,8 @@ def test_llava_mini_takes_one_token_per_frame(mini):
 
 
 def test_video_limits_and_unreadable_videos(bundle, tmp_path):
-    vlm = edgevlm.load(bundle("smolvlm-llama"), threads=1, limits=edgevlm.Limits(video_frames=4, video_decoded_frames=30))
+    limits = edgevlm.Limits(video_frames=4, video_decoded_frames=30)
+    vlm = edgevlm.load(bundle("smolvlm-llama"), threads=1, limits=limits)
     path = tmp_path / "long.mp4"
     video_mod.write(path, clip(40), fps=10.0)
     with pytest.raises(edgevlm.VideoError, match="40 frames; at most 30 are decoded"):

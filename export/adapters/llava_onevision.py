@@ -68,7 +68,8 @@ class LlavaOnevisionAdapter(Adapter):
         return VideoLayout(marker=marker, token=marker, token_id=int(processor.video_token_id),
                            preprocess=Preprocess(size=size, **pixel_settings(vp)), pool=(-(-side // 2),) * 2,
                            row_end=True, prompt="{{ image * (frames * tokens + 1) }}", sampling="uniform",
-                           fps=float(getattr(vp, "fps", None) or 1.0), max_frames=int(getattr(vp, "num_frames", None) or 32))
+                           fps=float(getattr(vp, "fps", None) or 1.0),
+                           max_frames=int(getattr(vp, "num_frames", None) or 32))
 
     def reference_rows(self, model, inputs) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
