@@ -14,6 +14,7 @@ COMMANDS = {
     "export": ("edgevlm.apps.export_cmd", "export a transformers checkpoint to a bundle"),
     "quant": ("edgevlm.apps.quant_cmd", "quantize a bundle: int8, int8-static, int4, fp16, mixed under a budget"),
     "eval": ("edgevlm.apps.eval_cmd", "accuracy of a bundle on a held-out procedural set"),
+    "batch": ("edgevlm.apps.batch_cmd", "answer a file of (image, prompt) rows: local process pool or Ray Data, resumable"),
     "bench": ("edgevlm.apps.bench_cmd", "TTFT per stage, cold and warm, per input resolution (table, JSON, plot)"),
     "serve": ("edgevlm.apps.serve", "OpenAI-compatible local server and web chat page (loopback by default)"),
 }

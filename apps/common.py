@@ -20,6 +20,8 @@ EXTRAS = {
     "server": ("starlette", "uvicorn", "llguidance"),
     "structured": ("llguidance",),
     "plot": ("matplotlib",),
+    "parquet": ("pyarrow",),
+    "ray": ("ray", "pyarrow", "pandas"),  # ray[data]
 }
 
 

@@ -35,7 +35,7 @@ def build_05b() -> Path:
     from real_checkpoints import CHECKPOINTS, REAL
 
     from edgevlm.export.exporter import export
-    from edgevlm.export.published import Cut, build_from_published
+    from edgevlm.export.dev.published import Cut, build_from_published
     from edgevlm.quant import quantize_bundle
 
     real = CHECKPOINTS["fastvlm-0.5b-hf"]

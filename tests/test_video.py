@@ -118,7 +118,7 @@ def test_asking_again_about_a_clip_skips_the_encoder(bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    from edgevlm.export.checkpoints import build_mini_checkpoint
+    from edgevlm.export.dev.builders import build_mini_checkpoint
     from edgevlm.export.exporter import export
 
     root = tmp_path_factory.mktemp("mini-video")
