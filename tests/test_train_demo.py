@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from edgevlm.data import chats, outworld, shapes
-from edgevlm.export import train_demo as td
-from edgevlm.export.demo_data import IGNORE, Conversations, Stream, collate, ref_marks
+from edgevlm.export.dev import train_demo as td
+from edgevlm.export.dev.demo_data import IGNORE, Conversations, Stream, collate, ref_marks
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_recipe_runs_and_exports(tmp_path):
     rs = list(vlm.stream(ex.image, ex.question, max_tokens=4))
     assert rs[-1].finish_reason and len(rs) <= 4 and all(0 <= r.token < vlm.manifest.vocab_size for r in rs)
     # the runtime's multi-turn prompt is the training row's text, token for token
-    from edgevlm.export.demo_model import build_processor
+    from edgevlm.export.dev.demo_model import build_processor
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
