@@ -1,4 +1,4 @@
-"""`edgevlm eval --bundle B --dataset shapes --seed S --n N [--json]`: exact-match accuracy, greedy.
+"""`edgevlm eval --bundle B --dataset shapes|chats|outworld --seed S --n N [--json]`: exact-match accuracy, greedy.
 `edgevlm eval --bundle B --dataset rows.jsonl [--engine local|ray] [--output preds.jsonl]`: a labelled file of
 (image, question, answer) rows, exact and normalised match, on `edgevlm batch`'s engines (apps/eval_file.py)."""
 
@@ -9,6 +9,7 @@ import json
 import sys
 
 from edgevlm.errors import ArgumentError
+from edgevlm.evaluate import TEST_SEEDS, evaluate
 
 from .batch_cmd import add_engine_args
 from .common import one_line_errors
@@ -21,11 +22,13 @@ def parser() -> argparse.ArgumentParser:
         ".csv, .parquet; MMStar / Tiny LVLM-eHub style: exact and normalised match, per `category` if rows have "
         "one), answered by a local process pool or Ray Data. Without --bundle the embedded demo is evaluated."))
     p.add_argument("--bundle", metavar="B", help="bundle directory (default: the embedded demo)")
-    p.add_argument("--dataset", default="shapes", metavar="shapes|FILE", help=(
-        "shapes: the procedural held-out scenes the demo model was trained on (default); or a JSONL / CSV / Parquet "
-        "file of {image, question, answer} rows (MMStar / Tiny LVLM-eHub style)"))
+    p.add_argument("--dataset", default="shapes", metavar="shapes|chats|outworld|FILE", help=(
+        "shapes: one question about a held-out scene of the demo's procedural world (default); chats: three "
+        "questions in one chat (accuracy per turn); outworld: pictures that are not shapes scenes, or none (the "
+        "demo's one sentence is right); or a JSONL / CSV / Parquet file of {image, question, answer} rows "
+        "(MMStar / Tiny LVLM-eHub style)"))
     p.add_argument("--seed", type=int, default=None, help="dataset seed (default: the project's test seed)")
-    p.add_argument("--n", type=int, default=500, help="number of questions (default 500)")
+    p.add_argument("--n", type=int, default=500, help="number of questions, or chats (default 500)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
                    help="image-token budget per image (default: the bundle's, else all rows)")
@@ -39,17 +42,15 @@ def parser() -> argparse.ArgumentParser:
 @one_line_errors
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.dataset != "shapes":
+    if args.dataset not in TEST_SEEDS:
         return _eval_file(args)
     if args.engine != "local" or args.workers or args.ray_address or args.output:
         raise ArgumentError("--engine, --workers, --ray-address and --output are for --dataset FILE; "
-                            "the shapes set is scored in this process")
+                            "the procedural sets are scored in this process")
     import edgevlm
-    from edgevlm.data import shapes
-    from edgevlm.evaluate import evaluate
 
     vlm = edgevlm.load(args.bundle)
-    seed = shapes.TEST_SEED if args.seed is None else args.seed
+    seed = TEST_SEEDS[args.dataset] if args.seed is None else args.seed
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

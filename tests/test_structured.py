@@ -32,20 +32,28 @@ class Scene(BaseModel):
     objects: list[Obj] = Field(min_length=1, max_length=3)
 
 
+JSON_FLOOR = 0.6  # the shipped demo: 0.725 here, and benchmarks/results/structured.md (exact objects, n = 300)
+
+
 @pytest.fixture(scope="module")
 def demo():
     return edgevlm.load()
 
 
 def test_every_answer_parses_and_validates_against_the_schema(demo):
-    schema, n, valid = shapes.scene_schema(), 0, 0
-    for ex in shapes.examples(4242, 60, split="eval"):
-        rs = list(demo.stream(ex.image, "Describe the image.", json_schema=schema, max_tokens=120))
+    """Held-out scenes the demo can describe (describe questions: 1-3 objects apart left to right), asked for JSON
+    under the scene schema: every answer valid and ended by the grammar; most name exactly the scene's objects."""
+    schema, valid, right = shapes.scene_schema(), 0, 0
+    exs = [ex for ex in shapes.examples(4242, 400, split="eval") if ex.qtype == "describe"][:40]
+    for ex in exs:
+        rs = list(demo.stream(ex.image, shapes.JSON_QUESTIONS[0], json_schema=schema, max_tokens=200))
         text = "".join(r.text for r in rs)
-        Scene.model_validate_json(text)  # raises on any invalid answer
+        got = Scene.model_validate_json(text)  # raises on any invalid answer
         assert rs[-1].finish_reason == "stop"  # the grammar closed and the model could only end it
-        n, valid = n + 1, valid + 1
-    print(f"{valid}/{n} answers valid JSON of the scene schema")
+        valid += 1
+        right += got.model_dump() == shapes.scene_json(ex.scene)
+    print(f"{valid}/{len(exs)} answers valid JSON of the scene schema, {right} exactly the scene")
+    assert len(exs) == 40 and right >= JSON_FLOOR * len(exs)
 
 
 @pytest.mark.parametrize("fmt,check", [
@@ -62,8 +70,9 @@ def test_response_formats(demo, fmt, check):
 
 
 def test_json_object_answers_are_objects(demo):
-    """Any JSON object: keys and strings are free, so a model that never saw JSON (the demo) may fill a string
-    until max_tokens; whatever it wrote is then a prefix of an object, and every answer it closed parses."""
+    """Any JSON object: keys and strings are free, so a model asked a question it answers in words (the demo) may
+    fill a string until max_tokens; whatever it wrote is then a prefix of an object, and every answer it closed
+    parses."""
     closed = 0
     for ex in shapes.examples(77, 12, split="eval"):
         rs = list(demo.stream(ex.image, ex.question, response_format={"type": "json_object"}, max_tokens=80))

@@ -15,6 +15,7 @@ Geometry is in image fractions (0..1, y down), so a scene renders at any size.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -253,6 +254,16 @@ def scene_json(scene: Scene) -> dict:
     """The truth in scene_schema's form."""
     return {"objects": [{"size": o.size, "color": o.color, "shape": o.shape}
                         for o in sorted(scene.objects, key=lambda o: o.cx)]}
+
+
+# Questions whose answer is the scene in scene_schema's form, compact (the form llguidance writes under
+# that schema: no whitespace, properties in the schema's order). The first is the held-out wording.
+JSON_QUESTIONS = ("Describe the image as JSON.", "List the objects as JSON.", "What is in the picture? Answer in JSON.")
+
+
+def json_answer(scene: Scene) -> str:
+    """scene_json(scene) as the demo writes it: compact JSON."""
+    return json.dumps(scene_json(scene), separators=(",", ":"))
 
 
 def _unique_ref(scene: Scene, o: Obj, keys: tuple[tuple[str, ...], ...]) -> Ref | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from edgevlm.data import shapes
+from edgevlm.data import outworld, shapes
 
 from .demo_data import IMAGE_SIZE
 
@@ -32,13 +32,16 @@ def text_config(layers: int, hidden: int) -> dict:
 
 
 def build_tokenizer():
-    """Byte-level BPE trained on the dataset's own text, so every word of it is about one token."""
+    """Byte-level BPE trained on the dataset's own text (and the out-of-world sentence), so every word of it is
+    about one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     lines = []
     for ex in shapes.examples(0, 4000, split="train"):
         lines += [ex.question, ex.answer]
+    # the out-of-world answer as whole-word tokens (other text falls back to shorter pieces)
+    lines += [outworld.SENTENCE] * 500
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -32,68 +32,85 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# OpenMP threads that spin while waiting lose the cores they wait for on a shared machine: on 2 busy cores a
+# tower step took 12-18 s with spinning threads, 2-3 s with sleeping ones. Read when torch first loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 import torch.nn.functional as F
 
-from edgevlm.data import shapes
+from edgevlm.data import chats, outworld, shapes
 
-from .demo_data import CELL_HEADS, GRID, IMAGE_SIZE, Conversations, Stream, collate, pixels_of
+from .demo_data import CELL_HEADS, GRID, IGNORE, IMAGE_SIZE, Batch, Conversations, Stream, collate, pixels_of
 from .demo_model import TEXT, build_model, build_processor, build_tokenizer, text_config
 
 def cell_loss(head, grid, targets):
-    """Cross-entropy of each cell head; also the fraction of cells with every head right."""
+    """Cross-entropy of each cell head (IGNORE targets: cells of out-of-world pictures); also the fraction of
+    the scored cells with every head right."""
     logits = head(grid).split(list(CELL_HEADS.values()), dim=-1)
-    loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[..., k].reshape(-1)) for k, lg in enumerate(logits))
+    loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[..., k].reshape(-1), ignore_index=IGNORE)
+               for k, lg in enumerate(logits))
     ok = torch.stack([lg.argmax(-1) == targets[..., k] for k, lg in enumerate(logits)]).all(0)
-    return loss, float(ok.float().mean())
+    scored = targets[..., 0] != IGNORE
+    return loss, float(ok[scored].float().mean()) if scored.any() else 1.0
 
 
 def tower_grid(tower, pixels):  # [B, 3, H, W] -> [B, N, C]
     return tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
 
 
-def answer_loss(logits_fn, ids, weight):
-    """Weighted cross-entropy on answer tokens (logits only where there is a target) and teacher-forced
-    exact match per sequence (every answer token right)."""
-    tgt, w = ids[:, 1:], weight[:, 1:]
-    sel = w > 0
+def answer_loss(logits_fn, batch: Batch):
+    """Weighted cross-entropy on the answer targets (logits only where there is one) and teacher-forced exact
+    match per answer (every token of it right): -> (loss, [answers] bool)."""
+    sel = batch.weight > 0
     logits = logits_fn(sel).float()
-    tok_loss = F.cross_entropy(logits, tgt[sel], reduction="none")
-    loss = (tok_loss * w[sel]).sum() / w.sum()
+    tgt, w = batch.targets[sel], batch.weight[sel]
+    loss = (F.cross_entropy(logits, tgt, reduction="none") * w).sum() / w.sum()
     with torch.no_grad():
-        wrong = torch.zeros_like(tgt, dtype=torch.bool)
-        wrong[sel] = logits.argmax(-1) != tgt[sel]
-    return loss, ~wrong.any(dim=1)
+        key = sel.nonzero()[:, 0] * 10_000 + batch.answer[sel]  # (row, answer) -> one id
+        _, which = key.unique(return_inverse=True)
+        wrong = torch.zeros(int(which.max()) + 1 if len(which) else 0).index_add_(0, which, (logits.argmax(-1) != tgt).float())
+    return loss, wrong == 0
 
 
 def standard_logits(model, tower, image_id, ref_layer: int = 0):
     """FastVLM forward: splice projected tower tokens at the placeholders. -> (logits at selected positions,
     the projected image tokens, the hidden states after decoder layer `ref_layer` (None if 0))."""
-    def run(pixels, ids, mask, pos, weight):
-        feats = model.model.multi_modal_projector(tower_grid(tower, pixels))  # [B, N, D]
-        embeds = model.model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == image_id)[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+    def run(b: Batch):
+        feats = model.model.multi_modal_projector(tower_grid(tower, b.pixels))  # [rows with a picture, N, D]
+        embeds = model.model.get_input_embeddings()(b.ids)
+        embeds = embeds.masked_scatter((b.ids == image_id)[..., None], feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=b.mask, position_ids=b.pos,
                                          output_hidden_states=ref_layer > 0)
-        hidden = out.last_hidden_state[:, :-1]
+        hidden = out.last_hidden_state
         mid = out.hidden_states[ref_layer] if ref_layer > 0 else None
         return (lambda sel: model.lm_head(hidden[sel])), feats, mid
     return run
 
 
 def mini_logits(mini, tower, image_id):
-    """LLaVA-Mini forward: pre-fusion over [image tokens; text], one compressed token at the placeholder.
-    The third output is the LLM's input (the fused text: where the text has looked at the image)."""
-    def run(pixels, ids, mask, pos, weight):
-        feats = mini.base.model.multi_modal_projector(tower_grid(tower, pixels))
-        x = mini.llm_embeds(feats, ids, mask, weight == 0, image_id, pos)  # answer tokens enter plain, as when decoding
-        hidden = mini.base.model.language_model(inputs_embeds=x, attention_mask=mask,
-                                                position_ids=pos).last_hidden_state[:, :-1]
+    """LLaVA-Mini forward: pre-fusion over [image tokens; text], one compressed token at the placeholder; rows with
+    no picture run plain, as the runtime runs them. The third output is the LLM's input (the fused text: where the
+    text has looked at the image)."""
+    def run(b: Batch):
+        feats = mini.base.model.multi_modal_projector(tower_grid(tower, b.pixels))
+        x = mini.base.model.get_input_embeddings()(b.ids)
+        hi = b.has_image
+        if hi.any():
+            ids, emb = b.ids[hi], x[hi]
+            fused = mini.fuse(feats, emb, b.mask[hi], b.pos[hi])
+            xi = torch.where(b.plain[hi][..., None], emb, fused)  # answers enter plain, as when decoding
+            token = mini.compressor(feats)  # [rows with a picture, 1, D]
+            xi = xi.masked_scatter((ids == image_id)[..., None], token.reshape(-1, token.shape[-1]).to(xi.dtype))
+            x = x.to(xi.dtype).index_put((hi.nonzero()[:, 0],), xi)
+        hidden = mini.base.model.language_model(inputs_embeds=x, attention_mask=b.mask,
+                                                position_ids=b.pos).last_hidden_state
         return (lambda sel: mini.base.lm_head(hidden[sel])), feats, x
     return run
 
@@ -159,22 +176,34 @@ def recalibrate_bn(tower, stream, batches: int = 40) -> None:
 
 @torch.no_grad()
 def validate(logits_fn, conv: Conversations, n: int = 512) -> dict:
-    """Teacher-forced exact match on single-question prompts of the validation split, per question type."""
-    exs = list(shapes.examples(shapes.VALIDATION_SEED, n, split="eval", size=IMAGE_SIZE))
+    """Teacher-forced exact match per answer: n // 3 three-question chats of the validation split (by turn and
+    by question type), n // 4 out-of-world pictures and n // 8 questions with no picture (the SENTENCE)."""
+    items = []  # (row, picture or None, a label per answer)
+    for i in range(n // 3):
+        c = chats.shapes_chat(shapes.VALIDATION_SEED, i, 3)
+        items.append((conv.encode([[(t.question, t.answer) for t in c.turns]]), c.image,
+                      [(f"turn{k + 1}", t.qtype) for k, t in enumerate(c.turns)]))
+    for i in range(n // 8):  # a JSON description as the first question
+        ex = shapes.make_example(shapes.VALIDATION_SEED, 50_000 + i)
+        items.append((conv.encode([[(shapes.JSON_QUESTIONS[0], shapes.json_answer(ex.scene))]]), ex.image,
+                      [("json", "")]))
+    for i, image in [(i, True) for i in range(n // 4)] + [(i, False) for i in range(n // 8)]:
+        c = chats.outworld_chat(outworld.VALIDATION_SEED, i, 1, image=image)
+        items.append((conv.encode([[(c.turns[0].question, c.turns[0].answer)]], image=image), c.image,
+                      [("outworld" if image else "no_image", "")]))
     per: dict[str, list[float]] = {}
-    for s in range(0, n, 64):
-        chunk = exs[s: s + 64]
-        pixels, ids, weight, mask, pos = collate(np.stack([pixels_of(e.image) for e in chunk]),
-                                                 [conv.encode([(e.question, e.answer)]) for e in chunk],
-                                                 conv.tok.pad_token_id)
-        fn = logits_fn(pixels, ids, mask, pos, weight)[0]
-        _, ok = answer_loss(fn, ids, weight)
-        for e, k in zip(chunk, ok.tolist()):
-            per.setdefault(e.qtype, []).append(float(k))
-            if e.qtype == "position":  # the three forms learn at different speeds: worth seeing apart
-                per.setdefault(f"position.{e.spec.form}", []).append(float(k))
-    return {"exact": round(float(np.mean([x for k, v in per.items() if "." not in k for x in v])), 4),
-            "per_type": {k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())}}
+    for s in range(0, len(items), 48):
+        chunk = items[s: s + 48]
+        images = [im for _, im, _ in chunk if im is not None]
+        pixels = np.stack([pixels_of(im) for im in images]) if images else np.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        batch = collate(pixels, [row for row, _, _ in chunk], conv.tok.pad_token_id)
+        ok = answer_loss(logits_fn(batch)[0], batch)[1].tolist()  # answers in row order
+        for (group, qtype), k in zip([lab for _, _, labels in chunk for lab in labels], ok):
+            per.setdefault(group, []).append(float(k))
+            if qtype:
+                per.setdefault(qtype, []).append(float(k))
+    turns = [x for k, v in per.items() if k.startswith("turn") for x in v]  # the headline: shapes chats
+    return {"exact": round(float(np.mean(turns)), 4), **{k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())}}
 
 
 def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "standard", init: Path | None = None,
@@ -213,29 +242,39 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
             raise SystemExit("--variant mini needs --init STANDARD_CHECKPOINT")
         tok = AutoTokenizer.from_pretrained(init)
         processor = build_processor(tok, patch=IMAGE_SIZE)
-        model = MiniVLM(AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32), grid=GRID)
+        if MiniVLM.is_mini(init):  # continue a trained LLaVA-Mini checkpoint (its compressor and pre-fusion too)
+            model = MiniVLM.load(init)
+        else:
+            model = MiniVLM(AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32), grid=GRID)
         tower, n_img = model.base.model.vision_tower, 1
-    conv = Conversations(tok, processor, n_img)
+    conv = Conversations(tok, processor, n_img, branches=variant != "standard")
     stream = Stream(conv, seed)
     base = model if variant == "standard" else model.base
     image_id = base.config.image_token_id
 
     if variant == "standard" and init is None and tower_from is None:
         tower.train()
-        head = torch.nn.Linear(base.config.vision_config.hidden_size, sum(CELL_HEADS.values()))
+        width = base.config.vision_config.hidden_size
+        head = torch.nn.Linear(width, sum(CELL_HEADS.values()))
+        world = torch.nn.Linear(width, 2)  # is it a shapes scene at all? (read off the mean of the grid)
+
+        def vision_loss(pixels, targets, is_world):
+            grid = tower_grid(tower, pixels)
+            loss, acc = cell_loss(head, grid, targets)
+            return loss + F.cross_entropy(world(grid.mean(1)), is_world), acc, world(grid.mean(1)).argmax(-1) == is_world
 
         def vision_step():
-            pixels, targets = stream.vision_batch(32)
-            return cell_loss(head, tower_grid(tower, pixels), targets)
+            return vision_loss(*stream.vision_batch(32))[:2]
 
         budget = math.inf if minutes is None else vision_minutes * 60
-        steps, hist = timed_loop(budget, list(tower.parameters()) + list(head.parameters()), vision_lr,
+        steps, hist = timed_loop(budget, [*tower.parameters(), *head.parameters(), *world.parameters()], vision_lr,
                                  vision_step, log, every=25, tag="vision", max_steps=vision_steps)
         recalibrate_bn(tower, stream)
         tower.eval()
         with torch.no_grad():
-            pixels, targets = Stream(conv, shapes.VALIDATION_SEED).vision_batch(256)
-            summary["vision"] = {"steps": steps, "val_cell_exact": round(cell_loss(head, tower_grid(tower, pixels), targets)[1], 4)}
+            _, cells, world_ok = vision_loss(*Stream(conv, shapes.VALIDATION_SEED).vision_batch(256))
+            summary["vision"] = {"steps": steps, "val_cell_exact": round(cells, 4),
+                                 "val_world": round(float(world_ok.float().mean()), 4)}
         summary["history"] += hist
         log(json.dumps(summary["vision"]))
     tower.eval()  # BatchNorm keeps its population statistics; recalibrated at the end if the tower trains
@@ -260,10 +299,10 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
         params[0]["params"] += list(ref_probe.parameters())
 
     def text_step():
-        pixels, ids, weight, mask, pos, targets, (rows, index, ref_targets) = stream.text_batch(scenes, per_scene)
+        batch, targets, (rows, index, ref_targets) = stream.text_batch(scenes, per_scene)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            fn, feats, mid = logits_of(pixels, ids, mask, pos, weight)
-            loss, ok = answer_loss(fn, ids, weight)
+            fn, feats, mid = logits_of(batch)
+            loss, ok = answer_loss(fn, batch)
             if aux > 0:
                 loss = loss + aux * cell_loss(probe, feats.float(), targets)[0]
             if ref_aux > 0 and len(rows):
@@ -287,7 +326,7 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
     model.eval()
     if tower_lr > 0:
         recalibrate_bn(tower, stream)
-    summary["language"] = {"steps": steps, "scenes": steps * scenes, "questions": steps * scenes * per_scene}
+    summary["language"] = {"steps": steps, "rows": steps * scenes}
     summary["val_teacher_forced"] = validate(logits_of, conv)
     summary["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     log(json.dumps(summary["val_teacher_forced"]))
@@ -306,11 +345,16 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgevlm.export.dev.train_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    p.add_argument("--minutes", type=float, default=44.0, help="training wall-clock budget, both stages (default 44)")
-    p.add_argument("--vision-minutes", type=float, default=5.0, help="of which the tower-only stage (default 5)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training wall-clock budget, both stages (default: none; --vision-steps and --max-steps end "
+                        "the stages, and the learning rate follows the steps)")
+    p.add_argument("--vision-minutes", type=float, default=5.0, help="of --minutes, the tower-only stage (default 5)")
+    p.add_argument("--vision-steps", type=int, default=None, help="cap the tower-only stage's steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenes", type=int, default=16, help="scenes (conversations) per language step")
-    p.add_argument("--per-scene", type=int, default=6, help="questions per conversation")
+    p.add_argument("--scenes", type=int, default=16,
+                   help="rows per language step (3/16 of them out-of-world pictures, 1/16 no picture)")
+    p.add_argument("--per-scene", type=int, default=6,
+                   help="questions per shapes scene, besides the extra position ones; cut into chats")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the language stage")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tower-lr", type=float, default=0.0,
@@ -331,19 +375,23 @@ def main(argv=None) -> int:
                    help="teacher-forced validation (256 questions) every this many minutes of the language stage")
     p.add_argument("--tower-from", type=Path, default=None,
                    help="take the trained tower of this standard checkpoint and skip the vision stage (experiments)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap the language stage's steps (experiments)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap the language stage's steps")
     p.add_argument("--variant", choices=["standard", "mini"], default="standard",
                    help="mini = LLaVA-Mini (one vision token + pre-fusion), needs --init")
     p.add_argument("--init", type=Path, default=None,
-                   help="a trained standard checkpoint: where --variant mini starts; for standard, continue it "
-                        "(no vision stage)")
+                   help="a trained checkpoint to continue (no vision stage): standard for --variant standard; for "
+                        "--variant mini a LLaVA-Mini checkpoint, or a standard one to start it from")
     p.add_argument("--export", type=Path, default=None, metavar="BUNDLE",
                    help="then export the checkpoint to this bundle directory (parity-checked)")
     args = p.parse_args(argv)
+    if args.minutes is None and (args.max_steps is None or (args.vision_steps is None and args.variant == "standard"
+                                                         and args.init is None)):
+        p.error("give --minutes, or --max-steps (and for the standard model --vision-steps)")
     summary = train(args.out, args.minutes, args.seed, args.variant, args.init, args.vision_minutes, args.scenes,
                     args.per_scene, args.lr, threads=args.threads, tower_lr=args.tower_lr,
                     max_steps=args.max_steps, text=text_config(args.text_layers, args.text_hidden), aux=args.aux,
                     bf16=args.bf16, check_minutes=args.check_minutes, tower_from=args.tower_from,
+                    vision_steps=args.vision_steps,
                     ref_aux=args.ref_aux, ref_layer=args.ref_layer, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if args.export:
