@@ -105,19 +105,17 @@ def images(work: Path, model: str, n: int) -> list[Path]:
 
 def systems(built: dict, model: str, cls: str) -> dict[str, dict]:
     """The systems of a class: name -> the session spec's runtime part."""
-    from edgevlm.bundle import open_bundle
-
     ours, theirs = CLASSES[cls]
     out = {}
     for p in ours:
         out[f"edgevlm {p}"] = {"runtime": "edgevlm", "bundle": str(built["onnx"][p])}
-    m = open_bundle(built["onnx"]["fp32"]).manifest
+    m = json.loads((Path(built["onnx"]["fp32"]) / "manifest.json").read_text())  # the orchestrator stays small
     for text, mm in theirs:
         if f"mmproj-{mm}" in built["gguf"]:
             out[f"llama.cpp {text} + mmproj {mm}"] = {
                 "runtime": "llama.cpp", "text": str(built["gguf"][f"text-{text}"]),
-                "mmproj": str(built["gguf"][f"mmproj-{mm}"]), "chat_template": m.chat_template,
-                "special_tokens": dict(m.special_tokens), "image_token": m.image_token}
+                "mmproj": str(built["gguf"][f"mmproj-{mm}"]), "chat_template": m["chat_template"],
+                "special_tokens": m.get("special_tokens", {}), "image_token": m["image_token"]}
     return out
 
 

@@ -29,8 +29,9 @@ LLaVA-1.5 in llava-hf layout does not: the converter's LlavaVisionModel takes on
 ("Unsupported model type: clip_vision_model"). Its mmproj is written the way llama.cpp documents for LLaVA-1.5
 (docs/multimodal/llava.md): the tower split off as a CLIPVisionModel directory and the projector as a
 `llava.projector` file (what llava_surgery does), then `tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py
---clip-model-is-vision --llava-projector`. No file of llama.cpp is patched; that script keeps the projector's
-matrices in F16 even with --use-f32 (so the F32 class has an F16 projector: 2 of 24 layers' worth of bytes).
+--clip-model-is-vision --llava-projector`. No file of llama.cpp is patched; the script is run with one stand-in class
+(LEGACY_SHIM: transformers 5's CLIPVisionModel lacks the `vision_model` level it expects). Even with --use-f32 it
+writes the projector's two matrices (21 M of the mmproj's ~320 M parameters) and the patch embedding in F16.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EDGE = 1024  # SmolVLM: the processor's size.longest_edge (published: 2048)
-LLAVA_TEXT_LAYERS = 4  # of LLaVA-1.5-7B's 32
+LLAVA_TEXT_LAYERS = 2  # of LLaVA-1.5-7B's 32 (memory: the fp32 checkpoint, its export and the F32 GGUF at 2.7 GB each)
 MODELS = ("smolvlm", "llava")
 PRECISIONS = ("fp32", "int8", "int8-vdyn", "int4")
 TEXT_QUANTS = ("F32", "Q8_0", "Q4_K_M")
@@ -240,6 +241,26 @@ def gguf_files(model: str, work: Path, ckpt: Path, conv: Path) -> dict[str, Path
     return out
 
 
+# convert_image_encoder_to_gguf.py was written for transformers 4, whose CLIPVisionModel holds the tower under
+# `.vision_model` (it pops `model.vision_model.encoder.layers[-1]` and names tensors from "vision_model.*"); in
+# transformers 5 the tower is the model itself. The script runs unchanged, its CLIPVisionModel replaced by a
+# stand-in that restores that level.
+LEGACY_SHIM = """
+import runpy, sys, torch, transformers
+Tower = transformers.CLIPVisionModel
+class CLIPVisionModel(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.vision_model = inner
+    @classmethod
+    def from_pretrained(cls, path):
+        return cls(Tower.from_pretrained(path))
+setattr(sys.modules["transformers"], "CLIPVisionModel", CLIPVisionModel)  # the module `from transformers import` reads
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def _llava_mmproj(ckpt: Path, conv: Path, dst: Path, kind: str) -> None:
     """LLaVA-1.5's mmproj the way llama.cpp documents it: the CLIP tower as its own CLIPVisionModel directory,
     the projector as llava.projector, then legacy-models/convert_image_encoder_to_gguf.py."""
@@ -250,30 +271,31 @@ def _llava_mmproj(ckpt: Path, conv: Path, dst: Path, kind: str) -> None:
     split = dst.parent / ".llava-split"
     shutil.rmtree(split, ignore_errors=True)
     (split / "vision").mkdir(parents=True)
+    from transformers import CLIPVisionConfig
+
     cfg = json.loads((ckpt / "config.json").read_text())
-    vision_cfg = {**cfg["vision_config"], "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
+    # the published config gives only what differs from CLIPVisionConfig's defaults; the script reads every field
+    vision_cfg = {**CLIPVisionConfig(**cfg["vision_config"]).to_dict(), "architectures": ["CLIPVisionModel"]}
     (split / "vision" / "config.json").write_text(json.dumps(vision_cfg, indent=2))
     tower, projector = {}, {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
-                if name.startswith("vision_tower.vision_model."):
-                    tower[name[len("vision_tower."):]] = st.get_tensor(name)
+                if name.startswith("vision_tower.vision_model."):  # transformers 5's CLIPVisionModel names
+                    tower[name[len("vision_tower.vision_model."):]] = st.get_tensor(name)
                 elif name.startswith("multi_modal_projector."):
                     projector[name] = st.get_tensor(name)
     save_file({k: v.contiguous() for k, v in tower.items()}, str(split / "vision" / "model.safetensors"),
               metadata={"format": "pt"})
     torch.save(projector, split / "llava.projector")
     script = conv / "tools" / "mtmd" / "legacy-models" / "convert_image_encoder_to_gguf.py"
-    p = cfg.get("vision_config", {})
     pre = json.loads((ckpt / "preprocessor_config.json").read_text())
     args = [sys.executable, str(script), "-m", str(split / "vision"), "--clip-model-is-vision",
             "--llava-projector", str(split / "llava.projector"), "--output-dir", str(split / "out"),
             "--image-mean", *map(str, pre["image_mean"]), "--image-std", *map(str, pre["image_std"])]
     if kind == "F32":
         args.append("--use-f32")
-    assert p.get("hidden_act") == "quick_gelu", p.get("hidden_act")
-    _run(*args, env={"PYTHONPATH": str(conv / "gguf-py")})
+    _run(sys.executable, "-c", LEGACY_SHIM, *args[1:], env={"PYTHONPATH": str(conv / "gguf-py")})
     made = list((split / "out").glob("mmproj-*.gguf"))
     if len(made) != 1:
         raise RuntimeError(f"legacy converter wrote {made}")

@@ -8,7 +8,7 @@ MODEL_NAMES = {
     "smolvlm": "SmolVLM-256M-Instruct shape (SigLIP-B/16 512 px x 12 layers, pixel shuffle x4, SmolLM2-135M x 30 "
                "layers; full depth)",
     "llava": "LLaVA-1.5-7B shape (CLIP ViT-L/14-336 x 24 layers, MLP projector; LLaMA-7B width 4096 / 32 heads / "
-             "MLP 11008 / vocabulary 32064, cut to 4 of 32 layers)",
+             "MLP 11008 / vocabulary 32064, cut to 2 of 32 layers)",
 }
 STAGES = ("preprocess", "encode", "prefill", "sample")
 

@@ -30,7 +30,6 @@ import ctypes
 import hashlib
 import json
 import os
-import resource
 import sys
 import time
 
@@ -43,7 +42,13 @@ def rss() -> int:
 
 
 def peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory (VmHWM: its own address space's high-water mark; getrusage's
+    ru_maxrss would carry the parent's size at fork)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def messages(text: str) -> list[dict]:
@@ -224,7 +229,8 @@ class Mtmd:
             stages["encode"] += t2 - t
             new_pos = L.llama_pos(0)
             if M.mtmd_helper_decode_image_chunk(self.mctx, self.ctx, chunk, M.mtmd_get_output_embd(self.mctx), pos,
-                                                0, self.batch, ctypes.byref(new_pos), None, None) != 0:
+                                                0, self.batch, ctypes.byref(new_pos), M.mtmd_helper_post_decode_callback(),
+                                                None) != 0:
                 raise RuntimeError("mtmd_helper_decode_image_chunk failed")
             stages["prefill"] += time.perf_counter() - t2
             return
