@@ -100,7 +100,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: str, title: str = "TTFT per stage (median)") -> None:
+def figure(rows: list[dict], title: str = "TTFT per stage (median)"):
+    """The stacked bars, cold and warm per row: the stages up to the first token (their top is the TTFT, the black
+    line), then the first decode step above the line; the legend beside the axes, never over a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,23 +110,32 @@ def plot(rows: list[dict], out: str, title: str = "TTFT per stage (median)") -> 
 
     from edgevlm.profile import STAGES
 
-    stages = [s for s in STAGES if s != "first_decode"]  # the first token's path (first_decode comes after it)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
-    colors = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)) + 2.2, 4.5), layout="constrained")
+    colors = plt.get_cmap("tab10").colors  # by the stage's place in STAGES: the same colour in every plot
+    shown = {s for s in STAGES for r in rows for kind in ("cold", "warm") if r[kind]["stages_s"].get(s)}
     for i, r in enumerate(rows):
         for j, (kind, x) in enumerate((("cold", i - 0.18), ("warm", i + 0.18))):
             bottom = 0.0
-            for k, s in enumerate(stages):
-                h = r[kind]["stages_s"][s] * 1e3
+            for k, s in enumerate(STAGES):  # first_decode is last: it runs after the first token
+                if s not in shown:
+                    continue
+                h = r[kind]["stages_s"].get(s, 0.0) * 1e3
+                label = ("first_decode (after TTFT)" if s == "first_decode" else s) if (i, j) == (0, 0) else None
                 ax.bar(x, h, 0.34, bottom=bottom, color=colors[k], hatch=None if kind == "cold" else "//",
-                       label=s if (i, j) == (0, 0) else None, edgecolor="white", linewidth=0.3)
+                       alpha=0.45 if s == "first_decode" else 1.0, label=label, edgecolor="white", linewidth=0.3)
                 bottom += h
             ax.plot([x - 0.17, x + 0.17], [r[kind]["ttft_s"] * 1e3] * 2, color="black", linewidth=1)
     ax.set_xticks(range(len(rows)), [f"{r['bundle']}\n{r['resolution']} px\ncold | warm" for r in rows], fontsize=8)
     ax.set_ylabel("ms (black line: TTFT)")
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
+    fig.legend(loc="outside right upper", fontsize=8, title="stage (warm: hatched)", title_fontsize=8)
+    return fig
+
+
+def plot(rows: list[dict], out: str, title: str = "TTFT per stage (median)") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, title)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

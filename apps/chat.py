@@ -3,38 +3,59 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from .chat_session import HELP, Session, save_history, setup_readline, stop_note
 from .common import one_line_errors
 
-HELP = ("commands: /image PATH (attach an image to the next question), /reset (new conversation), /stats (the last "
-        "answer's TTFT breakdown and cache hits), /save FILE (the transcript; .json or text), /help, /quit")
+# what the embedded demo model was trained on (edgevlm/data/shapes.py): said once when an interactive chat starts on it
+DEMO_NOTE = ("The demo model knows only a procedural world of colored shapes: circles, squares, triangles and stars "
+             "in six colors on a grey ground. Ask what color or shape an object is, how many there are, where they "
+             "are, which is bigger, or \"Describe the image.\"{example} For other pictures and questions, load "
+             "another model: edgevlm chat --bundle B.")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm chat", description=(
         "Chat about an image. With --prompt, stream one answer and exit; otherwise read questions from the "
-        f"terminal, with arrow-key history ({HELP}). Without --bundle the embedded demo bundle is used."))
+        f"terminal, with arrow-key history ({HELP}). An answer cut short ends with [stopped: max tokens] or "
+        "[stopped: context full]. Without --bundle the embedded demo bundle is used."))
     p.add_argument("--bundle", metavar="B", help="bundle directory (default: the embedded demo)")
     p.add_argument("--image", metavar="I", help="image file (JPEG, PNG, WebP, GIF, BMP)")
     p.add_argument("--prompt", metavar="P", help="ask this, print the answer, exit")
-    p.add_argument("--system", metavar="S", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="cap on generated tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
+    p.add_argument("--system", metavar="S", help="system prompt (the chat template's system message)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="cap on generated tokens per answer (default: the bundle's generation.max_new_tokens); "
+                        "more than the model's context holds is capped to it, with a note")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy "
+                   "(default)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="with --temperature > 0: sample among the K most likely tokens only (default 0: no limit)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="with --temperature > 0: sample among the most likely tokens whose probabilities add up "
+                        "to P (default 1: all)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed of the sampler's random numbers, for repeatable answers at --temperature > 0 "
+                        "(default: a new one each run)")
+    p.add_argument("--stop", action="append", default=None, metavar="S",
+                   help="end the answer where this text would appear (repeatable)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the image and prefix KV caches on disk here too: a later run with the same image "
                         "and prompt prefix skips the encoder and the shared part of the prefill")
     p.add_argument("--max-image-tokens", type=int, default=None, metavar="K",
                    help="image-token budget per image: keep at most K image rows, spread over the picture "
                         "(default: the bundle's generation.max_image_tokens, else all)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="make every answer a JSON value following the JSON Schema in FILE (structured output: "
+                        "tokens the schema does not allow are never sampled)")
+    p.add_argument("--regex", metavar="RE", default=None, help="make every answer match this regular expression")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="with --prompt --json: each token's log-probability and its K likeliest alternatives (0-20)")
+    p.add_argument("--json", action="store_true",
+                   help="with --prompt: print one JSON object (answer, finish_reason, figures, logprobs) instead of "
+                        "the text")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
     return p
@@ -55,149 +76,87 @@ def load(bundle, providers, console, cache_dir=None):
     return vlm, time.perf_counter() - t
 
 
-class Session:
-    """The interactive loop's state: the Chat, the attached image, the transcript, the last answer's figures."""
+def check(args) -> None:
+    """Refuse arguments that cannot work, before the model loads."""
+    from edgevlm.errors import ArgumentError
 
-    def __init__(self, vlm, chat, gen: dict, console, bundle_name: str):
-        self.vlm, self.chat, self.gen, self.console, self.bundle_name = vlm, chat, gen, console, bundle_name
-        self.image: str | None = None
-        self.encoded_ms: float | None = None  # time /image spent encoding (the next answer then hits the cache)
-        self.turns: list[dict] = []
-        self.last = None
-        self.last_encode_ms: float | None = None
-
-    def attach(self, path: str) -> None:
-        t = time.perf_counter()
-        self.vlm.prepare(path)  # encode now, while the user types the question; errors show here
-        self.encoded_ms = (time.perf_counter() - t) * 1000
-        self.image = path
-        self.console.print(f"[dim]image {Path(path).name} ready ({self.encoded_ms:.1f} ms); ask about it[/]")
-
-    def answer(self, text: str) -> None:
-        out, last = [], None
-        stream = self.chat.stream(text, image=self.image, **self.gen)
-        try:
-            for r in stream:
-                self.console.print(r.text, end="", markup=False, highlight=False)
-                out.append(r.text)
-                last = r
-        except KeyboardInterrupt:
-            self.console.print("[dim] (stopped)[/]", end="")
-        finally:
-            stream.close()
-        self.console.print()
-        self.turns.append({"user": text, "image": self.image, "assistant": "".join(out),
-                           "stats": last.figures() if last else None})
-        self.last_encode_ms = self.encoded_ms if self.image else None  # /stats shows it for this answer only
-        self.image = None  # encoded once: later turns see it through the kept conversation
-        if last is not None:
-            self.last = last
-            hit = " · image from cache" if last.image_cache_hits else ""
-            self.console.print(f"[dim]TTFT {last.ttft_s * 1000:.1f} ms · {last.prefilled_tokens}/{last.prompt_tokens} "
-                               f"prompt tokens prefilled{hit} · {last.generated_tokens} tokens, "
-                               f"{last.decode_tps:.0f} tok/s[/]")
-        self.chat.prepare()  # the next turn's separator and header run now, while the user reads and types
-
-    def stats(self) -> None:
-        from rich.table import Table
-
-        r = self.last
-        if r is None:
-            self.console.print("no answer yet")
-            return
-        table = Table(title="last answer", show_header=False, box=None, pad_edge=False)
-        table.add_row("TTFT", f"{r.ttft_s * 1000:.2f} ms")
-        for name, s in r.stages.items():
-            table.add_row(f"  {name}", f"{s * 1000:.2f} ms")
-        if self.last_encode_ms is not None and "encode" not in r.stages:
-            table.add_row("  (image encoded at /image)", f"{self.last_encode_ms:.2f} ms")
-        table.add_row("prompt tokens", f"{r.prompt_tokens} ({r.prefilled_tokens} prefilled, "
-                                        f"{r.prompt_tokens - r.prefilled_tokens} from the KV cache)")
-        table.add_row("image cache hits", f"{r.image_cache_hits} {r.image_cache_source}".strip())
-        if r.prefix_cache_hit_tokens:
-            table.add_row("prefix KV cache", f"{r.prefix_cache_hit_tokens} tokens ({r.prefix_cache_source})")
-        if r.peak_rss_bytes:
-            table.add_row("peak RSS", f"{r.peak_rss_bytes / 2**20:.0f} MB")
-        table.add_row("generated", f"{r.generated_tokens} tokens, {r.decode_tps:.1f} tok/s")
-        self.console.print(table)
-
-    def save(self, path: str) -> None:
-        p = Path(path).expanduser()
-        if p.suffix.lower() == ".json":
-            data = json.dumps({"bundle": self.bundle_name, "turns": self.turns}, indent=2) + "\n"
-        else:
-            data = "".join((f"[image: {t['image']}]\n" if t["image"] else "") + f"> {t['user']}\n{t['assistant']}\n\n"
-                           for t in self.turns)
-        from edgevlm.atomic import write_atomic
-
-        try:
-            write_atomic(p, data)  # never a half-written transcript
-        except OSError as e:
-            self.console.print(f"error: cannot write {path!r}: {e.strerror or e}", markup=False)
-            return
-        self.console.print(f"[dim]saved {len(self.turns)} turn(s) to {path}[/]")
-
-    def reset(self) -> None:
-        self.chat.reset()
-        self.image, self.encoded_ms, self.turns, self.last, self.last_encode_ms = None, None, [], None, None
-        self.console.print("[dim]new conversation[/]")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ArgumentError("--prompt is empty: give a question, or leave --prompt out for an interactive chat")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ArgumentError("--max-tokens must be at least 1")
+    if (args.json or args.logprobs is not None) and args.prompt is None:
+        raise ArgumentError("--json and --logprobs go with --prompt (one answer)")
+    if args.json_schema and args.regex:
+        raise ArgumentError("give one of --json-schema and --regex")
 
 
-def history_file() -> Path:
-    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return state / "edgevlm" / "chat_history"
+def response_format(args) -> dict | None:
+    """--json-schema FILE / --regex RE as the runtime's response_format."""
+    import json
 
+    from edgevlm.errors import ArgumentError
 
-def setup_readline():
-    """Arrow-key editing and history (persisted between sessions) when reading from a terminal."""
-    if not sys.stdin.isatty():
+    if args.regex:
+        return {"type": "regex", "regex": args.regex}
+    if not args.json_schema:
         return None
     try:
-        import readline
-    except ImportError:
-        return None
-    path = history_file()
-    try:
-        readline.read_history_file(path)
-    except OSError:
-        pass
-    readline.set_history_length(1000)
-    return readline, path
+        schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ArgumentError(f"--json-schema: cannot read {args.json_schema!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ArgumentError(f"--json-schema: {args.json_schema!r} is not JSON: {e}") from None
+    return {"type": "json_schema", "json_schema": {"schema": schema}}
 
 
-def save_history(rl) -> None:
-    if rl:
-        readline, path = rl
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(path)
-        except OSError:
-            pass
+def fit_max_tokens(gen: dict, context_length: int, err) -> None:
+    """An answer cannot outgrow the context (prompt included): a larger --max-tokens is capped, with a note."""
+    if gen["max_tokens"] is not None and gen["max_tokens"] > context_length:
+        err.print(f"note: --max-tokens {gen['max_tokens']} is more than this model's context holds: capped to "
+                  f"{context_length} (prompt included); a longer answer ends with [stopped: context full]", markup=False)
+        gen["max_tokens"] = context_length
 
 
-@one_line_errors
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    from rich.console import Console
+def one_answer(chat, args, gen: dict, context_length: int) -> int:
+    """--prompt: the answer on stdout (or, with --json, one JSON object); why it was cut, if it was, on stderr."""
+    if args.json:
+        return json_answer(chat, args, gen)
+    last = None
+    for last in chat.stream(args.prompt, image=args.image, **gen):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    note = stop_note(last, context_length)
+    if note:
+        print(note, file=sys.stderr)
+    return 0
 
+
+def json_answer(chat, args, gen: dict) -> int:
+    import json
+
+    rs = list(chat.stream(args.prompt, image=args.image, **gen))
+    tok = chat.vlm.tokenizer
+    out = {"answer": "".join(r.text for r in rs), "finish_reason": rs[-1].finish_reason, **rs[-1].figures()}
+    if args.logprobs is not None:
+        out["logprobs"] = [{"token": tok.decode([r.token], skip_special_tokens=False), "id": r.token,
+                            "logprob": r.logprob, "top": [{"id": t, "token": tok.decode([t], skip_special_tokens=False),
+                                                           "logprob": lp} for t, lp in r.top_logprobs]} for r in rs]
+    print(json.dumps(out))
+    return 0
+
+
+def demo_note() -> str:
+    import edgevlm
+
+    example = Path(edgevlm.__file__).parent / "assets" / "examples" / "shapes-1.png"
+    return DEMO_NOTE.format(example=f" Try: /image {example}" if example.exists() else "")
+
+
+def interactive(s: Session, args, err) -> int:
     from edgevlm.errors import EdgeVLMError
 
-    console = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False)
-    providers = args.providers.split(",") if args.providers else None
-    gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-               seed=args.seed, stop=args.stop, max_image_tokens=args.max_image_tokens)
-    vlm, load_s = load(args.bundle, providers, err, args.cache_dir)
-    chat = vlm.chat(system=args.system)
-    if args.prompt is not None:
-        for r in chat.stream(args.prompt, image=args.image, **gen):
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return 0
-
-    s = Session(vlm, chat, gen, console, Path(args.bundle).name if args.bundle else "shapes-fastvlm")
-    err.print(f"[bold]edgevlm chat[/] — loaded in {load_s:.1f} s. {HELP}")
     rl = setup_readline()
     try:
         if args.image:
@@ -206,31 +165,41 @@ def main(argv=None) -> int:
             try:
                 line = input("> ").strip()
             except EOFError:
-                console.print()
+                s.console.print()
                 return 0
             except KeyboardInterrupt:
-                console.print()
+                s.console.print()
                 continue
-            cmd, _, rest = line.partition(" ")
-            rest = rest.strip()
             try:
-                if not line:
-                    continue
-                elif cmd in ("/quit", "/exit"):
+                if line and not s.run(line):
                     return 0
-                elif cmd == "/reset":
-                    s.reset()
-                elif cmd == "/image":
-                    s.attach(rest) if rest else console.print("usage: /image PATH")
-                elif cmd == "/stats":
-                    s.stats()
-                elif cmd == "/save":
-                    s.save(rest) if rest else console.print("usage: /save FILE (.json for JSON, else text)")
-                elif cmd.startswith("/"):
-                    console.print(HELP)
-                else:
-                    s.answer(line)
             except EdgeVLMError as e:  # a bad image or an overlong prompt does not end the session
                 err.print(f"error: {e}", markup=False)
     finally:
         save_history(rl)
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    check(args)
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    providers = args.providers.split(",") if args.providers else None
+    gen = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               seed=args.seed, stop=args.stop, max_image_tokens=args.max_image_tokens,
+               response_format=response_format(args))
+    if args.logprobs is not None:
+        gen.update(logprobs=True, top_logprobs=args.logprobs)
+    vlm, load_s = load(args.bundle, providers, err, args.cache_dir)
+    fit_max_tokens(gen, vlm.context_length, err)
+    chat = vlm.chat(system=args.system)
+    if args.prompt is not None:
+        return one_answer(chat, args, gen, vlm.context_length)
+    s = Session(vlm, chat, gen, console, Path(args.bundle).name if args.bundle else "shapes-fastvlm")
+    err.print(f"[bold]edgevlm chat[/] — loaded in {load_s:.1f} s. {HELP}")
+    if args.bundle is None:
+        err.print(demo_note(), markup=False)
+    return interactive(s, args, err)

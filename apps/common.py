@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 import sys
 
 from edgevlm.errors import DependencyError, EdgeVLMError
@@ -19,6 +20,8 @@ EXTRAS = {
     "server": ("starlette", "uvicorn", "llguidance"),
     "structured": ("llguidance",),
     "plot": ("matplotlib",),
+    "parquet": ("pyarrow",),
+    "ray": ("ray", "pyarrow", "pandas"),  # ray[data]
 }
 
 
@@ -51,5 +54,8 @@ def one_line_errors(fn):
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
+            return 141
 
     return wrapper

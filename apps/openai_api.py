@@ -61,6 +61,7 @@ class ChatRequest:
 
 
 DATA_URL = re.compile(r"data:image/([a-z0-9.+-]+);base64,(.*)", re.S | re.I)
+DATA_TYPE = re.compile(r"data:([^;,]*)[;,]", re.I)  # the media type of any data: URL
 
 
 def parse_request(body: bytes, limits: Limits, default_max_tokens: int, vocab: int) -> ChatRequest:
@@ -267,12 +268,22 @@ def _content(content, i: int, allow_images: bool) -> tuple[list[str], list[bytes
 def _data_url(url, where: str) -> bytes:
     m = DATA_URL.fullmatch(url) if isinstance(url, str) else None
     if not m:
-        raise ApiError(400, f"{where}: images must be data: URLs (data:image/png;base64,...); "
-                            "this server fetches nothing", code="invalid_image_url", param=where)
+        raise ApiError(400, f"{where}: {_not_an_image_url(url)}", code="invalid_image_url", param=where)
     try:
         return base64.b64decode(re.sub(r"\s+", "", m.group(2)), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{where}: the data: URL is not valid base64", code="invalid_image_url", param=where) from None
+
+
+def _not_an_image_url(url) -> str:
+    kind = DATA_TYPE.match(url) if isinstance(url, str) else None
+    if kind is None:
+        return "images must be data: URLs (data:image/png;base64,...); this server fetches nothing"
+    if kind.group(1).lower().startswith("image/"):
+        return "an image's data: URL must be base64 (data:image/png;base64,...)"
+    # e.g. a text file picked in a browser: data:text/plain;base64,...
+    return (f"the data: URL holds {kind.group(1)[:60] or 'data of no type'}, not an image; send one of "
+            f"{', '.join(ACCEPTED_FORMATS)} as data:image/...;base64,...")
 
 
 def _check_pixels(data: bytes, max_pixels: int) -> None:

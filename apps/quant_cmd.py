@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
         "modified; the new bundle appears only once complete and verified."))
     p.add_argument("--bundle", metavar="B", help="source bundle (default: the embedded demo)")
     p.add_argument("--to", dest="dst", required=True, metavar="B2", help="bundle directory to write")
-    p.add_argument("--scheme", required=True, choices=SCHEMES[1:])
+    p.add_argument("--scheme", required=True, choices=SCHEMES[1:], help="what the weights become (see below)")
     for c in COMPONENTS:
         p.add_argument(f"--{c}", choices=LEVELS, metavar="LEVEL", help=f"level of the {c} component ({', '.join(LEVELS)})")
     p.add_argument("--block-size", type=int, default=32, metavar="N", help="int4: weights per scale, a power of two >= 16 (32)")

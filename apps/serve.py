@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the image and prefix KV caches on disk here too (they survive restarts)")
     p.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime execution providers, tried in order; CPU is the fallback")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server log detail on stderr (default warning; info and debug also log each request)")
     return p
 
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
     if args.queue < 0 or args.timeout <= 0 or args.client_timeout <= 0:
         raise ArgumentError("--queue must be >= 0, --timeout and --client-timeout > 0")
+    if not 0 <= args.port <= 65535:
+        raise ArgumentError(f"--port must be between 0 and 65535 (0 picks a free one), not {args.port}")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:

@@ -371,7 +371,7 @@ def decode_phase(built: dict, reps: int, n: int, precisions, gguf_quants, thread
     best thread count."""
     import edgevlm
 
-    from edgevlm.export.checkpoints import CORPUS
+    from edgevlm.export.dev.builders import CORPUS
 
     prompt = (CORPUS * 2)[:760]  # ~300 tokens with the template, like a 1024 px image (256 tokens) + a question
     res = peers_build.RESOLUTIONS[0]

@@ -6,7 +6,7 @@ language model of Qwen2-0.5B's dimensions (hidden 896, 24 layers, 14 heads, 2 KV
 151936, tied embeddings). The tokenizer is a small BPE trained here; the embedding and output matrices keep
 the real vocabulary size, which is what decides decode speed.
 
-    ckpt-256/            the checkpoint (export/checkpoints.py builder; processor at 256 px)
+    ckpt-256/            the checkpoint (export/dev/builders.py; processor at 256 px)
     ckpt-R/              the same weights (hard links), processor and image_seq_length at R px
     onnx-fp32-256/       `edgevlm export --from ckpt-256`  (parity vs PyTorch)
     lm-int8-v10/         int8 language model, fp32 vision: `edgevlm quant --scheme int8 --vision fp32`
@@ -47,7 +47,7 @@ MAX_LOGIT_DIFF = "1e-2"  # random 24-layer weights: logits of a few units; fp32 
 
 
 def spec():
-    from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims
+    from edgevlm.export.dev.builders import CheckpointSpec, TextDims, VisionDims
 
     text = TextDims(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab_size=151936,
                     tie_embeddings=True, init_range=0.02, max_positions=32768)
@@ -81,7 +81,7 @@ def _link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
 
 
 def checkpoints(work: Path) -> dict[int, Path]:
-    from edgevlm.export.checkpoints import build_checkpoint
+    from edgevlm.export.dev.builders import build_checkpoint
 
     base = work / f"ckpt-{RESOLUTIONS[0]}"
     if not base.exists():

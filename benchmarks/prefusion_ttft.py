@@ -94,7 +94,7 @@ LLMS = {"12x768": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate
 
 def build_scaled(work: Path, image_size: int = 256, llm: str = "12x768") -> dict:
     """Random-weight standard + LLaVA-Mini bundles of a larger shape, exported into work/."""
-    from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims, build_checkpoint, build_mini_checkpoint
+    from edgevlm.export.dev.builders import CheckpointSpec, TextDims, VisionDims, build_checkpoint, build_mini_checkpoint
     from edgevlm.export.exporter import export
 
     spec = CheckpointSpec("fast_vlm", TextDims(**LLMS[llm]),

@@ -1,7 +1,9 @@
 """Open a bundle directory: parse the manifest, confine every path, verify every sha256.
 
-Files are read once into memory and hashed there, so the bytes a parser later sees are the bytes that
-were checked (no window between the check and the use).
+Opening hashes every file (streamed: one chunk in memory at a time) before anything parses any of them. A file
+handed out later (`Bundle.read`) is read into memory and hashed again there, so the bytes a parser sees are
+bytes that were checked (no window between the check and the use), and loading holds one file at a time: the
+peak is the largest graph, not the whole bundle.
 """
 
 from __future__ import annotations
@@ -47,17 +49,30 @@ class Bundle:
     root: Path
     manifest: Manifest
     sha256: str  # of manifest.json: names the whole bundle, since it pins every file's hash
-    _blobs: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def read(self, rel: str) -> bytes:
-        """The verified bytes of a bundle file (each file is handed out once, then released)."""
+        """A bundle file's bytes, hashed again as read (IntegrityError if it changed since the bundle opened)."""
+        want = self._hashes.get(rel)
+        if want is None:
+            raise BundleError(f"{rel!r} is not a verified file of this bundle")
+        full = confined(self.root, rel)
         try:
-            return self._blobs.pop(rel)
-        except KeyError:
-            raise BundleError(f"{rel!r} is not a verified file of this bundle") from None
+            blob = full.read_bytes()
+        except OSError as e:
+            raise BundleError(f"bundle file {rel!r} cannot be read: {e.strerror or e}") from None
+        _check_hash(rel, want, hashlib.sha256(blob).hexdigest())
+        return blob
 
     def path(self, rel: str) -> Path:
         return confined(self.root, rel)
+
+
+def _check_hash(rel: str, want: str, got: str) -> None:
+    if got != want:
+        raise IntegrityError(
+            f"bundle file {rel!r} does not match its sha256 in {MANIFEST} "
+            f"(expected {want[:12]}…, found {got[:12]}…): the bundle is damaged or was tampered with")
 
 
 def read_manifest(raw: bytes) -> Manifest:
@@ -93,21 +108,19 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     names = [r.file for r in refs]
     if len(set(names)) != len(names):
         raise BundleError(f"{MANIFEST} names a file twice")
+    onnx_files = {comp.file: (name, comp) for name, comp in manifest.components.items() if comp.backend == "onnx"}
     for ref in refs:
         full = confined(root, ref.file)
         if not full.is_file():
             raise BundleError(f"bundle file {ref.file!r} named in {MANIFEST} is missing")
-        blob = full.read_bytes()
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != ref.sha256:
-            raise IntegrityError(
-                f"bundle file {ref.file!r} does not match its sha256 in {MANIFEST} "
-                f"(expected {ref.sha256[:12]}…, found {digest[:12]}…): the bundle is damaged or was tampered with"
-            )
-        bundle._blobs[ref.file] = blob
-    for name, comp in manifest.components.items():
-        if comp.backend == "onnx":
-            _check_external_data(name, comp, bundle._blobs[comp.file])
+        if ref.file in onnx_files:  # a graph is read whole once here: its external-data locations are checked
+            blob = full.read_bytes()
+            _check_hash(ref.file, ref.sha256, hashlib.sha256(blob).hexdigest())
+            _check_external_data(*onnx_files[ref.file], blob)
+            del blob
+        else:
+            _check_hash(ref.file, ref.sha256, sha256_file(full))
+        bundle._hashes[ref.file] = ref.sha256
     known = set(names) | {MANIFEST}
     extra = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and str(p.relative_to(root)) not in known)
     if extra:

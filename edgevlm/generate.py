@@ -63,8 +63,8 @@ class Response:
     @property
     def profile(self) -> dict:
         """One flat, JSON-ready record of this call's first-token path: every stage of profile.STAGES (0.0
-        when it did not run), cold/warm, cache hits and sizes, peak RSS. The CLI's /stats, the server's
-        `edgevlm` response field and `edgevlm bench` all read this."""
+        when it did not run), cold/warm, cache hits and sizes, peak RSS. `edgevlm bench` and the benchmarks read
+        this; the chat command and the server report `figures()`, the same fields unflattened."""
         return {"ttft_s": self.ttft_s, "warm": self.warm, "backend": self.backend,
                 **{f"{s}_s": self.stages.get(s, 0.0) for s in STAGES},
                 "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,

@@ -16,19 +16,19 @@ from typing import Any, Union
 
 from .errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the manifest format this runtime reads; any other is a BundleError
 MAX_SIDE = 8192  # preprocess sizes (pixels)
-MAX_TOKEN_ID = (1 << 31) - 1
-BACKENDS = ("onnx", "gguf", "coreml")
-RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos")
+MAX_TOKEN_ID = (1 << 31) - 1  # token ids (image_token_id, eos_token_ids) lie in [0, MAX_TOKEN_ID]
+BACKENDS = ("onnx", "gguf", "coreml")  # components.*.backend
+RESAMPLES = ("nearest", "bilinear", "bicubic", "lanczos")  # preprocess.resample
 
 Shape = tuple[Union[int, str], ...]  # ints are fixed dims, strings name dynamic ones
 
 
 @dataclass(frozen=True)
 class FileRef:
-    file: str
-    sha256: str
+    file: str  # a path inside the bundle (no "..", not absolute, no symlink leading out)
+    sha256: str  # of the file's bytes, 64 lowercase hex digits; checked before any parser sees the file
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class KVSpec:
     past: str  # input name pattern, e.g. "past_key_values.%d.%s" (layer, "key"|"value")
     present: str  # output name pattern, e.g. "present.%d.%s"
     heads: int  # key/value heads
-    head_dim: int
+    head_dim: int  # size of one head's key and value vectors
 
 
 @dataclass(frozen=True)
@@ -44,43 +44,43 @@ class StaticShape:
     """A fixed-shape graph (NPU-ready bundles, `edgevlm export --static`): it takes `chunk` positions per call;
     a graph with a KV cache attends over `kv_capacity` cache slots (masked by attention_mask) plus its chunk."""
 
-    chunk: int
-    kv_capacity: int | None = None
+    chunk: int  # positions per call (1: the one-token decoder graph)
+    kv_capacity: int | None = None  # KV cache slots (None: a graph without a KV cache)
 
 
 @dataclass(frozen=True)
 class Component:
-    backend: str
-    file: str
-    sha256: str
-    precision: str = "fp32"
-    inputs: dict[str, Shape] = field(default_factory=dict)
-    outputs: dict[str, Shape] = field(default_factory=dict)
+    backend: str  # "onnx" | "gguf" | "coreml" (BACKENDS)
+    file: str  # the graph file, a path inside the bundle (a CoreML .mlpackage is a directory)
+    sha256: str  # of that file
+    precision: str = "fp32"  # what its weights are: fp32, fp16, int8, int4, mixed, a GGUF type (q4_k_m, ...)
+    inputs: dict[str, Shape] = field(default_factory=dict)  # declared input shapes, checked against the graph at load
+    outputs: dict[str, Shape] = field(default_factory=dict)  # declared output shapes, checked likewise
     data_files: tuple[FileRef, ...] = ()  # external tensor data the graph file refers to
-    num_layers: int | None = None
-    kv: KVSpec | None = None
-    quant: dict[str, Any] | None = None
-    static: StaticShape | None = None
+    num_layers: int | None = None  # graphs with a KV cache (decoder, prefill, prefusion): their layers
+    kv: KVSpec | None = None  # graphs with a KV cache: the names and shape of its tensors
+    quant: dict[str, Any] | None = None  # by `edgevlm quant` / `export --format gguf`: levels, node counts, bytes
+    static: StaticShape | None = None  # fixed-shape graphs (`edgevlm export --static`)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    resample: str = "bicubic"
+    resample: str = "bicubic"  # the resize filter (RESAMPLES)
     shortest_edge: int | None = None  # resize so the short side is this, keeping aspect
     size: tuple[int, int] | None = None  # or resize to exactly (height, width)
     crop: tuple[int, int] | None = None  # centre crop (height, width) after resize
     pad_to_square: tuple[int, int, int] | None = None  # pad colour, before resize (LLaVA-1.5 "pad")
-    rescale: float = 1.0 / 255.0
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    rescale: float = 1.0 / 255.0  # pixel values are multiplied by this, then normalised: (x - mean) / std
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per channel (RGB), after rescale
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # per channel (RGB), after rescale; never 0
     resize_kernel: str = "torchvision"  # "torchvision" (its uint8 antialiased resize) or "pil" (Pillow's resize)
 
 
 @dataclass(frozen=True)
 class Generation:
-    eos_token_ids: tuple[int, ...]
-    context_length: int
-    max_new_tokens: int = 256
+    eos_token_ids: tuple[int, ...]  # an answer ends at any of these tokens
+    context_length: int  # positions a conversation (prompts and answers) may take
+    max_new_tokens: int = 256  # default cap on the tokens of one answer
     max_image_tokens: int | None = None  # default image-token budget per image (None: all); see edgevlm/budget.py
 
 
@@ -104,34 +104,34 @@ class ImageLayout:
 
 @dataclass(frozen=True)
 class Quant:
-    scheme: str = "fp32"
-    details: dict[str, Any] | None = None
+    scheme: str = "fp32"  # "fp32" as exported, else the `edgevlm quant --scheme` that wrote the bundle
+    details: dict[str, Any] | None = None  # bytes and ratio to the source, calibration seed, fidelity, accuracy
 
 
 @dataclass(frozen=True)
 class Source:
-    checkpoint: str = ""
-    exporter_version: str = ""
-    parity: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str = ""  # what the bundle was exported from: a directory name or a hub id
+    exporter_version: str = ""  # the edgevlm version that exported it
+    parity: dict[str, Any] = field(default_factory=dict)  # the export's parity figures against PyTorch
 
 
 @dataclass(frozen=True)
 class Manifest:
-    format_version: int
-    family: str
-    components: dict[str, Component]
-    preprocess: Preprocess
-    tokenizer: FileRef
-    chat_template: str
-    image_token: str
-    image_token_id: int
+    format_version: int  # FORMAT_VERSION
+    family: str  # the adapter that exported the bundle (export/adapters/); the runtime never branches on it
+    components: dict[str, Component]  # vision, embed, decoder (+ prefill: static; compressor, prefusion: LLaVA-Mini)
+    preprocess: Preprocess  # image -> pixel_values, as the checkpoint's processor does it
+    tokenizer: FileRef  # a tokenizers `tokenizer.json`
+    chat_template: str  # the checkpoint's jinja chat template (rendered in edgevlm's sandbox)
+    image_token: str  # the image placeholder in the rendered prompt
+    image_token_id: int  # its token id
     image_tokens: int  # placeholders per image in the prompt
     generation: Generation
-    special_tokens: dict[str, str] = field(default_factory=dict)
+    special_tokens: dict[str, str] = field(default_factory=dict)  # what the template sees: bos_token, eos_token, ...
     fusion: str = "splice"  # "splice": image embeds replace placeholders; "prefusion": LLaVA-Mini
     image_layout: ImageLayout | None = None  # tiles, marker tokens, feature grid; None: one tile, image_tokens rows
-    quant: Quant = field(default_factory=Quant)
-    source: Source = field(default_factory=Source)
+    quant: Quant = field(default_factory=Quant)  # the bundle's quantization (edgevlm quant)
+    source: Source = field(default_factory=Source)  # where the bundle came from
 
     @property
     def vocab_size(self) -> int:

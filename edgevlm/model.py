@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import cpu, pipeline
 from . import limits as limits_mod
-from .backends.onnx import OnnxGraph, ProviderSpec
+from .backends.onnx import OnnxGraph, ProviderSpec, resolve_providers
 from .bundle import Bundle, open_bundle
 from .cache import Caches
 from .contract import check_graphs
@@ -262,6 +262,7 @@ def _open_graphs(bundle: Bundle, providers, threads: int) -> dict:
     """Every component but a GGUF decoder (llama.cpp opens its own file): ONNX graphs from their verified bytes
     (or by path when weights are external), CoreML programs by path."""
     graphs = {}
+    providers = resolve_providers(providers) if providers else None  # once: a missing provider is named once
     for name, comp in bundle.manifest.components.items():
         if comp.backend == "gguf":
             if name != "decoder":
@@ -272,9 +273,7 @@ def _open_graphs(bundle: Bundle, providers, threads: int) -> dict:
 
             graphs[name] = CoremlGraph(name, bundle, comp)
             continue
-        if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path
-            for f in [comp.file] + [r.file for r in comp.data_files]:
-                bundle.read(f)  # verified already; drop the in-memory copy
+        if comp.data_files:  # weights outside the graph file: ONNX Runtime reads them by path (hashed at open)
             source = str(bundle.path(comp.file))
         else:
             source = bundle.read(comp.file)

@@ -102,7 +102,7 @@ def quantize_bundle(src, dst, scheme: str = "int8", *, overrides: dict[str, str]
     if "decoder" in overrides and "prefill" in m.components:  # a static bundle's two decoder graphs, one level
         overrides.setdefault("prefill", overrides["decoder"])
     graphs = {name: bundle_io.load_graph(source, comp) for name, comp in m.components.items()}
-    tokenizer = source.read(m.tokenizer.file)  # the bytes open_bundle checked, handed out once
+    tokenizer = source.read(m.tokenizer.file)  # hashed again as read
     vlm = edgevlm.load(src, threads=threads)
     prompts = calib.examples(calib_seed, calib_n)
     feeds = calib.record_feeds(vlm, prompts)

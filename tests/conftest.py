@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims
+from edgevlm.export.dev.builders import CheckpointSpec, TextDims, VisionDims
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -61,7 +61,7 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(name) -> a checkpoint directory, built once per session."""
-    from edgevlm.export.checkpoints import build_checkpoint
+    from edgevlm.export.dev.builders import build_checkpoint
 
     made = {}
 
@@ -196,7 +196,7 @@ def gguf_bundle(checkpoint, bundle, tmp_path_factory):
 @pytest.fixture(scope="session")
 def long_bundle(tmp_path_factory):
     """A tiny random-weight LLaVA with an 8k context: its answers can run for seconds on any machine."""
-    from edgevlm.export.checkpoints import build_checkpoint
+    from edgevlm.export.dev.builders import build_checkpoint
     from edgevlm.export.exporter import export
 
     spec = CheckpointSpec("llava", TextDims(hidden=80, heads=5, kv_heads=5, layers=2, max_positions=LONG + 192),

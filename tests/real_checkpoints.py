@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgevlm.export.published import Cut, build_from_published
+from edgevlm.export.dev.published import Cut, build_from_published
 
 REAL = Path(__file__).parent / "data" / "real"
 SMOL_TOK = REAL / "smolvlm-256m-instruct"  # SmolLM2 tokenizer: SmolVLM(2)-256M/500M share it byte for byte

@@ -82,3 +82,79 @@ def test_a_command_without_its_extra_says_which_to_install(argv, extra, missing,
     assert p.stderr.strip().splitlines() == [p.stderr.strip()]
     assert f"pip install 'edgevlm[{extra}]'" in p.stderr and missing in p.stderr
     assert not (tmp_path / "q").exists() and not (tmp_path / "b.png").exists()
+
+
+def test_every_option_of_every_command_says_what_it_does(capsys):
+    for name, (module, _) in cli.COMMANDS.items():
+        import importlib
+
+        actions = importlib.import_module(module).parser()._actions
+        assert [a.option_strings for a in actions if not (a.help or "").strip()] == [], name
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+        shown = capsys.readouterr().out
+        assert all(a.help.split()[0] in shown for a in actions if a.option_strings), name
+    with pytest.raises(SystemExit):
+        chat.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option, says in [("--top-k K", "sample among the K most likely tokens only"), ("--seed S", "for repeatable answers"),
+                         ("--top-p P", "whose probabilities add up to P"), ("--temperature T", "0 = greedy"),
+                         ("--max-tokens N", "capped to it, with a note")]:
+        assert f"{option} {says}" in shown or (option in shown and says in shown), option
+
+
+def test_eval_json_names_its_seed(capsys):
+    assert cli.main(["eval", "--json", "--n", "4", "--seed", "11"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seed"] == 11 and result["n"] == 4 and result["dataset"] == "shapes" and 0 <= result["accuracy"] <= 1
+
+
+def test_bench_plot_shows_first_decode_and_keeps_the_legend_off_the_bars(tmp_path, capsys):
+    """`edgevlm bench --plot` as run, then its figure drawn again from the JSON it wrote: the legend lies beside
+    the axes (no bar under it), and the first decode step is drawn and named."""
+    from edgevlm.apps.bench_cmd import figure
+
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert cli.main(["bench", "--resolutions", "64,256", "--repeats", "1", "--json", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert png.stat().st_size > 10_000 and all(r["cold"]["stages_s"]["first_decode"] > 0 for r in rows)
+    fig = figure(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0]
+    box = legend.get_window_extent(renderer)
+    labels = [t.get_text() for t in legend.get_texts()]
+    print("legend:", labels, box)
+    assert "first_decode (after TTFT)" in labels and "encode" in labels
+    bars = [p.get_window_extent(renderer) for ax in fig.axes for p in ax.patches if p.get_height() > 0]
+    assert bars and not any(box.overlaps(b) for b in bars)
+    assert not box.overlaps(fig.axes[0].get_window_extent(renderer))
+    width, height = fig.canvas.get_width_height()
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height  # inside the saved picture
+
+
+def test_chat_structured_output_and_json(tmp_path, capsys):
+    """--json-schema / --regex constrain the answer; --json --logprobs print one JSON object with the figures."""
+    from pathlib import Path
+
+    import edgevlm
+
+    star = str(Path(edgevlm.__file__).parent / "assets" / "examples" / "shapes-1.png")
+    schema = tmp_path / "color.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"color": {"enum": ["red", "blue", "green"]}},
+                                  "required": ["color"], "additionalProperties": False}))
+    assert cli.main(["chat", "--image", star, "--prompt", "What color is the star?", "--json-schema", str(schema)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"color": "blue"}
+    assert cli.main(["chat", "--image", star, "--prompt", "What color is the star?", "--regex", "red|green"]) == 0
+    assert capsys.readouterr().out.strip() in ("red", "green")
+    assert cli.main(["chat", "--image", star, "--prompt", "What color is the star?", "--json", "--logprobs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    print({k: out[k] for k in ("answer", "finish_reason", "logprobs")})
+    assert out["answer"] == "blue" and out["finish_reason"] == "stop" and out["ttft_s"] > 0
+    assert all(e["logprob"] <= 0 and len(e["top"]) == 2 for e in out["logprobs"])
+    assert "".join(e["token"] for e in out["logprobs"]).startswith("blue")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert cli.main(["chat", "--prompt", "hi", "--json-schema", str(bad)]) == 1
+    assert "not JSON" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_export_refuses_unknown_family_and_leaves_nothing(tmp_path):
 
 def test_checkpoint_builder_takes_real_size_dimensions():
     # benchmarks/peers.py builds FastVLM-0.5B's shape: FastViTHD tower (stride 64) and the real vocabulary size
-    from edgevlm.export.checkpoints import TextDims, VisionDims, _text_config, _vision_config, train_tokenizer
+    from edgevlm.export.dev.builders import TextDims, VisionDims, _text_config, _vision_config, train_tokenizer
 
     tok = train_tokenizer("qwen2", 300)
     text = _text_config(TextDims(vocab_size=151936), len(tok), tok)

@@ -118,7 +118,7 @@ def test_smolvlm_with_a_patch_grid_whose_step_is_not_exact_in_binary(tmp_path):
     """6 patches a side (as 26 or 27 in Idefics3 and SmolVLM-2.2B): transformers' position ids come from a
     bucketize over a float arange of 1/6 steps, which ONNX Runtime rounds differently; exported as computed, the
     vision graph gathered outside its position table. The export's own parity check must pass."""
-    from edgevlm.export.checkpoints import CheckpointSpec, TextDims, VisionDims, build_checkpoint
+    from edgevlm.export.dev.builders import CheckpointSpec, TextDims, VisionDims, build_checkpoint
     from edgevlm.export.exporter import export
 
     spec = CheckpointSpec("smolvlm", TextDims(arch="llama", hidden=64, heads=4, kv_heads=2),

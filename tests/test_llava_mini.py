@@ -17,7 +17,7 @@ PROMPT = "what color is the circle?"
 
 @pytest.fixture(scope="module")
 def mini_bundle(tmp_path_factory):
-    from edgevlm.export.checkpoints import build_mini_checkpoint
+    from edgevlm.export.dev.builders import build_mini_checkpoint
     from edgevlm.export.exporter import export
 
     root = tmp_path_factory.mktemp("mini")

@@ -7,6 +7,8 @@ import http.client
 import io
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -346,3 +348,22 @@ def test_a_continued_conversation_prefills_only_the_new_message(client):
           f"(in-process after prepare(): {want.prefilled_tokens}; prepare ran {ran})")
     assert ran > 0 and got["prompt_tokens"] == want.prompt_tokens
     assert got["prefilled_tokens"] == want.prefilled_tokens and got["prefix_cache_source"] == "ram"
+
+
+def test_a_data_url_of_something_else_says_what_it_holds(client):
+    """A text file picked in a browser arrives as data:text/plain: the reply names that, not "fetches nothing"."""
+    for url, says in [("data:text/plain;base64,aGVsbG8=", "the data: URL holds text/plain, not an image"),
+                      ("data:image/png,abc", "an image's data: URL must be base64"),
+                      ("https://example.com/x.png", "images must be data: URLs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="shapes-fastvlm", messages=ask("hi", url))
+        print(e.value.body["message"])
+        assert says in e.value.body["message"] and e.value.body["code"] == "invalid_image_url"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_a_port_out_of_range_is_one_line(port):
+    p = subprocess.run([sys.executable, "-m", "edgevlm.apps.cli", "serve", "--port", port], capture_output=True,
+                       text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr == f"error: --port must be between 0 and 65535 (0 picks a free one), not {port}\n"

@@ -90,3 +90,61 @@ def test_page_answers_about_an_image(serve, browser):
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe  # no script errors, no Content-Security-Policy violations
+
+
+DROP_FILE = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], arguments[1], {type: arguments[2]}));
+document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+"""
+
+
+def test_page_says_why_it_cannot_send_a_file(serve, browser, tmp_path):
+    """A text file and a damaged PNG are refused on the page, with the reason; an image past the server's pixel cap
+    gets the server's 413 message, and the question and its image come back to be sent again without it."""
+    import io
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = serve("--max-image-pixels", "1000000")
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "shapes-fastvlm")
+    error, preview = browser.find_element(By.ID, "error"), browser.find_element(By.ID, "preview")
+
+    def refused(text: str) -> str:
+        wait.until(lambda d: error.is_displayed() and error.text.startswith(text))
+        assert not preview.is_displayed() and browser.execute_script("return pendingImage") is None
+        return error.text
+
+    (tmp_path / "notes.txt").write_text("not a picture")
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+    print(refused("notes.txt: not an image this page can send (text/plain); pick a PNG, JPEG, WebP, GIF or BMP"))
+    damaged = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    browser.execute_script(DROP_FILE, base64.b64encode(damaged).decode(), "damaged.png", "image/png")
+    print(refused("damaged.png: cannot be read as an image (image/png)"))
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 1000), (30, 80, 225)).save(buf, "PNG")  # 1.2 MP, past the server's 1 MP
+    (tmp_path / "big.png").write_bytes(buf.getvalue())
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "big.png"))
+    wait.until(lambda d: preview.is_displayed() and not error.is_displayed())  # a good image clears the error
+    browser.find_element(By.ID, "question").send_keys("What color is the star?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: error.is_displayed() and d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    print(error.text)
+    assert error.text == "an image has 1200x1000 pixels; this server accepts at most 1000000 pixels per image"
+    assert browser.find_element(By.ID, "question").get_attribute("value") == "What color is the star?"
+    assert preview.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, "#log .msg")  # nothing was said
+
+    browser.find_element(By.ID, "clear-image").click()
+    browser.find_element(By.ID, "send").click()  # the same question, without the image
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")) == 1
+               and d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    assert not error.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, "#log .msg img")
+    assert "generated" in browser.find_element(By.ID, "figures").text
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "status of 413" not in e["message"]]
+    assert not severe, severe  # the refused request is the only failure the browser logs

@@ -32,15 +32,33 @@ function showError(text) {
   $("error").hidden = !text;
 }
 
+// What the server reads (edgevlm.image.ACCEPTED_FORMATS), by the type the browser gives the file
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"];
+
+function showImage(url) {
+  pendingImage = url;
+  $("preview").src = url;
+  $("preview").hidden = false;
+  $("drop-hint").hidden = true;
+  $("clear-image").hidden = false;
+}
+
+// A picked or dropped file becomes the next question's image only if the browser can decode it as one; anything
+// else says why, here, and leaves no image attached.
 function setImage(file) {
   if (!file) return;
+  const refuse = (why) => { clearImage(); showError(`${file.name}: ${why}`); };
+  if (!IMAGE_TYPES.includes(file.type)) {
+    refuse(`not an image this page can send (${file.type || "unknown type"}); pick a PNG, JPEG, WebP, GIF or BMP file`);
+    return;
+  }
   const reader = new FileReader();
+  reader.onerror = () => refuse("the file cannot be read");
   reader.onload = () => {
-    pendingImage = reader.result;
-    $("preview").src = pendingImage;
-    $("preview").hidden = false;
-    $("drop-hint").hidden = true;
-    $("clear-image").hidden = false;
+    const probe = new Image();
+    probe.onload = () => { showError(""); showImage(reader.result); };
+    probe.onerror = () => refuse(`cannot be read as an image (${file.type}); the file may be damaged`);
+    probe.src = reader.result;
   };
   reader.readAsDataURL(file);
 }
@@ -71,6 +89,10 @@ function addMessage(role, text, image) {
   return p;
 }
 
+function tokens(n) {
+  return n === 1 ? "1 token" : `${n} tokens`;
+}
+
 function showStats(s, final) {
   $("ttft").textContent = (s.ttft_s * 1000).toFixed(1) + " ms";
   const total = Math.max(s.ttft_s, 1e-9);
@@ -95,11 +117,11 @@ function showStats(s, final) {
     ["image cache hits", s.image_cache_hits + (s.image_cache_source ? ` (${s.image_cache_source})` : "")],
   ];
   if (s.prefix_cache_hit_tokens) {
-    figures.push(["prefix KV cache", `${s.prefix_cache_hit_tokens} tokens (${s.prefix_cache_source})`]);
+    figures.push(["prefix KV cache", `${tokens(s.prefix_cache_hit_tokens)} (${s.prefix_cache_source})`]);
   }
   if (final) {
     if ("first_decode" in s.stages) figures.push(["first decode step", (s.stages.first_decode * 1000).toFixed(1) + " ms"]);
-    figures.push(["generated", s.generated_tokens], ["decode", s.decode_tps.toFixed(1) + " tok/s"]);
+    figures.push(["generated", tokens(s.generated_tokens)], ["decode", s.decode_tps.toFixed(1) + " tok/s"]);
   }
   $("figures").replaceChildren(...figures.flatMap(([k, v]) => {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
@@ -110,9 +132,10 @@ function showStats(s, final) {
 }
 
 async function ask(question) {
+  const image = pendingImage;
   const content = [{ type: "text", text: question }];
-  if (pendingImage) content.unshift({ type: "image_url", image_url: { url: pendingImage } });
-  addMessage("user", question, pendingImage);
+  if (image) content.unshift({ type: "image_url", image_url: { url: image } });
+  const asked = addMessage("user", question, image);
   const out = addMessage("assistant", "");
   out.parentElement.classList.add("streaming");
   const turn = { role: "user", content };
@@ -161,8 +184,12 @@ async function ask(question) {
     }
     messages.push(turn, { role: "assistant", content: answer });
   } catch (e) {
+    // not part of the conversation: the question (and its image) go back into the form, to edit or send again
     showError(e.message);
     out.parentElement.remove();
+    asked.parentElement.remove();
+    if (!$("question").value) $("question").value = question;
+    if (image && !pendingImage) showImage(image);
   } finally {
     out.parentElement.classList.remove("streaming");
     document.body.dataset.state = "idle";

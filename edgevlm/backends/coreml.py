@@ -30,8 +30,6 @@ def _coremltools():
 def _package(bundle, comp) -> str:
     """The .mlpackage directory holding a component's spec file (every file in it was verified)."""
     rel = comp.file.split(".mlpackage/")[0] + ".mlpackage"
-    for ref in [comp.file] + [r.file for r in comp.data_files]:
-        bundle.read(ref)  # verified already: release the in-memory copy; coremltools reads by path
     return str(bundle.path(rel))
 
 

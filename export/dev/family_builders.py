@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import QWEN_TEMPLATE, CheckpointSpec, _text_config, make_image_matter, train_tokenizer
+from .builders import QWEN_TEMPLATE, CheckpointSpec, _text_config, make_image_matter, train_tokenizer
 
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
@@ -63,7 +63,7 @@ def _smolvlm(spec: CheckpointSpec, out: Path) -> None:
 
 def _mobilevlm(spec: CheckpointSpec, out: Path) -> None:
     """Laid out like a published MobileVLM checkpoint: config.json + weights + tokenizer, no processor files."""
-    from .mobilevlm import MobileVlmConfig, MobileVlmForCausalLM, save
+    from ..mobilevlm import MobileVlmConfig, MobileVlmForCausalLM, save
 
     v, t = spec.vision, spec.text
     tok = train_tokenizer(t.arch, t.vocab)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointSpec, VisionDims, make_image_matter
+from .builders import CheckpointSpec, VisionDims, make_image_matter
 
 # not checkpoint files: provenance notes, model cards, licences, hub metadata; the shard index names weights
 # that are not there
@@ -147,7 +147,7 @@ def _published_names(out: Path, published: set[str]) -> None:
 
 
 def _mobilevlm(files: Path, out: Path, cut: Cut, seed: int) -> None:
-    from .mobilevlm import KNOWN_TOWERS, MobileVlmConfig, MobileVlmForCausalLM, save_weights
+    from ..mobilevlm import KNOWN_TOWERS, MobileVlmConfig, MobileVlmForCausalLM, save_weights
 
     cfg = MobileVlmConfig.from_pretrained(out)
     cfg.mm_vision_config = {**KNOWN_TOWERS[cfg.mm_vision_tower], "num_hidden_layers": cut.vision_layers}  # not saved
@@ -166,7 +166,7 @@ def _apple_fastvlm(files: Path, out: Path, cut: Cut, seed: int) -> None:
     from safetensors.torch import save_file
     from transformers import FastVlmForConditionalGeneration
 
-    from .fastvlm_apple import TOWERS, fast_vlm_config, to_apple_names
+    from ..fastvlm_apple import TOWERS, fast_vlm_config, to_apple_names
 
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     model = FastVlmForConditionalGeneration(fast_vlm_config(config, stages=cut.stages)).eval()

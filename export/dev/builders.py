@@ -200,7 +200,7 @@ def _projector_input(linear, run, pixels):
 def build_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
     """Write a complete random-weight checkpoint directory (model, tokenizer, processor, template)."""
     if spec.family not in ("fast_vlm", "llava"):
-        from .family_checkpoints import build_family_checkpoint
+        from .family_builders import build_family_checkpoint
 
         return build_family_checkpoint(spec, out_dir)
     from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
@@ -233,7 +233,7 @@ def build_mini_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike, fusi
     """A random-weight LLaVA-Mini (one vision token + pre-fusion) over a FastVLM checkpoint of `spec`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .llava_mini import MiniVLM
+    from ..llava_mini import MiniVLM
 
     out = build_checkpoint(spec, out_dir)
     base = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
