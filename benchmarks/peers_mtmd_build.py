@@ -1,6 +1,6 @@
 """The artefacts `benchmarks/peers_mtmd.py` measures, built once and cached (a gitignored work directory).
 
-Two random-weight checkpoints built from the real published text files (tests/data/real, export/published.py),
+Two random-weight checkpoints built from the real published text files (tests/data/real, export/dev/published.py),
 at the real widths, and from each, both runtimes' files:
 
 - **smolvlm**: HuggingFaceTB/SmolVLM-256M-Instruct at full depth (SigLIP-B/16 512 px, 12 layers; pixel shuffle
@@ -122,7 +122,7 @@ def checkpoint(model: str, work: Path) -> Path:
     if out.exists():
         return out
     sys.path.insert(0, str(ROOT))
-    from edgevlm.export.published import Cut, build_from_published
+    from edgevlm.export.dev.published import Cut, build_from_published
     from tests.real_checkpoints import CHECKPOINTS, REAL
 
     name, cut = {"smolvlm": ("smolvlm-256m", Cut(30, 12)), "llava": ("llava-1.5-7b", Cut(LLAVA_TEXT_LAYERS, 24))}[model]
