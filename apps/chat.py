@@ -1,4 +1,4 @@
-"""`edgevlm chat`: stream answers about an image — one answer with --prompt, else an interactive loop."""
+"""`edgevlm chat`: stream answers about images or a video — one answer with --prompt, else an interactive loop."""
 
 from __future__ import annotations
 
@@ -19,11 +19,18 @@ DEMO_NOTE = ("The demo model knows only a procedural world of colored shapes: ci
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm chat", description=(
-        "Chat about an image. With --prompt, stream one answer and exit; otherwise read questions from the "
+        "Chat about images or a video. With --prompt, stream one answer and exit; otherwise read questions from the "
         f"terminal, with arrow-key history ({HELP}). An answer cut short ends with [stopped: max tokens] or "
         "[stopped: context full]. Without --bundle the embedded demo bundle is used."))
     p.add_argument("--bundle", metavar="B", help="bundle directory (default: the embedded demo)")
-    p.add_argument("--image", metavar="I", help="image file (JPEG, PNG, WebP, GIF, BMP)")
+    p.add_argument("--image", metavar="I", action="append", default=None,
+                   help="image file (JPEG, PNG, WebP, GIF, BMP); repeat it for several images, in that order")
+    p.add_argument("--video", metavar="V", default=None,
+                   help="video file (needs PyAV: pip install 'edgevlm[video]'); its frames follow the images")
+    p.add_argument("--fps", type=float, default=None, metavar="F",
+                   help="with --video or /video: frames kept per second of video (default: the bundle's)")
+    p.add_argument("--frames", type=int, default=None, metavar="N",
+                   help="with --video or /video: keep exactly N frames, spread over the video (instead of --fps)")
     p.add_argument("--prompt", metavar="P", help="ask this, print the answer, exit")
     p.add_argument("--system", metavar="S", help="system prompt (the chat template's system message)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
@@ -88,6 +95,10 @@ def check(args) -> None:
         raise ArgumentError("--json and --logprobs go with --prompt (one answer)")
     if args.json_schema and args.regex:
         raise ArgumentError("give one of --json-schema and --regex")
+    if args.fps is not None and args.frames is not None:
+        raise ArgumentError("give one of --fps and --frames")
+    if args.fps is not None and not 0 < args.fps <= 1000 or args.frames is not None and args.frames < 1:
+        raise ArgumentError("--fps must be in (0, 1000] and --frames at least 1")
 
 
 def response_format(args) -> dict | None:
@@ -122,7 +133,7 @@ def one_answer(chat, args, gen: dict, context_length: int) -> int:
     if args.json:
         return json_answer(chat, args, gen)
     last = None
-    for last in chat.stream(args.prompt, image=args.image, **gen):
+    for last in chat.stream(args.prompt, **media(args), **gen):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -136,7 +147,7 @@ def one_answer(chat, args, gen: dict, context_length: int) -> int:
 def json_answer(chat, args, gen: dict) -> int:
     import json
 
-    rs = list(chat.stream(args.prompt, image=args.image, **gen))
+    rs = list(chat.stream(args.prompt, **media(args), **gen))
     tok = chat.vlm.tokenizer
     out = {"answer": "".join(r.text for r in rs), "finish_reason": rs[-1].finish_reason, **rs[-1].figures()}
     if args.logprobs is not None:
@@ -145,6 +156,14 @@ def json_answer(chat, args, gen: dict) -> int:
                                                            "logprob": lp} for t, lp in r.top_logprobs]} for r in rs]
     print(json.dumps(out))
     return 0
+
+
+def media(args) -> dict:
+    """--image (each) and --video as Chat.stream's images= and video=."""
+    from edgevlm import Video
+
+    video = Video(args.video, fps=args.fps, frames=args.frames) if args.video else None
+    return {"images": args.image or [], "video": video}
 
 
 def demo_note() -> str:
@@ -159,8 +178,10 @@ def interactive(s: Session, args, err) -> int:
 
     rl = setup_readline()
     try:
-        if args.image:
-            s.attach(args.image)
+        for path in args.image or []:
+            s.attach(path)
+        if args.video:
+            s.attach(args.video, video=True)
         while True:
             try:
                 line = input("> ").strip()
@@ -198,7 +219,8 @@ def main(argv=None) -> int:
     chat = vlm.chat(system=args.system)
     if args.prompt is not None:
         return one_answer(chat, args, gen, vlm.context_length)
-    s = Session(vlm, chat, gen, console, Path(args.bundle).name if args.bundle else "shapes-fastvlm")
+    s = Session(vlm, chat, gen, console, Path(args.bundle).name if args.bundle else "shapes-fastvlm",
+                video_options={"fps": args.fps, "frames": args.frames})
     err.print(f"[bold]edgevlm chat[/] — loaded in {load_s:.1f} s. {HELP}")
     if args.bundle is None:
         err.print(demo_note(), markup=False)

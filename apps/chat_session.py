@@ -10,9 +10,10 @@ from pathlib import Path
 
 from rich.markup import escape
 
-HELP = ("commands: /image PATH (attach an image to the next question), /reset (new conversation about the same "
-        "image), /reset all (new conversation, image dropped too), /stats (the last answer's TTFT breakdown and "
-        "cache hits), /save FILE (the transcript; .json or text), /help, /quit")
+HELP = ("commands: /image PATH (attach an image to the next question; repeat it for several), /video PATH (attach a "
+        "video), /reset (new conversation about the same images), /reset all (new conversation, images dropped too), "
+        "/stats (the last answer's TTFT breakdown and cache hits), /save FILE (the transcript; .json or text), /help, "
+        "/quit")
 
 
 def plural(n: int, word: str) -> str:
@@ -31,27 +32,44 @@ def stop_note(r, context_length: int) -> str | None:
 
 
 class Session:
-    """The interactive loop's state: the Chat, the image, the transcript, the last answer's figures."""
+    """The interactive loop's state: the Chat, the attached images and video, the transcript, the last answer's
+    figures."""
 
-    def __init__(self, vlm, chat, gen: dict, console, bundle_name: str):
+    def __init__(self, vlm, chat, gen: dict, console, bundle_name: str, video_options: dict | None = None):
         self.vlm, self.chat, self.gen, self.console, self.bundle_name = vlm, chat, gen, console, bundle_name
-        self.image: str | None = None  # attached to the next question
-        self.current: str | None = None  # the conversation's latest image (what /reset keeps)
+        self.video_options = video_options or {}
+        self.pending: list[tuple[str, str]] = []  # ("image" | "video", path): attached to the next question
+        self.current: list[tuple[str, str]] = []  # the conversation's latest attachments (what /reset keeps)
         self.encoded_ms: float | None = None  # time /image spent encoding (the next answer then hits the cache)
         self.turns: list[dict] = []
         self.last = None
         self.last_encode_ms: float | None = None
 
-    def attach(self, path: str) -> None:
+    def attach(self, path: str, video: bool = False) -> None:
+        from edgevlm import Video
+
         t = time.perf_counter()
-        self.vlm.prepare(path)  # encode now, while the user types the question; errors show here
-        self.encoded_ms = (time.perf_counter() - t) * 1000
-        self.image = self.current = path
-        self.console.print(f"[dim]image {escape(Path(path).name)} ready ({self.encoded_ms:.1f} ms); ask about it[/]")
+        self.vlm.prepare(Video(path, **self.video_options) if video else path)  # encode now, while the user types
+        ms = (time.perf_counter() - t) * 1000
+        self.encoded_ms = (self.encoded_ms or 0.0) + ms
+        self.pending.append(("video" if video else "image", path))
+        self.current = list(self.pending)
+        what = "video" if video else "image"
+        n = len(self.pending)
+        self.console.print(f"[dim]{what} {escape(Path(path).name)} ready ({ms:.1f} ms)"
+                           + (f"; {n} attached" if n > 1 else "") + "; ask about it[/]")
+
+    def _media(self) -> dict:
+        from edgevlm import Video
+
+        videos = [Video(p, **self.video_options) for k, p in self.pending if k == "video"]
+        if len(videos) > 1:
+            self.pending = [(k, p) for k, p in self.pending if k == "image"] + [("video", videos[-1].source)]
+        return {"images": [p for k, p in self.pending if k == "image"], "video": videos[-1] if videos else None}
 
     def answer(self, text: str) -> None:
         out, last = [], None
-        stream = self.chat.stream(text, image=self.image, **self.gen)
+        stream = self.chat.stream(text, **self._media(), **self.gen)
         try:
             for r in stream:
                 self.console.print(r.text, end="", markup=False, highlight=False)
@@ -65,10 +83,11 @@ class Session:
         if note == "[stopped: context full]":
             note += " /reset starts a new conversation"
         self.console.print(f" {note}" if note else "", style="dim", markup=False)
-        self.turns.append({"user": text, "image": self.image, "assistant": "".join(out),
-                           "stats": last.figures() if last else None})
-        self.last_encode_ms = self.encoded_ms if self.image else None  # /stats shows it for this answer only
-        self.image = self.encoded_ms = None  # encoded once: later turns see it through the kept conversation
+        attached = [p for _, p in self.pending]
+        self.turns.append({"user": text, "image": attached[0] if len(attached) == 1 else (attached or None),
+                           "assistant": "".join(out), "stats": last.figures() if last else None})
+        self.last_encode_ms = self.encoded_ms if self.pending else None  # /stats shows it for this answer only
+        self.pending, self.encoded_ms = [], None  # encoded once: later turns see them through the conversation
         if last is not None:
             self.last = last
             hit = " · image from cache" if last.image_cache_hits else ""
@@ -105,8 +124,8 @@ class Session:
         if p.suffix.lower() == ".json":
             data = json.dumps({"bundle": self.bundle_name, "turns": self.turns}, indent=2) + "\n"
         else:
-            data = "".join((f"[image: {t['image']}]\n" if t["image"] else "") + f"> {t['user']}\n{t['assistant']}\n\n"
-                           for t in self.turns)
+            data = "".join("".join(f"[image: {p}]\n" for p in _listed(t["image"]))
+                           + f"> {t['user']}\n{t['assistant']}\n\n" for t in self.turns)
         from edgevlm.atomic import write_atomic
 
         try:
@@ -117,19 +136,22 @@ class Session:
         self.console.print(f"[dim]saved {plural(len(self.turns), 'turn')} to {escape(path)}[/]")
 
     def reset(self, arg: str = "") -> None:
-        """/reset: a new conversation about the same image (it goes with the next question); /reset all: without it."""
+        """/reset: a new conversation about the same images (they go with the next question); /reset all: without
+        them."""
         if arg not in ("", "all"):
-            self.console.print("usage: /reset (keeps the image) or /reset all (drops it too)")
+            self.console.print("usage: /reset (keeps the images) or /reset all (drops them too)")
             return
         self.chat.reset()
         self.turns, self.last, self.last_encode_ms, self.encoded_ms = [], None, None, None
-        if arg == "all" or self.current is None:
-            dropped, self.image, self.current = self.current, None, None
-            self.console.print(f"[dim]new conversation{f'; image {escape(Path(dropped).name)} dropped' if dropped else ''}[/]")
+        names = ", ".join(f"{k} {Path(p).name}" for k, p in self.current)
+        them = "it" if len(self.current) == 1 else "them"
+        if arg == "all" or not self.current:
+            dropped, self.pending, self.current = names, [], []
+            self.console.print(f"[dim]new conversation{f'; {escape(dropped)} dropped' if dropped else ''}[/]")
             return
-        self.image = self.current  # encoded already: the next question finds it in the image cache
-        self.console.print(f"[dim]new conversation about image {escape(Path(self.current).name)} (kept for the next "
-                           "question; /reset all drops it)[/]")
+        self.pending = list(self.current)  # encoded already: the next question finds them in the image cache
+        self.console.print(f"[dim]new conversation about {escape(names)} (kept for the next question; /reset all "
+                           f"drops {them})[/]")
 
     def run(self, line: str) -> bool:
         """One line of input -> False when the session ends."""
@@ -141,6 +163,8 @@ class Session:
             self.reset(rest)
         elif cmd == "/image":
             self.attach(rest) if rest else self.console.print("usage: /image PATH")
+        elif cmd == "/video":
+            self.attach(rest, video=True) if rest else self.console.print("usage: /video PATH")
         elif cmd == "/stats":
             self.stats()
         elif cmd == "/save":
@@ -152,6 +176,10 @@ class Session:
         else:
             self.answer(line)
         return True
+
+
+def _listed(x) -> list:
+    return [] if x is None else x if isinstance(x, list) else [x]
 
 
 def history_file() -> Path:

@@ -115,7 +115,7 @@ class Engine:
         try:
             chat = self.vlm.chat(system=req.system)
             for t in req.history:
-                chat.add_turn(t.text, t.answer, image=t.image)
+                chat.add_turn(t.parts, t.answer)
             outcome, last = self._generate(chat, req, stop, deadline, emit)
         except EdgeVLMError as e:
             last = ("error", runtime_error(e))
@@ -135,7 +135,7 @@ class Engine:
 
     def _generate(self, chat, req: ChatRequest, stop: Stop, deadline: float, emit) -> tuple[str, tuple | None]:
         """Stream the answer through emit until it ends or must stop -> (outcome, the final event)."""
-        gen = chat.stream(req.turn.text, image=req.turn.image, **req.sampling)
+        gen = chat.stream(req.turn.parts, **req.sampling)
         try:
             for r in gen:
                 if r.finish_reason:

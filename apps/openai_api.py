@@ -45,9 +45,16 @@ class Limits:
 
 @dataclass
 class Turn:
-    text: str
-    image: bytes | None = None
+    parts: list  # the user's message in order: text (str) and images (bytes); adjacent texts joined by newlines
     answer: str = ""  # the assistant's reply (history turns)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(p for p in self.parts if isinstance(p, str))
+
+    @property
+    def images(self) -> list[bytes]:
+        return [p for p in self.parts if not isinstance(p, str)]
 
 
 @dataclass
@@ -203,18 +210,20 @@ def _logit_bias(bias, vocab: int) -> dict[int, float] | None:
 
 
 def _conversation(messages, limits: Limits) -> tuple[str | None, list[Turn], Turn]:
-    """OpenAI messages -> (system prompt, past turns, the question). Consecutive messages of one role merge."""
+    """OpenAI messages -> (system prompt, past turns, the question). Consecutive messages of one role merge; a user
+    message's text and image parts keep their order."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     system: list[str] = []
-    turns: list[tuple[str, list[str], list[bytes]]] = []  # (role, texts, images)
+    turns: list[tuple[str, list]] = []  # (role, parts: text str and image bytes in order)
     n_images = 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
             raise ApiError(400, f"messages[{i}] needs a role of system, developer, user or assistant",
                            param=f"messages[{i}].role")
         role = msg["role"]
-        texts, images = _content(msg.get("content"), i, allow_images=role == "user")
+        parts = _content(msg.get("content"), i, allow_images=role == "user")
+        images = [p for p in parts if not isinstance(p, str)]
         n_images += len(images)
         if n_images > limits.max_images:
             raise ApiError(400, f"at most {limits.max_images} images per request", code="too_many_images",
@@ -222,47 +231,55 @@ def _conversation(messages, limits: Limits) -> tuple[str | None, list[Turn], Tur
         for img in images:
             _check_pixels(img, limits.max_image_pixels)
         if role in ("system", "developer"):
-            system += texts
+            system += parts
         elif turns and turns[-1][0] == role:
-            turns[-1][1].extend(texts)
-            turns[-1][2].extend(images)
+            turns[-1][1].extend(parts)
         else:
-            turns.append((role, texts, images))
+            turns.append((role, parts))
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise ApiError(400, "messages must start and end with a user message", param="messages")
     out: list[Turn] = []
-    for role, texts, images in turns:
+    for role, parts in turns:
         if role == "user":
-            if len(images) > 1:
-                raise ApiError(400, "one image per user message: send further images in later messages",
-                               code="too_many_images", param="messages")
-            out.append(Turn("\n".join(texts), images[0] if images else None))
+            out.append(Turn(_joined(parts)))
         else:
-            out[-1].answer = "\n".join(texts)
+            out[-1].answer = "\n".join(parts)
     return ("\n".join(system) or None), out[:-1], out[-1]
 
 
-def _content(content, i: int, allow_images: bool) -> tuple[list[str], list[bytes]]:
+def _joined(parts: list) -> list:
+    """Adjacent text parts as one text, joined by newlines; a message without text gets an empty one."""
+    out: list = []
+    for p in parts:
+        if isinstance(p, str) and out and isinstance(out[-1], str):
+            out[-1] += "\n" + p
+        else:
+            out.append(p)
+    return out if any(isinstance(p, str) for p in out) else out + [""]
+
+
+def _content(content, i: int, allow_images: bool) -> list:
+    """A message's content -> its parts in order: texts (str) and images (bytes)."""
     if content is None:
-        return [], []
+        return []
     if isinstance(content, str):
-        return [content], []
+        return [content]
     if not isinstance(content, list):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content")
-    texts, images = [], []
+    parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         where = f"messages[{i}].content[{j}]"
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append(part["text"])
         elif kind == "image_url" and allow_images:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            images.append(_data_url(url, where))
+            parts.append(_data_url(url, where))
         else:
             allowed = "text or image_url" if allow_images else "text"
             raise ApiError(400, f"{where} must be a part of type {allowed}", param=where)
-    return texts, images
+    return parts
 
 
 def _data_url(url, where: str) -> bytes:

@@ -8,7 +8,7 @@
 from importlib import import_module
 
 from .errors import (ArgumentError, BackendError, BundleError, ContextOverflowError, DependencyError, EdgeVLMError,
-                     ExportError, ImageError, IntegrityError, TemplateError)
+                     ExportError, ImageError, IntegrityError, TemplateError, VideoError)
 
 __version__ = "0.1.0"
 
@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 # ~0.7 s of numpy, onnxruntime and tokenizers, so the `edgevlm` command is running its own code (and handles
 # Ctrl-C) before those load.
 _LAZY = {"load": "model", "VLM": "model", "Chat": "generate", "Response": "generate", "Limits": "limits",
-         "make_sampler": "sampling"}
+         "make_sampler": "sampling", "Video": "video"}
 
 __all__ = [
-    "load", "VLM", "ArgumentError", "Chat", "Response", "make_sampler", "EdgeVLMError", "BundleError", "IntegrityError",
-    "ImageError", "ContextOverflowError", "TemplateError", "BackendError", "ExportError", "DependencyError", "Limits",
-    "__version__",
+    "load", "VLM", "ArgumentError", "Chat", "Response", "Video", "make_sampler", "EdgeVLMError", "BundleError",
+    "IntegrityError", "ImageError", "VideoError", "ContextOverflowError", "TemplateError", "BackendError",
+    "ExportError", "DependencyError", "Limits", "__version__",
 ]
 
 

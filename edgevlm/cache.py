@@ -28,6 +28,11 @@ from .decoders.base import common_prefix
 KV = list[tuple[np.ndarray, np.ndarray]]
 
 
+# an image state's arrays besides rows and kv: a tiled image's [tile rows, tile cols, rows per tile]; a video frame's
+# row-end row (edgevlm.media)
+_EXTRA = ("layout", "row_end")
+
+
 def nbytes(value: Any) -> int:
     if isinstance(value, np.ndarray):
         return value.nbytes
@@ -176,10 +181,8 @@ class Caches:
             if entry is None:
                 return None, ""
             _, arrays = entry
-            layout = arrays.pop("layout", None)  # tiled images: [tile rows, tile cols, rows per tile]
-            state = {"rows": arrays.pop("rows", None), "kv": kv_from_arrays(arrays) if arrays else None}
-            if layout is not None:
-                state["layout"] = layout
+            extra = {k: arrays.pop(k) for k in _EXTRA if k in arrays}
+            state = {"rows": arrays.pop("rows", None), "kv": kv_from_arrays(arrays) if arrays else None, **extra}
             if state["rows"] is None or not self.check_image(state):
                 self.disk.reject("img-" + key, "arrays do not fit this model")
                 return None, ""
@@ -265,8 +268,7 @@ class Caches:
                 try:
                     if kind == "image":
                         arrays = {"rows": value["rows"], **(kv_arrays(value["kv"]) if value.get("kv") else {})}
-                        if "layout" in value:  # tiled images: [tile rows, tile cols, rows per tile]
-                            arrays["layout"] = value["layout"]
+                        arrays.update({k: value[k] for k in _EXTRA if k in value})
                         self.disk.put("image", "img-" + key, {}, arrays)
                     else:
                         self._put_prefix_disk(key, value)

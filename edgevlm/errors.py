@@ -17,6 +17,11 @@ class ImageError(EdgeVLMError):
     """The image cannot be opened, is of a format we do not accept, or is too large."""
 
 
+class VideoError(ImageError):
+    """The video cannot be read (no decoder for it, a damaged file), has too many frames or pixels, or its frames
+    are not images."""
+
+
 class ContextOverflowError(EdgeVLMError):
     """The prompt (plus what must be generated) does not fit the model's context."""
 

@@ -17,9 +17,10 @@ from typing import Iterator, Sequence
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
+from . import media
 from .constrain import grammar_of
 from .decoders import Decoder, Prompt, State, common_prefix
-from .errors import ArgumentError, ContextOverflowError
+from .errors import ArgumentError, ContextOverflowError, EdgeVLMError
 from .profile import STAGES, peak_rss_bytes
 from .sampling import Processor, Sampler, make_logits_processors, make_sampler
 
@@ -156,26 +157,52 @@ class Chat:
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self._images: list[str] = []  # image keys in prompt order
-        self._states: dict[str, dict] = {}  # image key -> what depends only on that image
+        self._items: list[media.Item] = []  # the conversation's images and videos, in the messages' order
         self._state = self.vlm.decoder.new_state()  # the KV cache and the keys of its positions
         self._prompt: Prompt | None = None  # the last prefill's (a shared decoder context may need it again)
 
     @property
     def images(self) -> list[str]:
-        return list(self._images)
+        """Cache keys of the conversation's images and videos, in the messages' order."""
+        return [it.key for it in self._items]
 
-    def add_turn(self, text: str, answer: str, image=None, max_image_tokens: int | None = None) -> None:
+    def add_turn(self, text, answer: str, image=None, max_image_tokens: int | None = None, images=None,
+                 video=None) -> None:
         """Record a past exchange without generating (e.g. the history an API request carries); the next
-        `stream` prefills it, reusing cached image embeds and KV where it can."""
-        content = [{"type": "text", "text": text}]
-        if image is not None:
-            key, state, _, _ = self.vlm.image_state(image, max_image_tokens)
-            self._states[key] = state
-            self._images = self._images + [key]
-            content.insert(0, {"type": "image"})
+        `stream` prefills it, reusing cached image embeds and KV where it can. text, image, images, video: as
+        `stream` takes them."""
+        items, content, _, _ = self._media(media.parts_of(text, image, images, video), max_image_tokens, {})
+        self._items = items
         self.messages = self.messages + [{"role": "user", "content": content},
                                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+    def _media(self, parts: list, max_image_tokens: int | None, stages: dict) -> tuple[list, list, int, str]:
+        """The conversation's media with this turn's parts added -> (items, the new message's content, how many
+        came from a cache, where the first of them was). Earlier images re-encode when the prompt starts to hold
+        several under a layout that takes several differently (LLaVA-OneVision)."""
+        vlm, limits = self.vlm, self.vlm.limits
+        new = [(k, v) for k, v in parts if k != "text"]
+        if len(new) > limits.images:
+            raise ArgumentError(f"{len(new)} images or videos in one message; the limit is {limits.images} "
+                                "(edgevlm.Limits.images)")
+        if vlm.manifest.fusion == "prefusion" and len(self._items) + len(new) > 1:
+            raise EdgeVLMError(media.ONE_FOR_PREFUSION)
+        is_multi = media.multi(vlm, sum(it.kind == "image" for it in self._items) + sum(k == "image" for k, _ in new))
+        items = [it if it.kind != "image" or it.multi == is_multi else
+                 media.image_item(vlm, it.source, it.budget, is_multi, None, {})[0] for it in self._items]
+        spend, content, hits, where = media.PixelBudget(limits.request_pixels), [], 0, ""
+        for kind, value in parts:
+            if kind == "text":
+                content.append({"type": "text", "text": value})
+                continue
+            if kind == "image":
+                item, found = media.image_item(vlm, value, max_image_tokens, is_multi, spend, stages)
+            else:
+                item, found = media.video_item(vlm, value, max_image_tokens, spend, stages)
+            items.append(item)
+            content += item.content
+            hits, where = hits + bool(found), where or found
+        return items, content, hits, where
 
     def prepare(self, share: bool = False) -> int:
         """Prefill what the chat template already fixes of the next user turn (the end of the last answer, the
@@ -184,36 +211,38 @@ class Chat:
         run). The conversation itself does not change; a next turn that renders differently (another template
         branch) simply reuses less. share=True also offers the KV to the prefix cache: for a stateless server,
         whose client sends the whole conversation again as a new chat."""
-        vlm = self.vlm
-        states = [self._states[k] for k in self._images]
-        probes = [vlm.prompt_ids(self.messages + [{"role": "user", "content": [{"type": "text", "text": t}]}],
-                                 states).tolist() for t in ("0", "1")]
-        n = common_prefix(probes[0], probes[1])  # where the two user messages start to differ
+        vlm, items = self.vlm, self._items
+        probes = [vlm.render(self.messages + [{"role": "user", "content": [{"type": "text", "text": t}]}],
+                             [it.state for it in items]) for t in ("0", "1")]
+        n = common_prefix(probes[0][0].tolist(), probes[1][0].tolist())  # where the two user messages differ
         if n == 0 or n >= vlm.context_length - 1:
             return 0
-        ids = np.asarray(probes[0][:n], np.int64)
-        keys = vlm.cache_keys(ids, self._images, states)
+        ids, ordered = probes[0][0][:n], [items[i] for i in probes[0][1]]
+        keys = vlm.cache_keys(ids, [it.key for it in ordered], [it.state for it in ordered])
         if common_prefix(self._state.keys, keys) >= n:
             return 0
         state, reuse, _ = vlm.decoder.reuse(self._state, keys, vlm.caches.lookup_prefix)
-        self._prompt = vlm.prompt(ids, keys, self._states)
+        self._prompt = vlm.prompt(ids, keys, {it.key: it.state for it in items})
         vlm.decoder.prefill(state, self._prompt, reuse)
         self._state = state
         if share:
             vlm.remember(self._state)
         return n - reuse
 
-    def send(self, text: str, image=None, **kwargs) -> str:
+    def send(self, text, image=None, **kwargs) -> str:
         return "".join(r.text for r in self.stream(text, image=image, **kwargs))
 
-    def stream(self, text: str, image=None, max_tokens: int | None = None, temperature: float = 0.0,
+    def stream(self, text, image=None, max_tokens: int | None = None, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | str | None = None, max_image_tokens: int | None = None,
                logit_bias: dict[int, float] | None = None, response_format: dict | None = None,
-               json_schema: dict | None = None, logprobs: bool = False, top_logprobs: int = 0) -> Iterator[Response]:
-        """One turn: a Response per generated token (the last one carries finish_reason). response_format /
-        json_schema constrain the answer (edgevlm.constrain); logprobs / top_logprobs add the model's
-        log-probabilities to each Response."""
+               json_schema: dict | None = None, logprobs: bool = False, top_logprobs: int = 0, images=None,
+               video=None) -> Iterator[Response]:
+        """One turn: a Response per generated token (the last one carries finish_reason). text: a string (then
+        image, images and video come before it, in that order) or a list of parts in order: strings, images,
+        edgevlm.Video (or {"type": "text"|"image"|"video", ...} dicts). response_format / json_schema constrain
+        the answer (edgevlm.constrain); logprobs / top_logprobs add the model's log-probabilities to each
+        Response."""
         vlm, m = self.vlm, self.vlm.manifest
         t0 = time.perf_counter()
         stages: dict[str, float] = {}
@@ -227,7 +256,7 @@ class Chat:
         top = _top_logprobs(logprobs, top_logprobs)
         detok = Detokenizer(vlm.tokenizer, _stop_strings(stop))
         max_tokens = _max_tokens(max_tokens, m.generation.max_new_tokens)
-        logits, profile = self._begin(text, image, max_image_tokens, stages)
+        logits, profile = self._begin(media.parts_of(text, image, images, video), max_image_tokens, stages)
         steps = token_steps(vlm.decoder, self._state, self._prompt, logits, sample, processors, max_tokens,
                             set(m.generation.eos_token_ids), stages)
         n, t_first = 0, 0.0
@@ -250,40 +279,37 @@ class Chat:
             self.messages = self.messages + [{"role": "assistant", "content": [{"type": "text", "text": detok.text}]}]
             self.vlm.remember(self._state)  # prefix cache; disk writes happen here, after the first token
 
-    def _begin(self, text: str, image, max_image_tokens: int | None, stages: dict) -> tuple[np.ndarray, dict]:
-        """The turn up to its first logits: the image's state, the prompt (reused where a cache holds it), its
-        prefill, committed to the chat. -> (logits [V], the Response fields known now)."""
+    def _begin(self, parts: list, max_image_tokens: int | None, stages: dict,
+               reuse: bool = True) -> tuple[np.ndarray, dict]:
+        """The turn up to its first logits: its media's states, the prompt (reused where a cache holds it, unless
+        reuse=False), its prefill, committed to the chat. -> (logits [V], the Response fields known now)."""
         vlm = self.vlm
-        hits, image_source, key = 0, "", None
-        if image is not None:
-            key, state, image_source, img_stages = vlm.image_state(image, max_image_tokens)
-            stages.update(img_stages)
-            hits += bool(image_source)
-            self._states[key] = state
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+        items, content, hits, image_source = self._media(parts, max_image_tokens, stages)
         messages = self.messages + [{"role": "user", "content": content}]
-        images = self._images + ([key] if image is not None else [])
         t = time.perf_counter()
-        image_states = [self._states[k] for k in images]
-        ids = vlm.prompt_ids(messages, image_states)
+        ids, order = vlm.render(messages, [it.state for it in items])
         if len(ids) >= vlm.context_length:
             raise ContextOverflowError(f"the prompt is {len(ids)} tokens but the context holds {vlm.context_length}: "
                                        "shorten the prompt, start a new chat, or use fewer images")
-        keys = vlm.cache_keys(ids, images, image_states)
+        ordered = [items[i] for i in order]
+        keys = vlm.cache_keys(ids, [it.key for it in ordered], [it.state for it in ordered])
         stages["embed"] = time.perf_counter() - t  # template + tokenizer (+ the embedding graph, below)
         t = time.perf_counter()
-        state, reuse, source = vlm.decoder.reuse(self._state, keys, vlm.caches.lookup_prefix)
+        if reuse:
+            state, reused, source = vlm.decoder.reuse(self._state, keys, vlm.caches.lookup_prefix)
+        else:
+            state, reused, source = vlm.decoder.new_state(), 0, ""
         stages["cache"] = stages.get("cache", 0.0) + time.perf_counter() - t
-        prompt = vlm.prompt(ids, keys, self._states, stages)
+        prompt = vlm.prompt(ids, keys, {it.key: it.state for it in items}, stages)
         t, inner = time.perf_counter(), stages["embed"] + stages.get("prefusion", 0.0)
-        logits = vlm.decoder.prefill(state, prompt, reuse)
+        logits = vlm.decoder.prefill(state, prompt, reused)
         stages["prefill"] = time.perf_counter() - t - (stages["embed"] + stages.get("prefusion", 0.0) - inner)
         # commit the prompt now: even if the caller stops iterating, the chat stays consistent
-        self.messages, self._images, self._state, self._prompt = messages, images, state, prompt
+        self.messages, self._items, self._state, self._prompt = messages, items, state, prompt
         return logits, dict(image_cache_hits=hits, image_cache_source=image_source, prefix_cache_source=source,
-                            prefix_cache_hit_tokens=reuse if source in ("ram", "disk", "decoder") else 0,
-                            backend=vlm.decoder.backend, prompt_tokens=len(ids), prefilled_tokens=len(ids) - reuse,
-                            prompt_tps=(len(ids) - reuse) / max(stages["prefill"], 1e-9))
+                            prefix_cache_hit_tokens=reused if source in ("ram", "disk", "decoder") else 0,
+                            backend=vlm.decoder.backend, prompt_tokens=len(ids), prefilled_tokens=len(ids) - reused,
+                            prompt_tps=(len(ids) - reused) / max(stages["prefill"], 1e-9))
 
 
 def _stop_strings(stop) -> list[str]:

@@ -7,6 +7,7 @@ bundles, compressor, prefusion, prefusion_kv, prefusion_layers), caches, budget_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 
@@ -14,21 +15,27 @@ import numpy as np
 
 from . import budget, limits, pipeline, tiling
 from .errors import BackendError
-from .image import input_digest, load_image, preprocess
+from .image import input_digest, load_image, preprocess, resize
 
 
 class ImageSide:
     """Image -> state (cached by content), budgets, placeholders, and the check of states read from disk."""
 
-    def image_state(self, image, max_image_tokens: int | None = None) -> tuple[str, dict, str, dict[str, float]]:
+    def image_state(self, image, max_image_tokens: int | None = None, multi: bool = False,
+                    spend=None) -> tuple[str, dict, str, dict[str, float]]:
         """-> (cache key, image state, where it was cached: "ram", "disk" or "" (computed now), stage seconds).
         The state is all that depends only on the image: {"rows": embeds for the placeholders [N, D],
         "kv": the pre-fusion KV of the image prefix (pre-fusion bundles) or None, and for tiled images
         "layout": [tile rows, tile cols, rows per tile]}. With a token budget (max_image_tokens, else the
-        bundle's), the reduced rows are an image of their own for the caches."""
+        bundle's), the reduced rows are an image of their own for the caches. multi: the image is one of several
+        in its prompt (a layout with ImageLayout.multi takes it differently); spend(w, h): told its size before
+        it is decoded (a request's pixel budget)."""
         m = self.manifest
+        lay = m.image_layout
+        one_tile = multi and lay is not None and lay.multi == "one_tile"
         t = time.perf_counter()
         raw = input_digest(image)  # the same input bytes always preprocess to the same pixels: skip that
+        raw = raw and raw + (" one_tile" if one_tile else "")
         key = self.caches.aliases.get(raw) if raw else None
         stages = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
@@ -36,14 +43,17 @@ class ImageSide:
         stages["cache"] = time.perf_counter() - t
         if state is None:
             t = time.perf_counter()
-            rgb = load_image(image, limits=self.limits, check=self._check_work)
-            lay = m.image_layout
-            tiles = tiling.make_tiles(rgb, m.preprocess, lay) if lay and lay.tiling != "none" else None
-            # the resize takes a second thread unless the caller asked for one (threads=1)
-            pixels = tiles.pixels if tiles else preprocess(rgb, m.preprocess, 1 if self.threads == 1 else 2)
-            h = hashlib.sha256(memoryview(np.ascontiguousarray(pixels)).cast("B"))  # the content address
-            h.update(self._pre_key.encode())  # (the same digest as of the concatenated bytes, without copies)
-            key = h.hexdigest()
+            rgb = load_image(image, limits=self.limits, check=self._checker(spend))
+            tiles = None
+            if one_tile:  # the whole image padded to a square, one tile; its rows and the row end
+                square = dataclasses.replace(m.preprocess, pad_to_square=lay.multi_pad)
+                pixels = preprocess(rgb, square, self._resize_threads)
+            elif lay and lay.tiling != "none":
+                tiles = tiling.make_tiles(rgb, m.preprocess, lay)
+                pixels = tiles.pixels
+            else:
+                pixels = preprocess(rgb, m.preprocess, self._resize_threads)
+            key = self._content_key(pixels, " one_tile" if one_tile else "")
             stages["preprocess"] += time.perf_counter() - t
             if raw:
                 self.caches.aliases.put(raw, key)
@@ -51,8 +61,12 @@ class ImageSide:
             state, where = self.caches.get_image(key)
             stages["cache"] += time.perf_counter() - t
             if state is None:
-                state = self._encode(pixels, stages, tiles)
+                state = self._encode(pixels, stages, tiles, row_end=one_tile and lay.row_end)
                 self.caches.put_image(key, state)
+        return self._budgeted(key, state, where, stages, max_image_tokens)
+
+    def _budgeted(self, key: str, state: dict, where: str, stages: dict, max_image_tokens: int | None):
+        m = self.manifest
         limit = m.generation.max_image_tokens if max_image_tokens is None else int(max_image_tokens)
         if limit is None or m.fusion != "splice" or limit >= state["rows"].shape[0]:
             if limit is not None and limit < 1:
@@ -65,19 +79,62 @@ class ImageSide:
             self.caches.put_image(small, reduced)
         return small, reduced, where, stages
 
+    def frame_state(self, frame, spend=None) -> tuple[str, dict, str, dict[str, float]]:
+        """A video frame under the manifest's video layout -> (cache key, state, where cached, stage seconds); the
+        state: {"rows": the frame's rows [n, D] (pooled when the layout says so), "kv": None, "row_end": [D] or
+        [0]}. Cached by content like an image."""
+        v = self.manifest.video
+        t = time.perf_counter()
+        rgb = load_image(frame, limits=self.limits, check=spend)
+        if v.longest_edge:  # (SmolVLM: the longest edge first, then the tile: the frame's aspect is not kept)
+            rgb = resize(rgb, *tiling.longest_edge_size(*rgb.shape[:2], v.longest_edge), v.preprocess.resample,
+                         v.preprocess.resize_kernel)
+        pixels = preprocess(rgb, v.preprocess, self._resize_threads)
+        key = self._content_key(pixels, " video")
+        stages = {"preprocess": time.perf_counter() - t}
+        state, where = self.caches.get_image(key)
+        if state is None:
+            t = time.perf_counter()
+            out = self.vision.run({self.vision.input_names[0]: pixels})
+            rows, row_end = out[self.vision.output_names[0]][0], out.get("row_end")
+            if v.pool is not None:
+                gh, gw = self.manifest.image_layout.grid
+                rows = tiling.bilinear(rows.reshape(gh, gw, -1), *v.pool).reshape(-1, rows.shape[-1])
+            state = {"rows": np.ascontiguousarray(rows, np.float32), "kv": None,
+                     "row_end": np.zeros(0, np.float32) if row_end is None else row_end.reshape(-1)}
+            stages["encode"] = time.perf_counter() - t
+            self.caches.put_image(key, state)
+        return key, state, where, stages
+
+    @property
+    def _resize_threads(self) -> int:  # the resize takes a second thread unless the caller asked for one
+        return 1 if self.threads == 1 else 2
+
+    def _content_key(self, pixels: np.ndarray, mode: str = "") -> str:
+        h = hashlib.sha256(memoryview(np.ascontiguousarray(pixels)).cast("B"))  # the content address
+        h.update((self._pre_key + mode).encode())  # (the same digest as of the concatenated bytes, without copies)
+        return h.hexdigest()
+
+    def _checker(self, spend):
+        if spend is None:
+            return self._check_work
+        return lambda w, h: (spend(w, h), self._check_work(w, h))
+
     def _check_work(self, w: int, h: int) -> None:  # an image's header size, before it is decoded
         m = self.manifest
         limits.check_image_work(w, h, m.preprocess, m.image_layout, self.limits)
 
-    def _encode(self, pixels: np.ndarray, stages: dict[str, float], tiles=None) -> dict:
+    def _encode(self, pixels: np.ndarray, stages: dict[str, float], tiles=None, row_end: bool = False) -> dict:
         t = time.perf_counter()
-        feats, row_end = [], None
+        feats, ends = [], None
         for tile in pixels:  # [3, S, S]: the vision graph (+ projector) takes one tile at a time
             out = self.vision.run({self.vision.input_names[0]: tile[None]})
             feats.append(out[self.vision.output_names[0]][0])
-            row_end = out.get("row_end")
+            ends = out.get("row_end")
         feats = np.stack(feats)  # [T, n, D]
-        embeds = tiling.assemble(feats, tiles, self.manifest.image_layout, row_end) if tiles else feats[0]
+        embeds = tiling.assemble(feats, tiles, self.manifest.image_layout, ends) if tiles else feats[0]
+        if row_end:  # one tile of several images (LLaVA-OneVision): the row end once, after its rows
+            embeds = np.concatenate([embeds, ends.reshape(1, -1).astype(embeds.dtype)])
         stages["encode"] = time.perf_counter() - t
         state = {"rows": embeds, "kv": None}
         if tiles is not None and self.manifest.image_layout.tiling == "split":
@@ -90,7 +147,7 @@ class ImageSide:
             empty = pipeline.empty_kv(self.prefusion_kv, self.prefusion_layers)
             state["kv"] = pipeline.run(self.prefusion, self.prefusion_kv, embeds, empty)[1]
             stages["prefusion"] = time.perf_counter() - t
-        if tiles is None and state["rows"].shape[0] != self.manifest.image_tokens:
+        if tiles is None and state["rows"].shape[0] != self.manifest.image_tokens + row_end:
             raise BackendError(f"the image gave {state['rows'].shape[0]} rows, manifest says {self.manifest.image_tokens}")
         self._row_shape = state["rows"].shape
         return state
@@ -135,6 +192,10 @@ class ImageSide:
             return False
         if not 1 <= rows.shape[0] <= limits.max_rows(m):  # a budget may have cut them, nothing adds any
             return False
+        if "row_end" in state:  # a video frame (edgevlm.media): its rows and the vision graph's row end
+            end = state["row_end"]
+            return (end.ndim == 1 and end.dtype == np.float32 and end.size in (0, rows.shape[1])
+                    and state.get("kv") is None)
         split = m.image_layout is not None and m.image_layout.tiling == "split"
         if split != ("layout" in state):
             return False

@@ -22,6 +22,13 @@ class Limits:
     image_side_ratio: int = 200  # a 1 x 100000 strip is not a picture
     jpeg_scans: int = 100  # progressive JPEG passes (cameras write ~10; each pass re-walks the whole image)
     work_pixels: int = 64_000_000  # pixels of any image the preprocessing makes (pad-to-square, resize, canvas)
+    # one request (a chat turn): its images and video frames together
+    images: int = 16  # images in one message (a video counts as one)
+    request_pixels: int = 200_000_000  # decoded pixels of all its images and frames (RGB: 600 MB)
+    # video (edgevlm/video.py), checked from the container before frames are decoded
+    video_bytes: int = 512 << 20  # encoded file size
+    video_frames: int = 64  # frames kept (sampled) per request
+    video_decoded_frames: int = 20_000  # frames decoded to reach the kept ones (11 minutes at 30 fps)
     # bundles (checked at load)
     tiles: int = 64  # vision-graph runs per image (Idefics3 at 2048 px: 17; OneVision anyres_max_9: 37)
     pinpoints: int = 1024  # anyres candidate resolutions

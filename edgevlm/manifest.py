@@ -6,15 +6,13 @@ Parsed into frozen dataclasses by a strict reader: an unknown key, a missing key
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import BundleError
+from .strict import plain, read
 
 FORMAT_VERSION = 1  # the manifest format this runtime reads; any other is a BundleError
 MAX_SIDE = 8192  # preprocess sizes (pixels)
@@ -100,6 +98,30 @@ class ImageLayout:
     # one image's placeholder text (jinja, sandboxed): image, rows, cols (tile grid; 0, 0 if not split),
     # tile_tokens (rows per tile), tokens (all rows of the image)
     prompt: str = "{{ image * tokens }}"
+    # an image of a prompt that holds several: "same" (as alone) | "one_tile" (LLaVA-OneVision: padded to a
+    # square in multi_pad's colour, one tile, its rows then the row-end row once)
+    multi: str = "same"
+    multi_pad: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """How a video's sampled frames become prompt rows (edgevlm/media.py). A bundle without one takes a video as
+    its frames, each an image of the message in turn."""
+
+    marker: str  # what the chat template writes for a {"type": "video"} item
+    token: str  # the placeholder token of the frames' rows (an image or a video token)
+    token_id: int
+    preprocess: Preprocess  # a frame -> one vision-graph input
+    longest_edge: int = 0  # a frame's longest edge is first resized to this (0: straight to preprocess.size)
+    pool: tuple[int, int] | None = None  # each frame's grid of rows bilinearly shrunk to this (h, w)
+    row_end: bool = False  # the vision graph's row_end row once after the last frame
+    # the whole video's placeholder text (jinja, sandboxed): image (token), frames, tokens (rows per frame),
+    # seconds (each frame's time in the video), duration (seconds)
+    prompt: str = "{{ image * (frames * tokens) }}"
+    sampling: str = "uniform"  # which frames: "uniform" (i * total // n) | "spread" (linspace, 1 s kept off the ends)
+    fps: float = 1.0  # frames kept per second of video by default
+    max_frames: int = 64  # frames kept at most by default
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,7 @@ class Manifest:
     special_tokens: dict[str, str] = field(default_factory=dict)  # what the template sees: bos_token, eos_token, ...
     fusion: str = "splice"  # "splice": image embeds replace placeholders; "prefusion": LLaVA-Mini
     image_layout: ImageLayout | None = None  # tiles, marker tokens, feature grid; None: one tile, image_tokens rows
+    video: VideoLayout | None = None  # None: a video is its frames, each an image of the message
     quant: Quant = field(default_factory=Quant)  # the bundle's quantization (edgevlm quant)
     source: Source = field(default_factory=Source)  # where the bundle came from
 
@@ -152,7 +175,7 @@ class Manifest:
         return refs
 
     def to_json(self) -> str:
-        return json.dumps(_plain(self), indent=2, sort_keys=False) + "\n"
+        return json.dumps(plain(self), indent=2, sort_keys=False) + "\n"
 
 
 # ---- strict reader ------------------------------------------------------------------------------
@@ -168,7 +191,7 @@ def parse_manifest(data: Any) -> Manifest:
             f"unsupported bundle format_version {version!r}: this edgevlm reads version {FORMAT_VERSION}; "
             "re-export the bundle or upgrade edgevlm"
         )
-    m = _read(Manifest, data, "manifest")
+    m = read(Manifest, data, "manifest")
     _check(m)
     return m
 
@@ -197,19 +220,26 @@ def _check(m: Manifest) -> None:
             raise BundleError(f"manifest: components.{name} needs num_layers and kv")
     if m.is_static:
         _check_static(m, kv_parts)
-    p = m.preprocess
-    if p.resample not in RESAMPLES:
-        raise BundleError(f"manifest: preprocess.resample must be one of {RESAMPLES}")
-    if (p.shortest_edge is None) == (p.size is None):
-        raise BundleError("manifest: preprocess needs exactly one of shortest_edge and size")
-    if p.resize_kernel not in ("torchvision", "pil"):
-        raise BundleError("manifest: preprocess.resize_kernel must be 'torchvision' or 'pil'")
-    if any(s == 0 for s in p.std):
-        raise BundleError("manifest: preprocess.std must not contain 0")
+    for where, p in (("preprocess", m.preprocess), ("video.preprocess", m.video and m.video.preprocess)):
+        if p is not None:
+            _check_preprocess(p, where)
     _check_layout(m)
+    _check_video(m)
     if m.image_tokens < 0 or m.generation.context_length <= 0:
         raise BundleError("manifest: image_tokens and generation.context_length must be positive")
     _check_ranges(m)
+
+
+def _check_preprocess(p: Preprocess, where: str) -> None:
+    if p.resample not in RESAMPLES:
+        raise BundleError(f"manifest: {where}.resample must be one of {RESAMPLES}")
+    if (p.shortest_edge is None) == (p.size is None):
+        raise BundleError(f"manifest: {where} needs exactly one of shortest_edge and size")
+    if p.resize_kernel not in ("torchvision", "pil"):
+        raise BundleError(f"manifest: {where}.resize_kernel must be 'torchvision' or 'pil'")
+    if any(s == 0 for s in p.std):
+        raise BundleError(f"manifest: {where}.std must not contain 0")
+    _check_pixel_ranges(p, where)
 
 
 def _in(where: str, value: int | None, lo: int, hi: int) -> None:
@@ -220,20 +250,7 @@ def _in(where: str, value: int | None, lo: int, hi: int) -> None:
 def _check_ranges(m: Manifest) -> None:
     """Bounds on every number the runtime sizes arrays or loops by: a hostile manifest must not be able to
     ask for a terabyte array or a billion-layer loop (limits far above any model edgevlm runs)."""
-    p, g = m.preprocess, m.generation
-    for where, dims in (("preprocess.size", p.size), ("preprocess.crop", p.crop)):
-        for d in dims or ():
-            _in(where, d, 1, MAX_SIDE)
-    _in("preprocess.shortest_edge", p.shortest_edge, 1, MAX_SIDE)
-    for c in p.pad_to_square or ():
-        _in("preprocess.pad_to_square", c, 0, 255)
-    if not all(math.isfinite(x) for x in (p.rescale, *p.mean, *p.std)) or p.rescale == 0 or 0 in p.std:
-        raise BundleError("manifest: preprocess.rescale, mean and std must be finite (std and rescale non-zero)")
-    # pixel values stay finite and meaningful: (pixel * rescale - mean) / std with pixel in 0..255
-    if not (all(abs(x) <= 1e4 for x in p.mean) and all(1e-6 <= abs(x) <= 1e4 for x in p.std)
-            and 1e-6 <= abs(p.rescale) <= 1e4):
-        raise BundleError("manifest: preprocess.mean must lie in [-1e4, 1e4], std and rescale in 1e-6 .. 1e4 "
-                          "(in absolute value)")
+    g = m.generation
     _in("image_tokens", m.image_tokens, 0, 1 << 16)
     _in("image_token_id", m.image_token_id, 0, MAX_TOKEN_ID)
     _in("generation.context_length", g.context_length, 1, 1 << 24)
@@ -257,6 +274,22 @@ def _check_ranges(m: Manifest) -> None:
     pixels = m.components["vision"].inputs.get("pixel_values")
     if pixels and all(isinstance(d, int) for d in pixels) and math.prod(pixels) > 1 << 26:
         raise BundleError(f"manifest: components.vision.inputs.pixel_values {list(pixels)} is too large to run")
+
+
+def _check_pixel_ranges(p: Preprocess, where: str) -> None:
+    for name, dims in (("size", p.size), ("crop", p.crop)):
+        for d in dims or ():
+            _in(f"{where}.{name}", d, 1, MAX_SIDE)
+    _in(f"{where}.shortest_edge", p.shortest_edge, 1, MAX_SIDE)
+    for c in p.pad_to_square or ():
+        _in(f"{where}.pad_to_square", c, 0, 255)
+    if not all(math.isfinite(x) for x in (p.rescale, *p.mean, *p.std)) or p.rescale == 0 or 0 in p.std:
+        raise BundleError(f"manifest: {where}.rescale, mean and std must be finite (std and rescale non-zero)")
+    # pixel values stay finite and meaningful: (pixel * rescale - mean) / std with pixel in 0..255
+    if not (all(abs(x) <= 1e4 for x in p.mean) and all(1e-6 <= abs(x) <= 1e4 for x in p.std)
+            and 1e-6 <= abs(p.rescale) <= 1e4):
+        raise BundleError(f"manifest: {where}.mean must lie in [-1e4, 1e4], std and rescale in 1e-6 .. 1e4 "
+                          "(in absolute value)")
 
 
 def kv_names(pattern: str, num_layers: int) -> list[str]:
@@ -314,72 +347,25 @@ def _check_layout(m: Manifest) -> None:
         raise BundleError("manifest: tiled images need fusion 'splice'")
 
 
-def _read(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _read_dataclass(tp, value, where)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _read(arg, value, where)
-            except BundleError as e:
-                errors.append(str(e))
-        raise BundleError(errors[0] if len(errors) == 1 else f"{where}: unexpected value {value!r:.60}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise BundleError(f"{where}: expected a list, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_read(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise BundleError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_read(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
-        return {k: _read(val_tp, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise BundleError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
-
-
-def _read_dataclass(cls: type, value: Any, where: str) -> Any:
-    if not isinstance(value, dict):
-        raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise BundleError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _read(hints[name], value[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise BundleError(f"{where}: missing key {name}")
-    return cls(**kwargs)
-
-
-def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
+def _check_video(m: Manifest) -> None:
+    v, lay = m.video, m.image_layout
+    if lay is not None and (lay.multi not in ("same", "one_tile")
+                            or (lay.multi == "one_tile") != (lay.multi_pad is not None)):
+        raise BundleError("manifest: image_layout.multi must be same|one_tile (one_tile with multi_pad)")
+    for c in (lay.multi_pad if lay is not None else None) or ():
+        _in("image_layout.multi_pad", c, 0, 255)
+    if v is None:
+        return
+    if m.fusion != "splice":
+        raise BundleError("manifest: a video layout needs fusion 'splice' (pre-fusion bundles take frames as images)")
+    if v.sampling not in ("uniform", "spread") or v.preprocess.size is None or not v.marker or not v.token:
+        raise BundleError("manifest: video.sampling must be uniform|spread, video.preprocess needs a size, marker "
+                          "and token must be set")
+    if not (0 < v.fps <= 1000) or not 1 <= v.max_frames <= 1 << 16 or not 0 <= v.longest_edge <= MAX_SIDE:
+        raise BundleError("manifest: video.fps must be in (0, 1000], max_frames in [1, 65536], longest_edge in "
+                          f"[0, {MAX_SIDE}]")
+    _in("video.token_id", v.token_id, 0, MAX_TOKEN_ID)
+    for d in (v.pool or ()) + v.preprocess.size:
+        _in("video.pool / video.preprocess.size", d, 1, MAX_SIDE)
+    if v.pool is not None and (lay is None or lay.grid is None):
+        raise BundleError("manifest: video.pool needs image_layout.grid")

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from . import cpu, pipeline
+from . import cpu, media, pipeline
 from . import limits as limits_mod
 from .backends.onnx import OnnxGraph, ProviderSpec, resolve_providers
 from .bundle import Bundle, open_bundle
@@ -66,6 +66,7 @@ class VLM(ImageSide):
             self._pre_key += json.dumps(dataclasses.asdict(m.image_layout), sort_keys=True)
         self.budget_method = "hybrid"  # how max_image_tokens picks rows (edgevlm.budget.METHODS)
         self.caches = self.new_caches(cache_dir, **(cache_bytes or {}))
+        self.placeholder_ids = np.asarray([m.image_token_id] + ([m.video.token_id] if m.video else []), np.int64)
         self._row_shape: tuple | None = None  # of an image's rows, once one was encoded (checks disk entries)
         self._token_table = None  # structured output's view of the tokenizer, made on first use
         if warmup:
@@ -87,17 +88,27 @@ class VLM(ImageSide):
     def chat(self, system: str | None = None) -> Chat:
         return Chat(self, system=system)
 
-    def stream(self, image, prompt: str, **kwargs) -> Iterator[Response]:
-        """One answer about one image (or none), a Response per token."""
-        return self.chat().stream(prompt, image=image, **kwargs)
+    def stream(self, image, prompt, **kwargs) -> Iterator[Response]:
+        """One answer about an image, a list of images (in that order, before the prompt) or none (video=: a
+        video), a Response per token. prompt may also be a list of parts: text, images, edgevlm.Video."""
+        if isinstance(prompt, str):
+            return self.chat().stream(prompt, images=_listed(image), **kwargs)
+        if image is not None:
+            raise ArgumentError("with a prompt of parts, the images go among the parts (pass image=None)")
+        return self.chat().stream(prompt, **kwargs)
 
-    def generate(self, image, prompt: str, **kwargs) -> str:
+    def generate(self, image, prompt, **kwargs) -> str:
         return "".join(r.text for r in self.stream(image, prompt, **kwargs))
 
     def prepare(self, image) -> str:
-        """Pre-encode an image (e.g. while the user types): everything that depends only on the image is
-        computed and cached (RAM, and disk with cache_dir). Returns its cache key."""
-        key = self.image_state(image)[0]
+        """Pre-encode an image or an edgevlm.Video (e.g. while the user types): everything that depends only on the
+        image (each frame) is computed and cached (RAM, and disk with cache_dir). Returns its cache key."""
+        from .video import Video
+
+        if isinstance(image, Video):
+            key = media.video_item(self, image, None, None, {})[0].key
+        else:
+            key = self.image_state(image)[0]
         self.caches.flush()
         return key
 
@@ -163,23 +174,38 @@ class VLM(ImageSide):
         return pipeline.embed(self.embedder, ids)
 
     def prompt_ids(self, messages: list[dict], states: list[dict] | None = None, n_images: int = 0) -> np.ndarray:
-        """Token ids of the rendered prompt, each image marker expanded to its image's placeholder text (from
-        states[i]; without states, n_images images of image_tokens placeholders)."""
+        """Token ids of the rendered prompt, each image (or video) marker expanded to its placeholder text (from
+        states, in the messages' order; without states, n_images images of image_tokens placeholders)."""
+        return self.render(messages, states, n_images)[0]
+
+    def render(self, messages: list[dict], states: list[dict] | None = None,
+               n_images: int = 0) -> tuple[np.ndarray, list[int]]:
+        """(token ids, the order the states' rows take in the prompt: indices into states). A template may place
+        media in another order than the messages hold them (LLaVA-OneVision: images, then videos, then text)."""
         m = self.manifest
-        fills = [self._placeholder(s) for s in states] if states else [m.image_token * m.image_tokens] * n_images
-        ids = self.prompter.ids(messages, fills)
+        fills, owner = [], []
+        for i, s in enumerate(states or [(None,)] * n_images):
+            f = media.fills(self, s) if states else [(m.image_token, m.image_token * m.image_tokens)]
+            fills += f
+            owner += [i] * len(f)
+        placed: list[int] = []
+        ids = self.prompter.ids(messages, fills, placed)
+        order = list(dict.fromkeys(owner[j] for j in placed))
+        if [owner[j] for j in placed] != [i for i in order for _ in range(owner.count(i))]:
+            raise EdgeVLMError("the chat template splits one video's frames between other images: send it alone")
         rows = sum(s["rows"].shape[0] for s in states) if states else n_images * m.image_tokens
-        if int((ids == m.image_token_id).sum()) != rows:
+        if int(np.isin(ids, self.placeholder_ids).sum()) != rows:
             raise BundleError("the tokenizer does not map the image token to image_token_id")
-        return ids
+        return ids, order
 
     def cache_keys(self, ids: np.ndarray, images: list[str], states: list[dict] | None = None) -> list:
-        """The prompt's cache keys: image placeholders become (image key, row), so two images never share a
-        cached prefix; with pre-fusion the text depends on the image too: ("fused", image key, id)."""
+        """The prompt's cache keys (images and states in the prompt's order): image placeholders become (image
+        key, row), so two images never share a cached prefix; with pre-fusion the text depends on the image too:
+        ("fused", image key, id)."""
         m = self.manifest
         if m.fusion == "prefusion" and len(images) > 1:
-            raise EdgeVLMError("a pre-fusion (LLaVA-Mini) bundle takes one image per conversation: start a new chat")
-        keys, rows = ids.tolist(), np.nonzero(ids == m.image_token_id)[0]
+            raise EdgeVLMError(media.ONE_FOR_PREFUSION)
+        keys, rows = ids.tolist(), np.nonzero(np.isin(ids, self.placeholder_ids))[0]
         if m.fusion == "prefusion" and images:
             keys = [("fused", images[0], k) for k in keys]
         counts = [s["rows"].shape[0] for s in states] if states else [m.image_tokens] * len(images)
@@ -212,16 +238,11 @@ class VLM(ImageSide):
         self.caches.flush()
 
     def prompt_logits(self, image, prompt: str, max_image_tokens: int | None = None) -> np.ndarray:
-        """Logits [V] after a fresh one-turn prompt, nothing reused (parity checks)."""
-        images, states = [], {}
-        if image is not None:
-            key, state, _, _ = self.image_state(image, max_image_tokens)
-            images, states = [key], {key: state}
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-        ids = self.prompt_ids([{"role": "user", "content": content}], list(states.values()))
-        keys = self.cache_keys(ids, images, list(states.values()))
+        """Logits [V] after a fresh one-turn prompt about an image, a list of images or none (or a prompt of parts,
+        image None); nothing reused (parity checks)."""
+        parts = media.parts_of(prompt, images=_listed(image)) if isinstance(prompt, str) else media.parts_of(prompt)
         self.decoder.reset()
-        return self.decoder.prefill(self.decoder.new_state(), self.prompt(ids, keys, states), 0)
+        return self.chat()._begin(parts, max_image_tokens, {}, reuse=False)[0]
 
     def _prompt_embeds(self, ids: np.ndarray, keys: list, states: dict[str, dict], start: int,
                        stages: dict) -> np.ndarray:
@@ -231,13 +252,15 @@ class VLM(ImageSide):
         if m.fusion == "prefusion" and image_keys:
             text, state = pipeline.embed(self.embedder, ids), states[image_keys[0]]
             t = time.perf_counter()  # the text attends (causally) after the image's cached pre-fusion prefix
-            x = pipeline.prefuse(self.prefusion, self.prefusion_kv, text, state["kv"])[start:]
+            frames = state.get("frames_kv") or [state["kv"]]  # a video: fused with each frame, averaged
+            x = sum(pipeline.prefuse(self.prefusion, self.prefusion_kv, text, kv)[start:] for kv in frames)
+            x = x / np.float32(len(frames)) if len(frames) > 1 else x
             took = time.perf_counter() - t
             stages["prefusion"] = stages.get("prefusion", 0.0) + took
             stages["_fused"] = stages.get("_fused", 0.0) + took  # not embedding time: prompt() subtracts it
         else:
             x = pipeline.embed(self.embedder, ids[start:])
-        rows = np.nonzero(ids[start:] == m.image_token_id)[0]
+        rows = np.nonzero(np.isin(ids[start:], self.placeholder_ids))[0]
         if rows.size:
             picked = [states[keys[start + r][0]]["rows"][keys[start + r][1]] for r in rows]
             x = pipeline.splice(x, rows, np.stack(picked))
@@ -256,6 +279,11 @@ class VLM(ImageSide):
         except EdgeVLMError:
             pass  # a template without images: its first real call says so
         self.decoder.warmup()
+
+
+def _listed(image) -> list:
+    """An image, a list of images, or None -> a list."""
+    return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 def _open_graphs(bundle: Bundle, providers, threads: int) -> dict:

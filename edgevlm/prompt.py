@@ -98,11 +98,12 @@ class Prompter:
         m = manifest
         self.tok, self.raw, self._literal, self.limits = tok, raw, None, limits
         self.source, self.variables, self.image_token = m.chat_template, dict(m.special_tokens), m.image_token
+        self.markers = [m.image_token] + ([m.video.marker] if m.video else [])
         self.bos, self.max_chars = m.special_tokens.get("bos_token"), limits.prompt_chars
         added = {a.content: i for i, a in tok.get_added_tokens_decoder().items() if a.content}
-        words = set(added) | {w for w in [m.image_token, *m.special_tokens.values()] if w}
+        words = set(added) | {w for w in [*self.markers, *m.special_tokens.values()] if w}
         self.reserved = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
-        self.reserved_ids = set(added.values()) | {m.image_token_id}
+        self.reserved_ids = set(added.values()) | {m.image_token_id} | ({m.video.token_id} if m.video else set())
 
     def literal(self) -> Tokenizer:
         """A copy of the tokenizer that reads special tokens in its input as plain text (made on first use)."""
@@ -112,14 +113,17 @@ class Prompter:
             self._literal = lit
         return self._literal
 
-    def ids(self, messages: list[dict], fills: list[str]) -> np.ndarray:
-        """Token ids of the rendered prompt, the k-th image marker replaced by fills[k]."""
+    def ids(self, messages: list[dict], fills: list[tuple[str, str]], order: list | None = None) -> np.ndarray:
+        """Token ids of the rendered prompt: fills are (marker, text) in the messages' order; the k-th marker of a
+        kind the template wrote takes the k-th fill of that kind. `order`, if given, receives the fills' indices in
+        the order the template placed them."""
+        order = [] if order is None else order
         texts = texts_of(messages)
         if sum(map(len, texts)) > self.max_chars:
             raise ContextOverflowError(f"the messages hold {sum(map(len, texts))} characters; the limit is "
                                        f"{self.max_chars}")
         if not any(self.reserved.search(t) for t in texts):
-            text = _fill(self._render(messages), self.image_token, fills)
+            text = _fill(self._render(messages), fills, order, self.markers)
             add_special = not (self.bos and text.startswith(self.bos))  # as HF's apply_chat_template decides
             return np.asarray(self.tok.encode(text, add_special_tokens=add_special).ids, np.int64)
         pieces = _MARKS.split(self._render(_marked(messages)))
@@ -127,7 +131,7 @@ class Prompter:
             word = next(self.reserved.search(t).group() for t in texts if self.reserved.search(t))
             raise ArgumentError(f"a message contains {word!r}, which this model reserves for its own markup, and "
                                 "its chat template does not keep messages whole: remove it from the message")
-        own = _fill("\ue002".join(pieces[0::2]), self.image_token, fills).split("\ue002")  # markers: template's only
+        own = _fill("\ue002".join(pieces[0::2]), fills, order, self.markers).split("\ue002")  # markers: template's only
         encs = []
         for k, piece in enumerate(pieces):
             if k % 2 == 0:
@@ -148,8 +152,18 @@ class Prompter:
                                **self.variables)
 
 
-def _fill(text: str, image_token: str, fills: list[str]) -> str:
-    if text.count(image_token) != len(fills):
-        raise EdgeVLMError(f"the chat template placed {text.count(image_token)} image markers for {len(fills)} image(s)")
-    parts = text.split(image_token)
-    return parts[0] + "".join(f + p for f, p in zip(fills, parts[1:]))
+def _fill(text: str, fills: list[tuple[str, str]], order: list, known: list[str]) -> str:
+    """Each marker the template wrote replaced by the next fill of its kind; order gets the fills' indices."""
+    markers = sorted({m for m, _ in fills} | set(known), key=len, reverse=True)
+    queues = {m: [i for i, (k, _) in enumerate(fills) if k == m] for m in markers}
+    parts = re.split("(" + "|".join(map(re.escape, markers)) + ")", text) if markers else [text]
+    placed = {m: parts[1::2].count(m) for m in markers}
+    if any(placed[m] != len(q) for m, q in queues.items()):
+        said = ", ".join(f"{placed[m]} {m} markers for {len(q)}" for m, q in queues.items() if placed[m] != len(q))
+        raise EdgeVLMError(f"the chat template placed {said} (images or videos)")
+    out = [parts[0]]
+    for marker, after in zip(parts[1::2], parts[2::2]):
+        i = queues[marker].pop(0)
+        order.append(i)
+        out += [fills[i][1], after]
+    return "".join(out)

@@ -38,7 +38,7 @@ def _cut(img: np.ndarray, s: int) -> list[np.ndarray]:
     return [img[r:r + s, c:c + s] for r in range(0, img.shape[0], s) for c in range(0, img.shape[1], s)]
 
 
-def _longest_edge_size(h: int, w: int, edge: int) -> tuple[int, int]:
+def longest_edge_size(h: int, w: int, edge: int) -> tuple[int, int]:
     # Idefics3: the longest side becomes `edge` (up or down), the other follows, rounded up to even
     aspect = w / h
     if w >= h:
@@ -69,7 +69,7 @@ def _whole_tiles_size(h: int, w: int, s: int) -> tuple[int, int]:
 
 def split_tiles(rgb: np.ndarray, pre: Preprocess, lay: ImageLayout) -> Tiles:
     s, kern = lay.tile_size, pre.resize_kernel
-    img = resize(rgb, *_longest_edge_size(*rgb.shape[:2], lay.longest_edge), pre.resample, kern)
+    img = resize(rgb, *longest_edge_size(*rgb.shape[:2], lay.longest_edge), pre.resample, kern)
     img = resize(img, *_whole_tiles_size(*img.shape[:2], s), pre.resample, kern)
     h, w = img.shape[:2]
     if h <= s and w <= s:
@@ -123,7 +123,7 @@ def _unpad(fmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:  # [H, W, D] 
     return fmap[:, pad:cw - pad]
 
 
-def _bilinear(fmap: np.ndarray, oh: int, ow: int) -> np.ndarray:
+def bilinear(fmap: np.ndarray, oh: int, ow: int) -> np.ndarray:
     # [H, W, D] -> [oh, ow, D]: torch's interpolate(mode="bilinear", align_corners=False), no antialias
     def axis(n_in, n_out):
         x = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
@@ -152,7 +152,7 @@ def assemble(feats: np.ndarray, tiles: Tiles, lay: ImageLayout, row_end: np.ndar
     if lay.max_tiles_area:
         ratio = math.sqrt(fmap.shape[0] * fmap.shape[1] / (lay.max_tiles_area * gh * gh))
         if ratio > 1.1:
-            fmap = _bilinear(fmap, int(fmap.shape[0] // ratio), int(fmap.shape[1] // ratio))
+            fmap = bilinear(fmap, int(fmap.shape[0] // ratio), int(fmap.shape[1] // ratio))
     if lay.row_end:
         fmap = np.concatenate([fmap, np.broadcast_to(row_end, (fmap.shape[0], 1, d))], axis=1)
     return np.concatenate([whole, fmap.reshape(-1, d)]).astype(feats.dtype, copy=False)

@@ -195,6 +195,7 @@ def _manifest(src: SimpleNamespace, parts: SimpleNamespace, tmp: Path, where: di
     return Manifest(
         format_version=1, family=src.adapter.family, components=components,
         fusion="prefusion" if src.mini else "splice", image_layout=parts.layout, preprocess=src.pre,
+        video=None if src.mini else src.adapter.video_layout(src.model, processor),
         tokenizer=FileRef("tokenizer.json", sha256_file(tmp / "tokenizer.json")), chat_template=processor.chat_template,
         special_tokens={k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
         image_token=image_token, image_token_id=image_token_id, image_tokens=n_tokens,
@@ -243,6 +244,7 @@ def _load(src, where: dict):
     processor = adapter.load_processor(hf_dir)
     adapter.check_processor(processor, model_type)
     processor.chat_template = chat_template(processor, model_type)
+    processor.chat_template = adapter.template_for_video(processor)
     pre = adapter.preprocess(processor)
     model = mini.base if mini else adapter.load_model(hf_dir)
     return hf_dir, adapter, mini, processor, pre, model.eval()

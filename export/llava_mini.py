@@ -107,6 +107,16 @@ class MiniVLM(nn.Module):
         token = self.compressor(image_embeds)  # [B, 1, D]
         return x.masked_scatter((ids == image_id)[..., None], token.reshape(-1, token.shape[-1]).to(x.dtype))
 
+    def video_embeds(self, frame_embeds, ids, mask, prompt_mask, image_id):
+        """A video's LLM input (ictnlp's LLaVA-Mini): frame_embeds [B, F, N, D]; each frame compressed to one token,
+        the F placeholders take them in order; the prompt is fused with each frame alone and averaged."""
+        b, f = frame_embeds.shape[:2]
+        emb = self.base.model.get_input_embeddings()(ids)
+        fused = sum(self.fuse(frame_embeds[:, i], emb, mask) for i in range(f)) / f
+        x = torch.where(prompt_mask[..., None], fused, emb)
+        tokens = self.compressor(frame_embeds.flatten(0, 1)).reshape(b, f, -1)  # [B, F, D]
+        return x.masked_scatter((ids == image_id)[..., None], tokens.reshape(-1, tokens.shape[-1]).to(x.dtype))
+
     def logits(self, inputs_embeds, mask):
         h = self.base.model.language_model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
         return self.base.lm_head(h)
@@ -202,6 +212,27 @@ def reference_tokens(mini: MiniVLM, inputs, image_id: int, eos: set[int], n: int
         mask = torch.ones_like(ids)
         prompt = torch.arange(ids.shape[1])[None] < p
         logits = mini.logits(mini.llm_embeds(feats, ids, mask, prompt, image_id), mask)[0, -1]
+        first = logits if first is None else first
+        tok = int(logits.argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out, first
+
+
+@torch.no_grad()
+def reference_video_tokens(mini: MiniVLM, frame_pixels, ids, image_id: int, eos: set[int],
+                           n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of the PyTorch LLaVA-Mini on a video (frame_pixels [F, 3, H, W], ids: the prompt with one
+    placeholder per frame) and its first logits."""
+    feats = mini.image_embeds(frame_pixels)[None]  # [1, F, N, D]
+    p = ids.shape[1]
+    out, first = [], None
+    for _ in range(n):
+        mask = torch.ones_like(ids)
+        prompt = torch.arange(ids.shape[1])[None] < p
+        logits = mini.logits(mini.video_embeds(feats, ids, mask, prompt, image_id), mask)[0, -1]
         first = logits if first is None else first
         tok = int(logits.argmax())
         out.append(tok)

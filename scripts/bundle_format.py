@@ -58,7 +58,7 @@ def _default(f: dataclasses.Field) -> str:
         value = f.default_factory()
     else:
         return "required"
-    from edgevlm.manifest import _plain
+    from edgevlm.strict import plain as _plain
 
     return f"`{json.dumps(_plain(value))}`"
 

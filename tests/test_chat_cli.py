@@ -125,7 +125,7 @@ def test_commands_piped(tmp_path):
     assert out.count("(image encoded at /image)") == 1  # /stats after the answer that used the attached image
     assert "error: cannot read image" in p.stderr  # a bad path does not end the session
     assert out.count("unknown command /bogus; commands: /image PATH") == 1  # and /help shows the help alone
-    assert out.count("commands: /image PATH") == 2 and "/reset all (new conversation, image dropped too)" in out
+    assert out.count("commands: /image PATH") == 2 and "/reset all (new conversation, images dropped too)" in out
     assert "new conversation about image shapes-1.png (kept for the next question; /reset all drops it)" in out
     assert "new conversation; image shapes-1.png dropped" in out
     assert p.stderr.count(DEMO_NOTE) == 1 and "edgevlm chat --bundle B" in p.stderr  # once, at the start

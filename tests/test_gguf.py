@@ -88,7 +88,7 @@ def test_gguf_chat_reuses_the_kv_cache_across_turns(gguf_bundle):
     assert a2[-1].prefilled_tokens < a2[-1].prompt_tokens - 16  # only the new turn ran, not the image
     # the same conversation from scratch, in a new chat, gives the same tokens
     fresh = vlm.chat()
-    fresh.messages, fresh._images, fresh._states = chat.messages[:2], list(chat._images[:1]), dict(chat._states)
+    fresh.messages, fresh._items = chat.messages[:2], list(chat._items[:1])
     vlm.decoder.reset()  # nothing cached: the whole prompt runs again
     vlm.caches.clear()  # (the prefix cache would restore the first turn's llama state)
     b2 = list(fresh.stream("and the square?", max_tokens=6))

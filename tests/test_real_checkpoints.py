@@ -142,3 +142,49 @@ def test_llava_weights_carry_the_published_names(exported):
             names |= set(fh.keys())
     assert names <= index, sorted(names - index)[:5]
     assert "language_model.model.layers.0.self_attn.q_proj.weight" in names
+
+
+@pytest.mark.parametrize("name", ["smolvlm2-256m", "onevision-0.5b"])
+def test_published_video_checkpoints_match_transformers_on_a_video_and_two_images(name, exported):
+    """SmolVLM2 and LLaVA-OneVision as published: their real video processors and templates (SmolVLM2's publishes
+    no video marker: its processor renders video prompts through its own default template, which the exporter
+    writes into the bundle), 4 frames at 1 fps, and two images in one message (OneVision's multi-image layout)."""
+    import torch
+    from transformers.video_utils import VideoMetadata
+
+    torch.set_num_threads(1)
+    ckpt, bundle, _ = exported(name)
+    model, processor = _reference(ckpt)
+    vlm = edgevlm.load(bundle)
+    assert vlm.manifest.video is not None
+    frames = [np.array(scene(k, (320, 240))) for k in range(4)]
+    question = "What happens in the video?"
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                          "text": question}]}],
+                                         add_generation_prompt=True)
+    meta = VideoMetadata(total_num_frames=4, fps=1.0, duration=4.0, frames_indices=[0, 1, 2, 3])
+    inputs = processor(text=text, videos=[np.stack(frames)], video_metadata=[meta], do_sample_frames=False,
+                       return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    rs = list(vlm.stream(None, question, video=edgevlm.Video(frames, frame_rate=1.0), max_tokens=12))
+    print(f"{name} video: {rs[-1].prompt_tokens} prompt tokens (transformers {inputs['input_ids'].shape[1]}), "
+          f"greedy {'identical' if [r.token for r in rs] == ref else 'DIFFERENT'}")
+    assert rs[-1].prompt_tokens == inputs["input_ids"].shape[1] and [r.token for r in rs] == ref
+    a, b = scene(0, (300, 200)), scene(3, (150, 260))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "image", "image": b},
+                                         {"type": "text", "text": parity_prompt()}]}]
+    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    rs = list(vlm.stream([a, b], parity_prompt(), max_tokens=12))
+    print(f"{name} two images: {rs[-1].prompt_tokens} prompt tokens, greedy "
+          f"{'identical' if [r.token for r in rs] == ref else 'DIFFERENT'}")
+    assert rs[-1].prompt_tokens == inputs["input_ids"].shape[1] and [r.token for r in rs] == ref
+
+
+def parity_prompt() -> str:
+    from edgevlm.export import parity
+
+    return parity.PROMPT

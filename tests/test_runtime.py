@@ -129,8 +129,7 @@ def test_chat_reuses_kv_and_matches_a_fresh_computation(vlm, images):
     vlm.caches.clear()  # (else the prefix cache would serve the first turn's KV to the new chat too)
     fresh = vlm.chat()
     fresh.messages = chat.messages[:2]
-    fresh._images = list(chat._images[:1])
-    fresh._states = dict(chat._states)
+    fresh._items = list(chat._items[:1])
     b2 = list(fresh.stream("and the square?", max_tokens=6))
     assert b2[-1].prefilled_tokens == b2[-1].prompt_tokens
     assert [r.token for r in a2] == [r.token for r in b2]
@@ -304,7 +303,7 @@ def test_prefix_cache_entries_are_copies_of_a_chats_kv_buffer(vlm, images):
     assert n == len(keys) and where == "ram"
     snapshot = {k: a.copy() for k, a in arrays.items()}
     assert not any(np.shares_memory(a, b) for a in arrays.values() for pair in chat._state.kv.arrays for b in pair)
-    chat.messages, chat._images, chat._states = [], [], {}  # another first turn on the same buffer: it rewinds
+    chat.messages, chat._items = [], []  # another first turn on the same buffer: it rewinds
     r = list(chat.stream("is there a square?", image=images[1], max_tokens=4))
     assert 0 < r[0].prompt_tokens - r[0].prefilled_tokens < n and r[0].prefix_cache_source == "chat"
     assert all(np.array_equal(arrays[k], snapshot[k]) for k in arrays)

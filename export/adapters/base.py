@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from edgevlm.errors import ExportError
-from edgevlm.manifest import ImageLayout, Preprocess
+from edgevlm.manifest import ImageLayout, Preprocess, VideoLayout
 
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL / HF PILImageResampling codes
 
@@ -55,6 +55,15 @@ class Adapter:
         when they can be (no CLS row), else a plain sequence."""
         side = int(round(tile_rows ** 0.5))
         return ImageLayout(grid=(side, side) if side * side == tile_rows else None)
+
+    def template_for_video(self, processor) -> str:
+        """The chat template the bundle carries, given the processor's (set on it): a family whose processor swaps
+        in another template for video prompts returns that one where it renders everything else the same."""
+        return processor.chat_template
+
+    def video_layout(self, model, processor) -> VideoLayout | None:
+        """How the processor turns a video into prompt rows; None: a video is its frames, each an image."""
+        return None
 
     def hf_pixels(self, inputs) -> torch.Tensor:
         """The processor's pixel_values as tiles [T, 3, S, S]."""
@@ -108,6 +117,39 @@ def preprocess_from_hf(ip) -> Preprocess:
         pad_to_square=pad,
         **pixel_settings(ip),
     )
+
+
+def renders_video(processor, marker: str, source: str | None = None) -> bool:
+    """Does the chat template (the processor's, or source) write `marker` for a message's video item?"""
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    try:
+        return _render(processor, source or processor.chat_template, msgs).count(marker) == 1
+    except Exception:
+        return False
+
+
+PROBES = [  # conversations without video: two templates that render these alike render every such prompt alike
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+     {"role": "user", "content": [{"type": "text", "text": "c"}]}],
+    [{"role": "system", "content": [{"type": "text", "text": "s"}]},
+     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}],
+]
+
+
+def renders_alike(processor, a: str, b: str) -> bool:
+    try:
+        return all(_render(processor, a, m) == _render(processor, b, m) for m in PROBES)
+    except Exception:
+        return False
+
+
+def _render(processor, source: str, msgs) -> str:
+    from edgevlm.template import render
+
+    tok = processor.tokenizer
+    return render(source, msgs, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
 
 
 def tile_preprocess(ip, tile: int) -> Preprocess:

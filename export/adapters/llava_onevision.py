@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from edgevlm.errors import ExportError
-from edgevlm.manifest import ImageLayout, Preprocess
+from edgevlm.manifest import ImageLayout, Preprocess, VideoLayout
 
-from .base import Adapter, tile_preprocess
+from .base import Adapter, pixel_settings, renders_video, tile_preprocess
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -49,11 +49,29 @@ class LlavaOnevisionAdapter(Adapter):
         ratio = getattr(processor, "vision_aspect_ratio", None) or cfg.vision_aspect_ratio
         if ratio != cfg.vision_aspect_ratio or not ratio.startswith("anyres_max_"):
             raise ExportError(f"vision_aspect_ratio {ratio!r} is not supported (anyres_max_N, same in model and processor)")
+        # several images in a prompt: each padded to a square in the mean colour, one tile, one row end
         return ImageLayout(grid=(side, side), tiling="anyres", tile_size=int(ip.size["height"]), pinpoints=tuple(pins),
                            global_tile="first", unpad=True, max_tiles_area=int(ratio[len("anyres_max_"):]),
-                           row_end=True)
+                           row_end=True, multi="one_tile", multi_pad=tuple(int(x * 255) for x in ip.image_mean))
+
+    def video_layout(self, model, processor) -> VideoLayout | None:
+        """Each frame one tile (resized to the video processor's size), its rows bilinearly pooled to half the
+        grid (rounded up), the frames' rows in a row, then the row end once: the video token that many times."""
+        vp, marker = getattr(processor, "video_processor", None), getattr(processor, "video_token", None)
+        if vp is None or not marker or not renders_video(processor, marker):
+            return None
+        cfg = model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        size = (int(vp.size["height"]), int(vp.size["width"]))
+        if getattr(vp, "do_center_crop", False) or size != (cfg.vision_config.image_size,) * 2:
+            raise ExportError(f"LLaVA-OneVision video frames of {size} pixels (or centre-cropped) are not supported")
+        return VideoLayout(marker=marker, token=marker, token_id=int(processor.video_token_id),
+                           preprocess=Preprocess(size=size, **pixel_settings(vp)), pool=(-(-side // 2),) * 2,
+                           row_end=True, prompt="{{ image * (frames * tokens + 1) }}", sampling="uniform",
+                           fps=float(getattr(vp, "fps", None) or 1.0),
+                           max_frames=int(getattr(vp, "num_frames", None) or 32))
 
     def reference_rows(self, model, inputs) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                              batch_num_images=inputs.get("batch_num_images"))
-        return out.pooler_output[0]
+        return torch.cat(list(out.pooler_output))

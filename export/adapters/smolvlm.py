@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from edgevlm.errors import ExportError
-from edgevlm.manifest import ImageLayout, Preprocess
+from edgevlm.manifest import ImageLayout, Preprocess, VideoLayout
 
-from .base import Adapter, tile_preprocess
+from .base import Adapter, renders_alike, renders_video, tile_preprocess
 
 
 class SmolVlmAdapter(Adapter):
@@ -60,6 +60,40 @@ class SmolVlmAdapter(Adapter):
             f"{{{{ '\\n' }}}}{{% endfor %}}{{{{ '\\n' }}}}{whole}{{% endif %}}")
         return ImageLayout(grid=(side, side), tiling="split", tile_size=_longest_edge(ip, "max_image_size"),
                            longest_edge=_longest_edge(ip, "size"), global_tile="last", prompt=prompt)
+
+    def template_for_video(self, processor) -> str:
+        """SmolVLMProcessor renders a prompt with a video through its own default template (published SmolVLM2
+        templates write no video marker): the bundle carries that one when it renders everything else alike."""
+        from transformers.models.smolvlm import processing_smolvlm
+
+        own, default = processor.chat_template, getattr(processing_smolvlm, "DEFAULT_CHAT_TEMPLATE", None)
+        marker = getattr(processor, "video_token", None) or "<video>"
+        if getattr(processor, "video_processor", None) is None or not default or renders_video(processor, marker):
+            return own
+        return default if renders_alike(processor, own, default) else own
+
+    def video_layout(self, model, processor) -> VideoLayout | None:
+        """SmolVLM2: each frame resized (longest edge) and squeezed into one tile, under a line with its time;
+        an introduction names the frame count in words and the duration (SmolVLMProcessor's text, exactly)."""
+        vp, marker = getattr(processor, "video_processor", None), getattr(processor, "video_token", None)
+        if vp is None or not marker or not renders_video(processor, marker):
+            return None
+        from num2words import num2words
+
+        most = int(getattr(vp, "num_frames", None) or 64)
+        words = ", ".join(repr(num2words(n)) for n in range(most + 1))
+        fake, glob = processor.fake_image_token, processor.global_image_token
+        prompt = (  # "\n" as expressions: templates trim block newlines
+            f"{{% set words = [{words}] %}}{{% set d = duration | int %}}You are provided the following series of "
+            f"{{{{ words[frames] if frames < words | length else frames }}}} frames from a {{{{ d // 3600 }}}}:"
+            f"{{{{ '%02d' % (d // 60 % 60) }}}}:{{{{ '%02d' % (d % 60) }}}} [H:MM:SS] video.{{{{ '\\n' }}}}"
+            f"{{% for t in seconds %}}{{{{ '\\n' }}}}Frame from {{{{ '%02d' % (t // 60) }}}}:{{{{ '%02d' % (t % 60) }}}}:"
+            f"{fake}{glob}{{{{ image * tokens }}}}{fake}{{% endfor %}}{{{{ '\\n\\n' }}}}")
+        tile = _longest_edge(vp, "max_image_size")
+        return VideoLayout(marker=marker, token=processor.image_token, token_id=int(processor.image_token_id),
+                           preprocess=tile_preprocess(vp, tile), longest_edge=_longest_edge(vp, "size"),
+                           prompt=prompt, sampling="spread", fps=float(getattr(vp, "fps", None) or 1.0),
+                           max_frames=most)
 
     def reference_rows(self, model, inputs) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values=inputs["pixel_values"],

@@ -13,13 +13,27 @@ import torch
 
 from .builders import QWEN_TEMPLATE, CheckpointSpec, _text_config, make_image_matter, train_tokenizer
 
-SMOLVLM_TEMPLATE = (
+SMOLVLM_TEMPLATE = (  # SmolVLM2's: images and videos in place
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+
+ONEVISION_TEMPLATE = (  # llava-onevision-qwen2-*-ov-hf's: a message's images first, then its videos, then its text
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VIDEO_FPS, VIDEO_FRAMES = 1, 8  # the test checkpoints' video sampling: a frame a second, at most 8
 
 
 def build_family_checkpoint(spec: CheckpointSpec, out_dir: str | os.PathLike) -> Path:
@@ -56,8 +70,13 @@ def _smolvlm(spec: CheckpointSpec, out: Path) -> None:
                                max_image_size={"longest_edge": v.image_size},
                                image_mean=list(spec.mean), image_std=list(spec.std))
     per_tile = (v.image_size // v.patch) ** 2 // v.scale ** 2
-    proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
-                            image_seq_len=per_tile, chat_template=SMOLVLM_TEMPLATE)
+    # SmolVLM2's video processor: a frame's longest edge to the image's, then one tile (no splitting)
+    vp = SmolVLMVideoProcessor(video_sampling={"fps": VIDEO_FPS, "max_frames": VIDEO_FRAMES,
+                                               "video_size": {"longest_edge": v.tiles * v.image_size}},
+                               max_image_size={"longest_edge": v.image_size}, do_sample_frames=True,
+                               image_mean=list(spec.mean), image_std=list(spec.std))
+    proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=per_tile,
+                            chat_template=SMOLVLM_TEMPLATE)
     proc.save_pretrained(out)
 
 
@@ -94,12 +113,13 @@ def _onevision(spec: CheckpointSpec, out: Path) -> None:
                               SiglipVisionConfig)
 
     v, s = spec.vision, spec.vision.image_size
-    tok = train_tokenizer(spec.text.arch, spec.text.vocab)
+    tok = train_tokenizer(spec.text.arch, spec.text.vocab, extra=("<video>",))
     pins = [[s * r, s * c] for r in range(1, v.tiles + 1) for c in range(1, v.tiles + 1)]
     ratio = f"anyres_max_{max(1, v.tiles * v.tiles // 2)}"
     cfg = LlavaOnevisionConfig(vision_config=_vision_dims(v, SiglipVisionConfig),
                                text_config=_text_config(spec.text, len(tok), tok),
                                image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pins,
+                               video_token_index=tok.convert_tokens_to_ids("<video>"),
                                vision_feature_select_strategy="full", vision_feature_layer=v.feature_layer,
                                vision_aspect_ratio=ratio)
     torch.manual_seed(spec.seed)
@@ -111,7 +131,9 @@ def _onevision(spec: CheckpointSpec, out: Path) -> None:
     model.save_pretrained(out)
     ip = LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=pins,
                                       image_mean=list(spec.mean), image_std=list(spec.std))
-    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(),
+    vp = LlavaOnevisionVideoProcessor(size={"height": s, "width": s}, image_mean=list(spec.mean),
+                                      image_std=list(spec.std), fps=VIDEO_FPS, do_sample_frames=True)
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
                                    num_image_tokens=(s // v.patch) ** 2, vision_feature_select_strategy="full",
-                                   chat_template=QWEN_TEMPLATE, vision_aspect_ratio=ratio)
+                                   chat_template=ONEVISION_TEMPLATE, vision_aspect_ratio=ratio)
     proc.save_pretrained(out)
