@@ -26,7 +26,7 @@ TOWER = ROOT / "export" / "checkpoints" / "shapes-fastvlm"
 
 
 def hidden_probe_logits(layer: int):
-    from edgevlm.export import train_demo as td
+    from edgevlm.export.dev import train_demo as td
 
     def make(model, tower, image_id):
         def run(pixels, ids, mask, pos, weight):
@@ -47,7 +47,7 @@ def hidden_probe_logits(layer: int):
 def one(variant: str, minutes: float, layer: int, weight: float, out: str, queue) -> None:
     import torch
 
-    from edgevlm.export import train_demo as td
+    from edgevlm.export.dev import train_demo as td
 
     if variant == "hidden probe":
         td.standard_logits = hidden_probe_logits(layer)

@@ -1,6 +1,6 @@
 """The demo on shapes videos: accuracy per frame count and question type, and TTFT against the number of frames,
 for the standard demo bundle (16 image tokens a frame), the LLaVA-Mini demo and the LLaVA-Mini demo fine-tuned on
-videos (one token a frame; export/train_video.py).
+videos (one token a frame; export/dev/train_video.py).
 
     python benchmarks/video_demo.py [--mini-video benchmarks/.cache/shapes-fastvlm-mini-video] [--n 40]
         [--out benchmarks/results/video_demo]

@@ -57,7 +57,7 @@ def test_every_question_needs_more_than_one_frame():
 def test_video_training_runs_and_exports(tmp_path):
     import edgevlm
     from edgevlm.export.exporter import export
-    from edgevlm.export.train_video import train
+    from edgevlm.export.dev.train_video import train
 
     init = ROOT / "export" / "checkpoints" / "shapes-fastvlm-mini"
     summary = train(init, tmp_path / "ckpt", minutes=5, size=4, threads=1, max_steps=3, val_batches=2,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgevlm.data import shapes
-from edgevlm.export import train_demo as td
+from edgevlm.export.dev import train_demo as td
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_mini_packed_segments_match_single_questions(parts):
 def test_reference_marks_point_at_the_named_object(parts):
     """The reference probe's targets: for every question that names objects, the marked token is the last token
     of the noun phrase, and the target is the object that phrase names (its attributes and its cell)."""
-    from edgevlm.export.demo_data import Stream, ref_marks
+    from edgevlm.export.dev.demo_data import Stream, ref_marks
 
     tok, proc, _ = parts
     conv = td.Conversations(tok, proc, td.GRID * td.GRID)

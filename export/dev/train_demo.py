@@ -1,7 +1,7 @@
 """Train the embedded demo: a FastVLM-architecture model on the procedural shapes world, on CPU, in a budget.
 
-    python -m edgevlm.export.train_demo --out runs/demo --minutes 44 --export runs/demo-bundle
-    python -m edgevlm.export.train_demo --variant mini --init runs/demo --out runs/mini --minutes 20 --export runs/mini-bundle
+    python -m edgevlm.export.dev.train_demo --out runs/demo --minutes 44 --export runs/demo-bundle
+    python -m edgevlm.export.dev.train_demo --variant mini --init runs/demo --out runs/mini --minutes 20 --export runs/mini-bundle
 
 transformers `fast_vlm` (a small timm FastViT tower, the MLP projector, a 6-layer x 128 Qwen2), from scratch,
 in two stages inside one wall-clock budget:
@@ -207,7 +207,7 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
             src = AutoModelForImageTextToText.from_pretrained(tower_from, dtype=torch.float32)
             tower.load_state_dict(src.model.vision_tower.state_dict())
     else:  # LLaVA-Mini from a trained standard checkpoint, as the paper starts from pretrained parts
-        from .llava_mini import MiniVLM
+        from ..llava_mini import MiniVLM
 
         if init is None:
             raise SystemExit("--variant mini needs --init STANDARD_CHECKPOINT")
@@ -304,7 +304,7 @@ def train(out: Path, minutes: float | None, seed: int = 0, variant: str = "stand
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgevlm.export.train_demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgevlm.export.dev.train_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     p.add_argument("--minutes", type=float, default=44.0, help="training wall-clock budget, both stages (default 44)")
     p.add_argument("--vision-minutes", type=float, default=5.0, help="of which the tower-only stage (default 5)")
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
                     ref_aux=args.ref_aux, ref_layer=args.ref_layer, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if args.export:
-        from .exporter import export
+        from ..exporter import export
 
         export(args.out, args.export, overwrite=True)
     return 0

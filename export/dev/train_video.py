@@ -1,6 +1,6 @@
 """Fine-tune the LLaVA-Mini demo on shapes videos (edgevlm/data/shapes_video.py): one vision token per frame.
 
-    python -m edgevlm.export.train_video --init export/checkpoints/shapes-fastvlm-mini --out runs/mini-video \\
+    python -m edgevlm.export.dev.train_video --init export/checkpoints/shapes-fastvlm-mini --out runs/mini-video \\
         --minutes 25 --export benchmarks/.cache/shapes-fastvlm-mini-video
 
 A video enters as its frames, each an image of the message (the runtime's form for a bundle without a video
@@ -125,7 +125,7 @@ def train(init: Path, out: Path, minutes: float, lr: float = 5e-4, size: int = 1
     checkpoint (with the processor files of init) and its training.json into out."""
     from transformers import AutoProcessor
 
-    from .llava_mini import MiniVLM
+    from ..llava_mini import MiniVLM
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -180,7 +180,7 @@ def train(init: Path, out: Path, minutes: float, lr: float = 5e-4, size: int = 1
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgevlm.export.train_video", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgevlm.export.dev.train_video", description=__doc__.split("\n\n")[0])
     p.add_argument("--init", type=Path, required=True, help="the LLaVA-Mini demo checkpoint to start from")
     p.add_argument("--out", type=Path, required=True, help="where the fine-tuned checkpoint goes")
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the training loop")
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     train(args.init, args.out, args.minutes, args.lr, args.batch, args.seed, args.threads,
           log=lambda s: print(s, flush=True))
     if args.export is not None:
-        from .exporter import export
+        from ..exporter import export
 
         export(args.out, args.export, overwrite=True, progress=False)
         print(f"exported {args.export}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Write the demo's example pictures and their sidecars (scene + questions with the generator's answers).
 
-    python -m edgevlm.export.demo_examples [--out edgevlm/assets/examples]
+    python -m edgevlm.export.dev.demo_examples [--out edgevlm/assets/examples]
 
 Two hand-placed scenes on the shapes world's grid; each sidecar lists the objects and a few questions
 whose answers come from `edgevlm.data.shapes.answer`, so README examples can be checked against them.
@@ -51,7 +51,7 @@ def write(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgevlm.export.demo_examples", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgevlm.export.dev.demo_examples", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "edgevlm" / "assets" / "examples")
     write(p.parse_args(argv).out)
     return 0

@@ -1,5 +1,5 @@
 """The demo model itself: a transformers `fast_vlm` (small timm FastViT tower, MLP projector, 6 x 128 Qwen2), its
-byte-level BPE trained on the dataset's own text, its processor and chat template. export/train_demo.py trains it.
+byte-level BPE trained on the dataset's own text, its processor and chat template. export/dev/train_demo.py trains it.
 """
 
 from __future__ import annotations

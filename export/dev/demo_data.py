@@ -4,7 +4,7 @@
     pixels, targets = stream.vision_batch(32)
     pixels, ids, weight, mask, pos, targets, (rows, index, ref_targets) = stream.text_batch(16, 6)
 
-Used by export/train_demo.py (the training loop; the model is export/demo_model.py); see its docstring for why
+Used by export/dev/train_demo.py (the training loop; the model is export/dev/demo_model.py); see its docstring for why
 questions are packed this way and what the reference marks are for.
 """
 
