@@ -31,7 +31,7 @@ def markdown(result: dict) -> str:
     loads = [x for per in result["models"].values() for row in per["rows"].values() for x in row["load_avg"]]
     lines = [f"CPU: {m['cpu']} ({m['cores']} cores; {m['isa']}: {', '.join(m['flags'])}); onnxruntime "
              f"{m['onnxruntime']}, llama-cpp-python {m['llama_cpp_python']}. 1-minute load average at the start "
-             f"{la['start']:.1f}, before each session {min(loads):.1f}-{max(loads):.1f} (median "
+             f"{la['start']:.1f}, between {min(loads):.1f} and {max(loads):.1f} before the sessions (median "
              f"{sorted(loads)[len(loads) // 2]:.1f}), at the end {la.get('end', float('nan')):.1f}"
              + (": the machine was shared with other jobs, absolute times are inflated; read the ratios (both sides "
                 "of each were measured in the same minutes)." if max(loads) > 2.5 else "."),
@@ -78,8 +78,9 @@ def markdown(result: dict) -> str:
                              f"| {a['logits_corr']:.5f} | {a['logits_max_abs_diff']:.3g} ({a['logits_max_abs']:.3g}) | "
                              f"{'yes' if a['top1_same'] else 'no'} / {'yes' if a['top5_same_set'] else 'no'} | "
                              f"{a['greedy_agree']}/{a['greedy_len']} |")
-        decides = {k: all(r["systems"][k].get("image_decides", True) for r in per["rows"].values())
-                   for k in first["systems"]}
+        names = {k for r in per["rows"].values() for k in r["systems"]}  # each class has its own systems
+        decides = {k: all(r["systems"][k].get("image_decides", True) for r in per["rows"].values() if k in r["systems"])
+                   for k in sorted(names)}
         lines += ["", "Two images give different greedy answers (the image decides): "
                   + ("every system" if all(decides.values()) else
                      "not for " + ", ".join(k for k, v in decides.items() if not v)) + ".", ""]
