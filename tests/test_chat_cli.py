@@ -74,7 +74,7 @@ class Terminal:
         while self.proc.poll() is None and time.monotonic() < end:
             self.read(0.1)
         self.read(0.1)
-        return self.proc.wait(max(0.0, end - time.monotonic()))
+        return self.proc.poll()  # None: still running after `timeout` (the caller's assertion shows the screen)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -259,8 +259,11 @@ def test_ctrl_c_while_starting_ends_quietly(terminal, when):
     t.type(b"\x03")
     t.read_until(lambda s: t.proc.poll() is not None or t.prompt(), timeout=60)
     if t.proc.poll() is None:  # the whole start took under `when`: Ctrl-C at the prompt clears the line
-        t.type(b"/quit\r")
-        assert t.wait() == 0 and b"Traceback" not in t.seen
+        for _ in range(3):  # a /quit typed before that Ctrl-C reached input() is cleared with the line
+            t.type(b"/quit\r")
+            if t.wait(10) is not None:
+                break
+        assert t.proc.poll() == 0 and b"Traceback" not in t.seen, t.text[-2000:]
         return
     rc = t.wait()
     screen = t.text
