@@ -201,17 +201,15 @@ def export_extra(mini: MiniVLM, n_image: int, tmp: Path, static=None, use_gqa: b
     }
 
 
-@torch.no_grad()
-def reference_tokens(mini: MiniVLM, inputs, image_id: int, eos: set[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens of the PyTorch LLaVA-Mini (full recompute each step) and its first logits."""
-    feats = mini.image_embeds(inputs["pixel_values"])
-    ids = inputs["input_ids"]
+def _greedy(embeds, ids, eos: set[int], n: int, logits_of) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens with a full recompute each step (embeds(ids, mask, prompt_mask) -> inputs_embeds) and the
+    first logits."""
     p = ids.shape[1]
     out, first = [], None
     for _ in range(n):
         mask = torch.ones_like(ids)
         prompt = torch.arange(ids.shape[1])[None] < p
-        logits = mini.logits(mini.llm_embeds(feats, ids, mask, prompt, image_id), mask)[0, -1]
+        logits = logits_of(embeds(ids, mask, prompt), mask)[0, -1]
         first = logits if first is None else first
         tok = int(logits.argmax())
         out.append(tok)
@@ -219,6 +217,14 @@ def reference_tokens(mini: MiniVLM, inputs, image_id: int, eos: set[int], n: int
             break
         ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
     return out, first
+
+
+@torch.no_grad()
+def reference_tokens(mini: MiniVLM, inputs, image_id: int, eos: set[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of the PyTorch LLaVA-Mini (full recompute each step) and its first logits."""
+    feats = mini.image_embeds(inputs["pixel_values"])
+    return _greedy(lambda ids, mask, prompt: mini.llm_embeds(feats, ids, mask, prompt, image_id),
+                   inputs["input_ids"], eos, n, mini.logits)
 
 
 @torch.no_grad()
@@ -227,19 +233,8 @@ def reference_video_tokens(mini: MiniVLM, frame_pixels, ids, image_id: int, eos:
     """Greedy tokens of the PyTorch LLaVA-Mini on a video (frame_pixels [F, 3, H, W], ids: the prompt with one
     placeholder per frame) and its first logits."""
     feats = mini.image_embeds(frame_pixels)[None]  # [1, F, N, D]
-    p = ids.shape[1]
-    out, first = [], None
-    for _ in range(n):
-        mask = torch.ones_like(ids)
-        prompt = torch.arange(ids.shape[1])[None] < p
-        logits = mini.logits(mini.video_embeds(feats, ids, mask, prompt, image_id), mask)[0, -1]
-        first = logits if first is None else first
-        tok = int(logits.argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
-    return out, first
+    return _greedy(lambda ids, mask, prompt: mini.video_embeds(feats, ids, mask, prompt, image_id),
+                   ids, eos, n, mini.logits)
 
 
 def check_parity(mini: MiniVLM, processor, bundle_dir, max_new_tokens: int = 16) -> dict:
